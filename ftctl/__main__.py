@@ -1,0 +1,3 @@
+from ftctl.cli.main import main
+
+main()

@@ -1,0 +1,168 @@
+"""What every command shares: state, option aliases, output, the rich progress reporter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ftctl.config import Config
+from ftctl.errors import FtctlError
+
+out = Console(highlight=False, soft_wrap=True)  # results (stdout)
+err = Console(stderr=True, highlight=False)  # progress, warnings, errors (stderr)
+
+
+@dataclass
+class State:
+    """Per-invocation state set by the root callback (``ctx.obj``)."""
+
+    config: Config = field(default_factory=Config)
+    debug: bool = False
+    json: bool = False  # a command sets it when --json is given; errors then go out as JSON too
+    quiet: bool = False
+
+
+def state(ctx: typer.Context) -> State:
+    root = ctx.find_root()
+    if not isinstance(root.obj, State):
+        root.obj = State()
+    return root.obj
+
+
+def config(ctx: typer.Context) -> Config:
+    return state(ctx).config
+
+
+# ------------------------------------------------------------------ shared option aliases
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one machine-readable JSON document on stdout.")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")
+]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (deterministic output).")]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto | cpu | cuda.", show_default="auto")
+]
+DockerOpt = Annotated[
+    bool,
+    typer.Option("--docker", help="Run this same command inside the training image."),
+]
+GpusOpt = Annotated[
+    str | None,
+    typer.Option("--gpus", help="With --docker: all | none | N GPUs.", show_default="all"),
+]
+ImageOpt = Annotated[
+    str | None,
+    typer.Option("--image", help="With --docker: the image to run (default: the newest ftctl:*)."),
+]
+ModelDirOpt = Annotated[
+    Path | None, typer.Option("--model", help="A model directory (HF format, e.g. .../final).")
+]
+
+
+# ------------------------------------------------------------------ output
+
+
+def emit_json(ctx: typer.Context, payload: Any) -> None:
+    """Print the command's single JSON document to stdout."""
+    state(ctx).json = True
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(exc: FtctlError) -> None:
+    """``error: <what>`` and ``hint: <what to do>`` on stderr; user text is never markup."""
+    err.print(Text.assemble(("error: ", "bold red"), exc.message))
+    if exc.hint:
+        err.print(Text.assemble(("hint: ", "cyan"), exc.hint))
+
+
+class RichReporter:
+    """Progress bars and messages on stderr (the core's :class:`~ftctl.progress.Reporter`)."""
+
+    def __init__(self, console: Console = err, quiet: bool = False) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.warnings: list[str] = []
+
+    def stage(self, name: str) -> None:
+        if not self.quiet:
+            self.console.rule(f"[bold]{name}", align="left")
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(escape(message))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.console.print(Text.assemble(("warning: ", "yellow"), message))
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None, unit: str = "it") -> Iterator:
+        if self.quiet:
+            yield lambda n=1, **fields: None
+            return
+        columns = [
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+        ]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            tid = progress.add_task(description, total=total, status="")
+
+            def advance(n: int = 1, **fields: Any) -> None:
+                status = "  ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in fields.items()
+                )
+                progress.update(tid, advance=n, **({"status": status} if fields else {}))
+
+            yield advance
+
+
+def reporter(ctx: typer.Context) -> RichReporter:
+    st = state(ctx)
+    return RichReporter(err, quiet=st.quiet or st.json)
+
+
+def silence_libraries() -> None:
+    """transformers' own bars and advisories would drown ours."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass

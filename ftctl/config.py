@@ -1,0 +1,371 @@
+"""Configuration: one frozen dataclass per concern, loaded from ``ftctl.toml``; CLI flags win.
+
+Every problem in the file (unknown keys, wrong types, out-of-range values) is collected into
+one :class:`~ftctl.errors.ConfigError` instead of failing on the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftctl.errors import ConfigError, Problem
+
+CONFIG_FILE = "ftctl.toml"
+SEED_REMOTE_DIR = "/www/wwwroot/python-services/models/chinese-roberta-wwm-ext-classifier"
+SEED_PAIRS: tuple[tuple[str, str], ...] = (
+    ("PROCESSING_BATCH_LIST", "MATERIAL_BATCH_QUERY"),
+    ("CLOCK_IN", "ATTENDANCE_TODAY"),
+    ("SHIPMENT_STATS", "MATERIAL_BATCH_QUERY"),
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: training-data generation (the seed's generate_training_data.py)."""
+
+    samples: Path = Path("data/incremental_samples.yaml")  # template file users edit
+    out_dir: Path = Path("data")  # where generated files land
+    name: str = "incremental_training_data"  # output file stem (.jsonl / .csv)
+    per_intent: int = 120  # samples per intent after expansion (balanced)
+    seed: int = 42  # generation is deterministic for a seed
+    format: str = "both"  # jsonl | csv | both
+    max_chars: int = 128  # longer texts are validation errors
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.per_intent < 1:
+            out.append(Problem("must be >= 1", field="data.per_intent"))
+        if self.format not in ("jsonl", "csv", "both"):
+            out.append(Problem("must be jsonl, csv or both", field="data.format"))
+        if self.max_chars < 1:
+            out.append(Problem("must be >= 1", field="data.max_chars"))
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: incremental fine-tuning; defaults are the seed's anti-forgetting values."""
+
+    new_data: Path | None = None  # the incremental data (required)
+    old_data: Path | None = None  # replay source; without it forgetting protection is reduced
+    model_path: Path | None = None  # base classifier directory (HF format, required)
+    output_path: Path = Path("models/incremental")  # OUTPUT/final/ is written here
+    epochs: int = 2  # few epochs (seed)
+    batch_size: int = 8  # small batches (seed)
+    lr: float = 5e-6  # low learning rate (seed: 10-20x below the initial training)
+    replay_ratio: float = 0.5  # share of old data in the training mix (seed)
+    freeze_layers: int = 8  # embeddings + first N encoder layers frozen (seed)
+    seed: int = 42  # every random choice derives from it
+    patience: int = 1  # early stopping: evaluations without improvement before stopping
+    val_ratio: float = 0.1  # stratified validation split of new + replay data
+    max_length: int = 64  # tokens per text (the requests are short)
+    device: str = "auto"  # auto | cpu | cuda
+    add_labels: bool = False  # grow the head for labels the base model lacks
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_ratio: float = 0.1  # linear warmup share of the steps
+
+    def problems(self) -> list[Problem]:
+        out = []
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                out.append(Problem("must be >= 1", field=f"train.{name}"))
+        if not self.lr > 0:
+            out.append(Problem("must be > 0", field="train.lr"))
+        if not 0 <= self.replay_ratio < 1:
+            out.append(Problem("must be in [0, 1)", field="train.replay_ratio"))
+        if self.freeze_layers < 0:
+            out.append(Problem("must be >= 0", field="train.freeze_layers"))
+        if self.patience < 0:
+            out.append(Problem("must be >= 0", field="train.patience"))
+        if not 0 < self.val_ratio < 1:
+            out.append(Problem("must be in (0, 1)", field="train.val_ratio"))
+        if self.device not in ("auto", "cpu", "cuda"):
+            out.append(Problem("must be auto, cpu or cuda", field="train.device"))
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(Problem("must be in [0, 1)", field="train.warmup_ratio"))
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``[eval]``: the comprehensive test (seed: ``comprehensive_test.py 500 12345``) and gate."""
+
+    test_data: Path = Path("data/test_cases.jsonl")  # held-out pool the cases are drawn from
+    samples: int = 500  # cases drawn (stratified across intents)
+    seed: int = 12345  # the draw is deterministic for a seed
+    max_drop: float = 2.0  # an intent may lose at most this many accuracy points ...
+    alpha: float = 0.05  # ... beyond what chance explains at this significance level
+    batch_size: int = 64  # inference batch size
+    max_length: int = 64  # tokens per text
+    report_dir: Path | None = None  # report.json, report.md and plots land here
+    pairs: tuple[tuple[str, str], ...] = SEED_PAIRS  # confused pairs that must not get worse
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.samples < 1:
+            out.append(Problem("must be >= 1", field="eval.samples"))
+        if self.max_drop < 0:
+            out.append(Problem("must be >= 0", field="eval.max_drop"))
+        if not 0 < self.alpha < 1:
+            out.append(Problem("must be in (0, 1)", field="eval.alpha"))
+        if self.batch_size < 1:
+            out.append(Problem("must be >= 1", field="eval.batch_size"))
+        for i, pair in enumerate(self.pairs):
+            if len(pair) != 2:
+                out.append(Problem("each pair needs exactly two intents", field=f"eval.pairs[{i}]"))
+        return out
+
+
+# The official CUDA PyTorch runtime, pinned by digest (ENVIRONMENT.md: read, identical, from
+# several public repositories; torch 2.9.1 + CUDA 12.8 covers Hopper GPUs).
+DEFAULT_BASE_IMAGE = (
+    "pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime"
+    "@sha256:7b324d212a4450795b49edba9949b7cdc72429148a64e974334bfe5774d51385"
+)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """``[image]``: the reproducible training image."""
+
+    base_image: str = DEFAULT_BASE_IMAGE  # BASE_IMAGE build arg, pinned by digest
+    tag: str | None = None  # default ftctl:<version>-<git sha>
+    dockerfile: Path = Path("Dockerfile")  # relative to the build context
+    context: Path = Path(".")  # the project root
+    gpus: str = "all"  # all | none | N, for runs inside the image
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if not (self.gpus in ("all", "none") or self.gpus.isdigit()):
+            out.append(Problem("must be all, none or a count", field="image.gpus"))
+        return out
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """``[deploy.<profile>]``: one target environment. Nothing secret belongs here."""
+
+    hosts: tuple[str, ...] = ()  # user@host[:port], deployed one at a time
+    user: str = "root"  # default login when a host names none
+    port: int = 22  # default port when a host names none
+    identity: Path | None = None  # private key file (or use ssh-agent)
+    known_hosts: Path | None = None  # default ~/.ssh/known_hosts
+    remote_dir: str = SEED_REMOTE_DIR  # holds releases/, the link, deploys.log, the lock
+    link_name: str = "final"  # what the service loads: remote_dir/link_name
+    restart_cmd: str = "systemctl restart python-services"  # seed's command
+    reload_cmd: str | None = None  # if set, used instead of restart (e.g. a SIGHUP)
+    health_url: str | None = None  # polled until it answers 200 (from the server itself)
+    health_cmd: str | None = None  # or a command that exits 0 when healthy
+    health_timeout: float = 60.0  # seconds to wait for healthy after restart
+    predict_url: str | None = None  # POST {"text"} for smoke cases; default from health_url
+    smoke: tuple[tuple[str, str], ...] = ()  # (text, expected label) answered by the live service
+    keep_releases: int = 5  # retention; never deletes the live release or the one before it
+    connect_timeout: float = 10.0  # SSH connect timeout, seconds
+    command_timeout: float = 600.0  # one remote command, seconds
+    min_free_factor: float = 2.0  # preflight: free space >= factor x model size
+
+    def problems(self, where: str = "deploy") -> list[Problem]:
+        out = []
+        if self.keep_releases < 2:
+            out.append(Problem("must be >= 2 (live + previous)", field=f"{where}.keep_releases"))
+        if not 0 < self.port < 65536:
+            out.append(Problem("must be a TCP port", field=f"{where}.port"))
+        if not self.remote_dir.startswith("/"):
+            out.append(Problem("must be an absolute path", field=f"{where}.remote_dir"))
+        if "/" in self.link_name or not self.link_name:
+            out.append(Problem("must be a plain name", field=f"{where}.link_name"))
+        return out
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``[serve]``: the reference inference service."""
+
+    model_dir: Path | None = None  # model directory or the deploy link
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_length: int = 64
+
+    def problems(self) -> list[Problem]:
+        if not 0 <= self.port < 65536:
+            return [Problem("must be a TCP port", field="serve.port")]
+        return []
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole ``ftctl.toml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    deploy: dict[str, DeployConfig] = field(default_factory=dict)  # profile name -> config
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    path: Path | None = None  # the file it came from, if any
+
+    def deploy_profile(self, name: str | None) -> DeployConfig:
+        """The named profile; with no name, the only one (or the defaults if there is none)."""
+        if name is None:
+            if len(self.deploy) == 1:
+                return next(iter(self.deploy.values()))
+            if not self.deploy:
+                return DeployConfig()
+            raise ConfigError(
+                f"{len(self.deploy)} deploy profiles in {self.path}: "
+                f"{', '.join(sorted(self.deploy))}",
+                hint="choose one with --profile NAME",
+            )
+        if name not in self.deploy:
+            known = ", ".join(sorted(self.deploy)) or "none"
+            raise ConfigError(
+                f"no [deploy.{name}] profile in {self.path or CONFIG_FILE} (known: {known})",
+                hint=f"add a [deploy.{name}] table or pass --host user@host",
+            )
+        return self.deploy[name]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[Problem]) -> Any:
+    """Coerce a TOML value to a dataclass field type; record a problem if it cannot."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where, problems)
+    if tp is Path:
+        if isinstance(value, str):
+            return Path(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        (inner, *_rest) = typing.get_args(tp)
+        if isinstance(value, list):
+            return tuple(_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value))
+        if isinstance(value, dict) and typing.get_origin(inner) is tuple:
+            # smoke = {"帮我打卡" = "CLOCK_IN"} -> (("帮我打卡", "CLOCK_IN"),)
+            return tuple((str(k), str(v)) for k, v in value.items())
+    name = getattr(tp, "__name__", str(tp))
+    problems.append(Problem(f"expected {name}, got {value!r}", field=where))
+    return None
+
+
+def section(cls: type, raw: dict[str, Any], where: str, problems: list[Problem]):
+    """Build the frozen dataclass ``cls`` from a TOML table, collecting problems."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        k = key.replace("-", "_")
+        if k not in known:
+            problems.append(
+                Problem(f"unknown key (known: {', '.join(sorted(known))})", field=f"{where}.{key}")
+            )
+            continue
+        coerced = _coerce(value, hints[k], f"{where}.{key}", problems)
+        if coerced is not None:
+            kwargs[k] = coerced
+    return cls(**kwargs)
+
+
+def override(obj, **flags):
+    """Return ``obj`` with every flag that is not None applied (CLI flags win over the file)."""
+    changes = {k: v for k, v in flags.items() if v is not None}
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def check(*objs) -> None:
+    """Raise one ConfigError listing every problem of the given config sections."""
+    problems: list[Problem] = []
+    for obj in objs:
+        problems.extend(obj.problems())
+    if problems:
+        raise ConfigError(
+            "invalid configuration:\n" + "\n".join(f"  {p}" for p in problems),
+            hint="fix the values in ftctl.toml or the flags named above",
+            problems=problems,
+        )
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "image": ImageConfig,
+    "serve": ServeConfig,
+}
+
+
+def find_config(explicit: Path | None) -> Path | None:
+    """``--config FILE``, else $FTCTL_CONFIG, else ./ftctl.toml if present, else None."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(
+                f"config file not found: {explicit}", hint="check the path given to --config"
+            )
+        return explicit
+    env = os.environ.get("FTCTL_CONFIG")
+    if env:
+        return find_config(Path(env))
+    local = Path(CONFIG_FILE)
+    return local if local.is_file() else None
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate a config file; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", hint="fix the syntax") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    problems: list[Problem] = []
+    kwargs: dict[str, Any] = {"path": path}
+    for key, value in raw.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            kwargs[key] = section(_SECTIONS[key], value, key, problems)
+        elif key == "deploy" and isinstance(value, dict):
+            kwargs["deploy"] = {
+                name: section(DeployConfig, table, f"deploy.{name}", problems)
+                for name, table in value.items()
+                if isinstance(table, dict)
+            }
+        else:
+            known = ", ".join([*_SECTIONS, "deploy"])
+            problems.append(Problem(f"unknown table (known: {known})", field=key))
+    cfg = Config(**kwargs)
+    for sec in (cfg.data, cfg.train, cfg.eval, cfg.image, cfg.serve):
+        problems.extend(sec.problems())
+    for name, prof in cfg.deploy.items():
+        problems.extend(prof.problems(f"deploy.{name}"))
+    if problems:
+        raise ConfigError(
+            f"{path}: invalid configuration:\n" + "\n".join(f"  {p}" for p in problems),
+            hint=f"fix the keys named above in {path}",
+            problems=[dataclasses.replace(p, file=str(path)) for p in problems],
+        )
+    return cfg

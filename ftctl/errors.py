@@ -1,0 +1,138 @@
+"""One exception tree. Only the CLI edge turns these into a message, a hint and an exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Documented exit codes (README, "Exit codes"). CI may rely on them."""
+
+    OK = 0
+    ERROR = 1  # any other ftctl error
+    USAGE = 2  # bad flags or config values (also click's own usage errors)
+    DATA = 3  # data files with errors (validate, generate, train, eval inputs)
+    GATE = 4  # eval gate: the candidate regresses
+    DEPLOY = 5  # deploy failed; the server was left on (or rolled back to) a good model
+    ROLLBACK_FAILED = 6  # deploy failed AND rollback failed: a human must look now
+    ENVIRONMENT = 7  # a prerequisite is missing or unreachable (Docker engine, SSH host, GPU)
+    INTERRUPTED = 130  # Ctrl-C
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in an input, located precisely (file:line, field)."""
+
+    message: str
+    file: str | None = None
+    line: int | None = None
+    field: str | None = None
+    severity: str = "error"  # "error" | "warning"
+
+    @property
+    def location(self) -> str:
+        loc = self.file or ""
+        if self.line is not None:
+            loc = f"{loc}:{self.line}"
+        if self.field:
+            loc = f"{loc} [{self.field}]" if loc else f"[{self.field}]"
+        return loc
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}" if self.location else self.message
+
+    def to_dict(self) -> dict:
+        return {
+            "severity": self.severity,
+            "file": self.file,
+            "line": self.line,
+            "field": self.field,
+            "message": self.message,
+        }
+
+
+class FtctlError(Exception):
+    """Base of every error ftctl raises on purpose.
+
+    ``message`` says what went wrong, ``hint`` what to do about it.
+    """
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, problems: list[Problem] | None = None
+    ):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.problems: list[Problem] = list(problems or [])
+
+    def to_dict(self) -> dict:
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "hint": self.hint,
+            "exit_code": int(self.exit_code),
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+class ConfigError(FtctlError):
+    """ftctl.toml or flags are invalid (all problems collected into one error)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DataError(FtctlError):
+    """A data file is missing, unreadable or has invalid rows."""
+
+    exit_code = ExitCode.DATA
+
+
+class ModelError(FtctlError):
+    """A model directory is missing, incomplete or of an unsupported kind."""
+
+
+class TrainError(FtctlError):
+    """Training could not run or could not finish."""
+
+
+class EvalError(FtctlError):
+    """Evaluation could not run."""
+
+
+class GateFailed(FtctlError):
+    """The candidate regresses against the baseline."""
+
+    exit_code = ExitCode.GATE
+
+
+class EnvironmentProblem(FtctlError):
+    """A prerequisite (Docker engine, SSH host, GPU, tool) is missing or unreachable."""
+
+    exit_code = ExitCode.ENVIRONMENT
+
+
+class ImageError(FtctlError):
+    """Building or running the training image failed."""
+
+
+class DeployError(FtctlError):
+    """A deploy step failed; the live model is good (untouched or rolled back)."""
+
+    exit_code = ExitCode.DEPLOY
+
+
+class LockHeld(DeployError):
+    """Another deploy holds the remote lock."""
+
+
+class HostKeyError(EnvironmentProblem):
+    """The server's host key is unknown or does not match known_hosts."""
+
+
+class RollbackFailed(DeployError):
+    """A deploy failed and the automatic rollback failed too."""
+
+    exit_code = ExitCode.ROLLBACK_FAILED

@@ -1,0 +1,29 @@
+"""Session fixtures shared by all tests. Integration fixtures (sshd, dockerd, supervisor) live
+in tests/integration/conftest.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight 12-layer classifier over the 20 demo intents (read-only: copy it
+    before changing it)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "final")
