@@ -85,7 +85,7 @@ def root(
 
 
 def _register() -> None:
-    from ftctl.cli import data, deploy, demo, eval, image, serve, train
+    from ftctl.cli import data, demo, deploy, eval, image, serve, train
 
     app.add_typer(data.app, name="data")
     app.add_typer(image.app, name="image")
