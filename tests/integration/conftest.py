@@ -1,0 +1,1 @@
+# Integration fixtures: each helper module registers its fixtures here.
