@@ -1,0 +1,237 @@
+"""A real inference server on this machine, for the demo, the benchmarks and the tests.
+
+:class:`LocalSSHD` runs OpenSSH's sshd on a loopback port with throwaway keys;
+:class:`Supervisor` runs supervisord with one program (``python-services``: ``ftctl serve``), so
+the deploy code drives exactly what it drives in production: SSH, a release directory, a
+service manager. Nothing here is a mock; everything is stopped by ``close()`` / ``with``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ftctl.errors import EnvironmentProblem
+from ftctl.fsutil import atomic_write_text
+
+SSHD = "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with (
+            contextlib.suppress(OSError, urllib.error.URLError),
+            urllib.request.urlopen(url, timeout=2) as resp,
+        ):
+            if resp.status == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def _keygen(path: Path, comment: str) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+class LocalSSHD:
+    """sshd on 127.0.0.1:<free port>, host and client keys made fresh in ``workdir``."""
+
+    def __init__(self, workdir: Path, *, user: str | None = None) -> None:
+        if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
+            raise EnvironmentProblem(
+                "OpenSSH server not installed (no /usr/sbin/sshd)",
+                hint="apt-get install -y openssh-server (or run: bash .ci/setup)",
+            )
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.user = user or os.environ.get("USER") or "root"
+        self.port = free_port()
+        self.host_key = self.workdir / "ssh_host_ed25519_key"
+        self.client_key = self.workdir / "id_ed25519"
+        self.known_hosts = self.workdir / "known_hosts"
+        self.log = self.workdir / "sshd.log"
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def host(self) -> str:
+        return f"{self.user}@127.0.0.1:{self.port}"
+
+    def host_key_line(self) -> str:
+        pub = (self.host_key.with_suffix(".pub")).read_text().split()
+        return f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n"
+
+    def start(self, *, trust_host_key: bool = True) -> LocalSSHD:
+        for key, comment in ((self.host_key, "ftctl-host"), (self.client_key, "ftctl-client")):
+            if not key.exists():
+                _keygen(key, comment)
+        authorized = self.workdir / "authorized_keys"
+        atomic_write_text(authorized, self.client_key.with_suffix(".pub").read_text())
+        atomic_write_text(self.known_hosts, self.host_key_line() if trust_host_key else "")
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        cmd = [
+            SSHD, "-D", "-p", str(self.port),
+            "-o", "ListenAddress=127.0.0.1",
+            "-h", str(self.host_key),
+            "-o", f"AuthorizedKeysFile={authorized}",
+            "-o", f"PidFile={self.workdir / 'sshd.pid'}",
+            "-o", "StrictModes=no",
+            "-o", "PasswordAuthentication=no",
+            "-o", "UsePAM=no",
+            "-E", str(self.log),
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        if not wait_port(self.port, 10):
+            self.close()
+            raise EnvironmentProblem(
+                f"sshd did not start on 127.0.0.1:{self.port}",
+                hint=f"see {self.log}",
+            )
+        return self
+
+    def close(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
+            if self._proc.poll() is None:
+                self._proc.kill()
+        self._proc = None
+
+    def __enter__(self) -> LocalSSHD:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Supervisor:
+    """supervisord with one program, controlled through its own unix socket."""
+
+    def __init__(self, workdir: Path, command: list[str], *, name: str = "python-services",
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.command = command
+        self.env = env or {}
+        self.conf = self.workdir / "supervisord.conf"
+        self.sock = self.workdir / "supervisor.sock"
+        self.pidfile = self.workdir / "supervisord.pid"
+        bindir = Path(sys.executable).parent
+        self.supervisord = str(bindir / "supervisord")
+        self.supervisorctl = str(bindir / "supervisorctl")
+        if not Path(self.supervisord).exists():
+            raise EnvironmentProblem(
+                "supervisor is not installed in this environment",
+                hint="pip install supervisor (it is in ftctl[dev]; or run: bash .ci/setup)",
+            )
+
+    def _write_conf(self) -> None:
+        env = ",".join(f'{k}="{v}"' for k, v in sorted(self.env.items()))
+        program = "\n".join(
+            line
+            for line in (
+                f"[program:{self.name}]",
+                f"command={shlex.join(self.command)}",
+                "autostart=true",
+                "autorestart=true",
+                "startsecs=1",
+                "stopsignal=TERM",
+                "stopwaitsecs=10",
+                f"stdout_logfile={self.workdir / (self.name + '.log')}",
+                "redirect_stderr=true",
+                f"environment={env}" if env else "",
+            )
+            if line
+        )
+        atomic_write_text(
+            self.conf,
+            f"""[unix_http_server]
+file={self.sock}
+
+[supervisord]
+logfile={self.workdir / "supervisord.log"}
+pidfile={self.pidfile}
+nodaemon=false
+silent=true
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{self.sock}
+
+{program}
+""",
+        )
+
+    def ctl_cmd(self, *args: str) -> str:
+        """The shell command that runs supervisorctl against this instance."""
+        return shlex.join([self.supervisorctl, "-c", str(self.conf), *args])
+
+    @property
+    def restart_cmd(self) -> str:
+        return self.ctl_cmd("restart", self.name)
+
+    @property
+    def reload_cmd(self) -> str:
+        return self.ctl_cmd("signal", "HUP", self.name)
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.supervisorctl, "-c", str(self.conf), *args], capture_output=True, text=True
+        )
+
+    def start(self) -> Supervisor:
+        self._write_conf()
+        subprocess.run([self.supervisord, "-c", str(self.conf)], check=True, capture_output=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self.sock.exists():
+            time.sleep(0.1)
+        return self
+
+    def close(self) -> None:
+        if self.pidfile.exists():
+            self.ctl("stop", "all")
+            with contextlib.suppress(ValueError, ProcessLookupError, OSError):
+                pid = int(self.pidfile.read_text().strip())
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(50):
+                    os.kill(pid, 0)
+                    time.sleep(0.1)
+
+    def __enter__(self) -> Supervisor:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
