@@ -106,6 +106,7 @@ class EvalConfig:
     max_length: int = 64  # tokens per text
     report_dir: Path | None = None  # report.json, report.md and plots land here
     pairs: tuple[tuple[str, str], ...] = SEED_PAIRS  # confused pairs that must not get worse
+    device: str = "auto"  # auto | cpu | cuda
 
     def problems(self) -> list[Problem]:
         out = []
@@ -120,6 +121,10 @@ class EvalConfig:
         for i, pair in enumerate(self.pairs):
             if len(pair) != 2:
                 out.append(Problem("each pair needs exactly two intents", field=f"eval.pairs[{i}]"))
+        if self.max_length < 1:
+            out.append(Problem("must be >= 1", field="eval.max_length"))
+        if self.device not in ("auto", "cpu", "cuda"):
+            out.append(Problem("must be auto, cpu or cuda", field="eval.device"))
         return out
 
 
