@@ -144,12 +144,15 @@ class ImageConfig:
     tag: str | None = None  # default ftctl:<version>-<git sha>
     dockerfile: Path = Path("Dockerfile")  # relative to the build context
     context: Path = Path(".")  # the project root
-    gpus: str = "all"  # all | none | N, for runs inside the image
+    gpus: str = "auto"  # auto | all | none | N, for runs inside the image (auto: all if any)
+    network: str = "none"  # none | host: network of runs inside the image (none = offline)
 
     def problems(self) -> list[Problem]:
         out = []
-        if not (self.gpus in ("all", "none") or self.gpus.isdigit()):
-            out.append(Problem("must be all, none or a count", field="image.gpus"))
+        if not (self.gpus in ("auto", "all", "none") or self.gpus.isdigit()):
+            out.append(Problem("must be auto, all, none or a count", field="image.gpus"))
+        if self.network not in ("none", "host"):
+            out.append(Problem("must be none or host", field="image.network"))
         return out
 
 
