@@ -1,5 +1,316 @@
-"""ftctl data ... (placeholder until its issue lands)."""
+"""ftctl data generate | validate | convert: training and test data files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
-app = typer.Typer(help="data commands.", no_args_is_help=True)
+from ftctl import config as cfgmod
+from ftctl.cli import common
+from ftctl.data import file_format, read_examples, write_examples
+from ftctl.errors import DataError, ExitCode, FtctlError, Problem
+from ftctl.generate import counts, generate, load_templates
+
+app = typer.Typer(
+    help="Generate, validate and convert training/test data (JSONL and CSV).",
+    no_args_is_help=True,
+)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@app.command("generate")
+def generate_cmd(
+    ctx: typer.Context,
+    samples: Annotated[
+        Path | None,
+        typer.Option(
+            "--samples",
+            help="Templates YAML file (phrasings per intent).",
+            show_default="data/incremental_samples.yaml",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Output directory.", show_default="data")
+    ] = None,
+    per_intent: Annotated[
+        int | None,
+        typer.Option("--per-intent", help="Examples per intent (balanced).", show_default="120"),
+    ] = None,
+    seed: common.SeedOpt = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="jsonl | csv | both.", show_default="both"),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="Output file stem (STEM.jsonl / STEM.csv).",
+            show_default="incremental_training_data",
+        ),
+    ] = None,
+    ids: Annotated[
+        bool, typer.Option("--ids", help='Write an "id" field (for test pools).')
+    ] = False,
+    json_: common.JsonOpt = False,
+    docker: common.DockerOpt = False,
+    gpus: common.GpusOpt = None,
+    image: common.ImageOpt = None,
+) -> None:
+    """Expand the templates file into balanced, deduplicated training data.
+
+    Writes OUT_DIR/STEM.jsonl ({"text","label"}) and/or OUT_DIR/STEM.csv
+    (user_input,intent_code), deterministic for a seed.
+
+    Example: `ftctl data generate --per-intent 120 --seed 42`
+    """
+    if docker:
+        from ftctl.cli.docker_run import rerun_in_docker
+
+        raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image))
+    cfg = cfgmod.override(
+        common.config(ctx).data,
+        samples=samples,
+        out_dir=out_dir,
+        per_intent=per_intent,
+        seed=seed,
+        format=fmt,
+        name=name,
+    )
+    cfgmod.check(cfg)
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        raise DataError(f"--name '{cfg.name}' must be a plain file stem", hint="e.g. --name train")
+    if json_:
+        common.state(ctx).json = True
+    rep = common.reporter(ctx)
+    templates = load_templates(cfg.samples)
+    examples = generate(
+        templates,
+        per_intent=cfg.per_intent,
+        seed=cfg.seed,
+        with_ids=ids,
+        max_chars=cfg.max_chars,
+        reporter=rep,
+    )
+    exts = {"jsonl": [".jsonl"], "csv": [".csv"], "both": [".jsonl", ".csv"]}[cfg.format]
+    paths = [
+        write_examples(cfg.out_dir / f"{cfg.name}{ext}", examples, with_ids=ids) for ext in exts
+    ]
+    per_label = counts(examples)
+    ordered = {label: per_label.get(label, 0) for label in templates.labels}
+    if json_:
+        common.emit_json(
+            ctx,
+            {
+                "ok": True,
+                "samples": str(cfg.samples),
+                "seed": cfg.seed,
+                "total": len(examples),
+                "counts": ordered,
+                "paths": [str(p) for p in paths],
+            },
+        )
+        return
+    phrasings = {it.label: len(it.phrasings) for it in templates.intents}
+    table = Table(title=f"generated from {cfg.samples} (seed {cfg.seed})")
+    table.add_column("intent")
+    table.add_column("phrasings", justify="right")
+    table.add_column("examples", justify="right")
+    for label, n in ordered.items():
+        table.add_row(label, str(phrasings[label]), str(n))
+    table.add_section()
+    table.add_row("total", str(sum(phrasings.values())), str(len(examples)))
+    common.out.print(table)
+    for p in paths:
+        common.out.print(Text.assemble("wrote ", (str(p), "bold")))
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def read_label_list(path: Path) -> list[str]:
+    """--labels: a model directory (config.json id2label) or a text file, one label per line."""
+    from ftctl.model import read_labels
+
+    if path.is_dir():
+        return read_labels(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise DataError(
+            f"--labels {path}: not found",
+            hint="pass a model directory or a text file with one label per line",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--labels {path}: cannot read: {exc}") from None
+    labels = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not labels:
+        raise DataError(f"--labels {path}: no labels in the file", hint="one label per line")
+    return labels
+
+
+def _validate_file(path: Path, max_chars: int, labels: list[str] | None) -> dict:
+    """Summary of one file; whole-file failures become one error problem."""
+    try:
+        result = read_examples(path, max_chars=max_chars, allowed_labels=labels)
+        problems, n = result.problems, len(result.examples)
+    except FtctlError as exc:
+        problems = exc.problems or [Problem(exc.message, file=str(path))]
+        if exc.hint:
+            problems = [
+                Problem(f"{p.message} (hint: {exc.hint})", p.file, p.line, p.field, p.severity)
+                for p in problems
+            ]
+        n = 0
+    return {"file": str(path), "examples": n, "problems": problems}
+
+
+def _print_problem(p: Problem, strict: bool) -> None:
+    is_error = p.severity == "error" or strict
+    style = "red" if is_error else "yellow"
+    common.out.print(Text.assemble((f"{p.severity}: ", style), str(p)))
+
+
+@app.command("validate")
+def validate_cmd(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="JSONL or CSV data files.")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="Allowed labels: a model directory (config.json id2label) or a text file "
+            "with one label per line.",
+        ),
+    ] = None,
+    max_chars: Annotated[
+        int | None,
+        typer.Option("--max-chars", help="Longest allowed text.", show_default="128"),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Treat warnings (duplicates) as errors.")
+    ] = False,
+    json_: common.JsonOpt = False,
+) -> None:
+    """Check data files and report every problem with file:line.
+
+    Exit codes: 0 clean (warnings allowed), 3 any error (or any warning with --strict).
+
+    Example: `ftctl data validate data/train.jsonl data/extra.csv --labels models/base/final`
+    """
+    if json_:
+        common.state(ctx).json = True
+    cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
+    cfgmod.check(cfg)
+    allowed = read_label_list(labels) if labels is not None else None
+    reports = [_validate_file(f, cfg.max_chars, allowed) for f in files]
+    n_err = sum(1 for r in reports for p in r["problems"] if p.severity == "error")
+    n_warn = sum(1 for r in reports for p in r["problems"] if p.severity == "warning")
+    failed = n_err > 0 or (strict and n_warn > 0)
+    if json_:
+        common.emit_json(
+            ctx,
+            {
+                "ok": not failed,
+                "errors": n_err,
+                "warnings": n_warn,
+                "strict": strict,
+                "files": [
+                    {
+                        "file": r["file"],
+                        "examples": r["examples"],
+                        "errors": sum(p.severity == "error" for p in r["problems"]),
+                        "warnings": sum(p.severity == "warning" for p in r["problems"]),
+                        "problems": [p.to_dict() for p in r["problems"]],
+                    }
+                    for r in reports
+                ],
+            },
+        )
+    else:
+        for r in reports:
+            for p in r["problems"]:
+                _print_problem(p, strict)
+        table = Table(title="validation summary")
+        for col in ("file", "examples", "errors", "warnings"):
+            table.add_column(col, justify="left" if col == "file" else "right")
+        for r in reports:
+            e = sum(p.severity == "error" for p in r["problems"])
+            w = sum(p.severity == "warning" for p in r["problems"])
+            table.add_row(r["file"], str(r["examples"]), str(e), str(w))
+        common.out.print(table)
+        verdict = "FAILED" if failed else "OK"
+        common.out.print(
+            Text.assemble(
+                (verdict, "bold red" if failed else "bold green"),
+                f": {n_err} error(s), {n_warn} warning(s) in {len(reports)} file(s)"
+                + (" (--strict: warnings count as errors)" if strict and n_warn else ""),
+            )
+        )
+    if failed:
+        raise typer.Exit(int(ExitCode.DATA))
+
+
+# --------------------------------------------------------------------------- convert
+
+
+@app.command("convert")
+def convert_cmd(
+    ctx: typer.Context,
+    src: Annotated[Path, typer.Argument(help="Input file (.jsonl or .csv).")],
+    dst: Annotated[Path, typer.Argument(help="Output file (.jsonl or .csv).")],
+    max_chars: Annotated[
+        int | None,
+        typer.Option("--max-chars", help="Longest allowed text.", show_default="128"),
+    ] = None,
+    json_: common.JsonOpt = False,
+) -> None:
+    """Convert JSONL <-> CSV (formats by extension), validating on the way; written atomically.
+
+    Ids are kept when the input has them. Duplicates are dropped with a warning; any error
+    stops the conversion and writes nothing.
+
+    Example: `ftctl data convert data/incremental_training_data.jsonl /tmp/train.csv`
+    """
+    if json_:
+        common.state(ctx).json = True
+    cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
+    cfgmod.check(cfg)
+    file_format(dst)  # unknown output extension: fail before reading anything
+    result = read_examples(src, max_chars=cfg.max_chars)
+    if result.errors:
+        shown = "\n".join(f"  {p}" for p in result.errors[:20])
+        more = f"\n  ... and {len(result.errors) - 20} more" if len(result.errors) > 20 else ""
+        raise DataError(
+            f"{src}: {len(result.errors)} error(s); nothing written:\n{shown}{more}",
+            hint=f"run `ftctl data validate {src}`, fix the rows and retry",
+            problems=result.errors,
+        )
+    if not result.examples:
+        raise DataError(f"{src}: no examples to convert", hint="add some rows")
+    rep = common.reporter(ctx)
+    for w in result.warnings:
+        rep.warn(f"{w} (dropped)")
+    with_ids = any(ex.id is not None for ex in result.examples)
+    write_examples(dst, result.examples, with_ids=with_ids)
+    if json_:
+        common.emit_json(
+            ctx,
+            {
+                "ok": True,
+                "input": str(src),
+                "output": str(dst),
+                "examples": len(result.examples),
+                "dropped_duplicates": len(result.warnings),
+            },
+        )
+        return
+    common.out.print(
+        Text.assemble("wrote ", (str(dst), "bold"), f": {len(result.examples)} examples from {src}")
+    )
