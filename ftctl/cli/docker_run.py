@@ -1,0 +1,218 @@
+"""``--docker``: run the command being invoked again, inside the training image.
+
+A command's ``if docker:`` branch calls::
+
+    from ftctl.cli.docker_run import rerun_in_docker
+    raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image))
+
+The command line is rebuilt from the click context (subcommand names + the parameters the user
+gave, minus --docker/--gpus/--image), host paths are rewritten to container paths, and
+:func:`ftctl.image.run_in_image` runs it. Mounts:
+
+* ``<project>/data`` -> ``/workspace/data`` and ``<project>/models`` -> ``/workspace/models``
+  (read-write; the project is the current directory);
+* any other path argument -> ``/mnt/host/<n>-<name>``: read-only for inputs, read-write for
+  outputs (parameters named like ``out``/``output``/``report`` or declared writable), created
+  first so that the caller owns them;
+* the config file in use (``--config``, ``$FTCTL_CONFIG`` or ./ftctl.toml) -> read-only, passed
+  as ``--config``. Paths *inside* it are used as written (relative ones resolve under
+  /workspace, i.e. data/ and models/ work).
+
+``FTCTL_DOCKER_USER=uid:gid`` runs the container as someone else (default: the caller).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path, PurePath
+from typing import Any
+
+import click
+import typer
+from click.core import ParameterSource
+
+from ftctl.cli import common
+from ftctl.errors import ConfigError
+from ftctl.image import WORKDIR, Mount, device_requests, run_in_image
+
+DOCKER_PARAMS = frozenset({"docker", "gpus", "image"})  # never passed into the container
+PROJECT_DIRS = ("data", "models")  # mounted at /workspace/<name>
+HOST_MOUNT_ROOT = "/mnt/host"
+_OUTPUT_NAME = re.compile(r"(^|_)(out|output|outputs|report|reports|dest|save)(_|$)")
+_SKIP_SOURCES = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+@dataclass
+class PathMapper:
+    """Maps host paths to container paths and collects the mounts that make them visible."""
+
+    project: Path
+    extra: dict[str, Mount] = field(default_factory=dict)  # host path -> mount
+
+    def map(self, value: str | os.PathLike, *, output: bool) -> str:
+        host = Path(os.path.abspath(self.project / Path(value)))
+        for name in PROJECT_DIRS:
+            base = self.project / name
+            if host == base or base in host.parents:
+                if output:
+                    base.mkdir(parents=True, exist_ok=True)
+                return f"{WORKDIR}/{host.relative_to(self.project).as_posix()}"
+        if output:
+            return self._output(host)
+        if not host.exists():
+            raise ConfigError(
+                f"{value}: not found (needed inside the container)",
+                hint="check the path; inputs must exist before --docker can mount them",
+            )
+        return self._mount(host, read_only=True)
+
+    def _output(self, host: Path) -> str:
+        if host.suffix and not host.is_dir():  # an output file: mount its directory
+            host.parent.mkdir(parents=True, exist_ok=True)
+            return f"{self._mount(host.parent, read_only=False)}/{host.name}"
+        host.mkdir(parents=True, exist_ok=True)
+        return self._mount(host, read_only=False)
+
+    def _mount(self, host: Path, *, read_only: bool) -> str:
+        key = str(host)
+        old = self.extra.get(key)
+        if old is None:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", host.name) or "root"
+            target = f"{HOST_MOUNT_ROOT}/{len(self.extra)}-{safe}"
+            self.extra[key] = Mount(host, target, read_only)
+        elif old.read_only and not read_only:
+            self.extra[key] = Mount(host, old.container, False)
+        return self.extra[key].container
+
+    def mounts(self) -> list[Mount]:
+        fixed = [
+            Mount(self.project / name, f"{WORKDIR}/{name}", read_only=False)
+            for name in PROJECT_DIRS
+            if (self.project / name).is_dir()
+        ]
+        return fixed + list(self.extra.values())
+
+
+def is_output(param: click.Parameter) -> bool:
+    """Does this parameter name something the command writes?"""
+    return bool(_OUTPUT_NAME.search(param.name or "")) or bool(
+        getattr(param.type, "writable", False)
+    )
+
+
+def _is_path(param: click.Parameter, value: Any) -> bool:
+    return isinstance(param.type, click.Path) or isinstance(value, PurePath)
+
+
+def _text(param: click.Parameter, value: Any, mapper: PathMapper) -> str:
+    if isinstance(value, Enum):
+        value = value.value
+    if _is_path(param, value):
+        return mapper.map(value, output=is_output(param))
+    return str(value)
+
+
+def _given(ctx: click.Context, param: click.Parameter) -> bool:
+    """Did the user (or the environment) give this parameter, with a value worth passing on?"""
+    value = ctx.params.get(param.name)
+    if value is None or param.name in DOCKER_PARAMS:
+        return False
+    source = ctx.get_parameter_source(param.name) if param.name else None
+    if source is None:
+        return value != param.default
+    return source not in _SKIP_SOURCES
+
+
+def option_args(param: click.Option, value: Any, mapper: PathMapper) -> list[str]:
+    """The command-line words that give ``param`` the value ``value``."""
+    flag = max(param.opts, key=len)  # prefer the long form
+    if param.is_flag and not param.count:
+        if param.is_bool_flag:
+            if value:
+                return [flag]
+            return [max(param.secondary_opts, key=len)] if param.secondary_opts else []
+        return [flag] if value == param.flag_value else []
+    if param.count:
+        return [flag] * int(value)
+    values = list(value) if param.multiple else [value]
+    out: list[str] = []
+    for v in values:
+        parts = list(v) if param.nargs != 1 else [v]
+        out += [flag, *(_text(param, p, mapper) for p in parts)]
+    return out
+
+
+def param_args(ctx: click.Context, mapper: PathMapper) -> list[str]:
+    """Options first, then positional arguments (after ``--`` if one looks like an option)."""
+    options: list[str] = []
+    positionals: list[str] = []
+    for param in ctx.command.params:
+        if not _given(ctx, param):
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Option):
+            options += option_args(param, value, mapper)
+        elif isinstance(param, click.Argument):
+            values = list(value) if param.nargs != 1 else [value]
+            positionals += [_text(param, v, mapper) for v in values]
+    if any(p.startswith("-") for p in positionals):
+        positionals.insert(0, "--")
+    return options + positionals
+
+
+def command_names(ctx: click.Context) -> list[str]:
+    """Subcommand names from the root down to ``ctx`` (``["data", "generate"]``)."""
+    names = []
+    node: click.Context | None = ctx
+    while node is not None and node.parent is not None:
+        names.append(node.info_name or node.command.name or "")
+        node = node.parent
+    return list(reversed(names))
+
+
+def root_args(ctx: click.Context, mapper: PathMapper) -> list[str]:
+    """The global options that must reach the inner ftctl: --config, --debug, --quiet."""
+    st = common.state(ctx)
+    args: list[str] = []
+    if st.config.path is not None:
+        host = Path(os.path.abspath(st.config.path))
+        args += ["--config", mapper._mount(host, read_only=True)]
+    if st.debug:
+        args.append("--debug")
+    if st.quiet:
+        args.append("--quiet")
+    return args
+
+
+def plan(ctx: click.Context, project: Path | None = None) -> tuple[list[str], list[Mount]]:
+    """The container's argv (after the ``ftctl`` entrypoint) and the mounts it needs."""
+    mapper = PathMapper(Path(os.path.abspath(project or Path.cwd())))
+    argv = [*root_args(ctx, mapper), *command_names(ctx), *param_args(ctx, mapper)]
+    return argv, mapper.mounts()
+
+
+def rerun_in_docker(ctx: typer.Context, *, gpus: str | None, image: str | None) -> int:
+    """Run this same command inside the training image; return its exit code."""
+    cfg = common.config(ctx).image
+    gpus = gpus or cfg.gpus
+    if gpus != "auto":
+        device_requests(gpus)  # validates the value before anything is started
+    argv, mounts = plan(ctx)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return run_in_image(
+        argv,
+        image=image,
+        configured_tag=cfg.tag,
+        mounts=mounts,
+        user=os.environ.get("FTCTL_DOCKER_USER") or None,
+        gpus=gpus,
+        network_mode=cfg.network,
+        stdout=sys.stdout.buffer,
+        stderr=sys.stderr.buffer,
+        reporter=common.reporter(ctx),
+    )

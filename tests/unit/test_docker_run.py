@@ -1,0 +1,210 @@
+"""Unit tests of --docker's command-line and mount rebuilding (ftctl/cli/docker_run.py).
+
+The container run itself is replaced by a recorder here; tests/integration/test_image.py runs
+the same code against a real engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from ftctl.cli import common, docker_run
+from ftctl.cli.main import FtctlGroup
+from ftctl.cli.main import app as ftctl_app
+from ftctl.image import Mount
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace the container run by a recorder of its arguments (exit code 3)."""
+    calls: list[dict] = []
+
+    def fake_run(argv, **kw):
+        calls.append({"argv": argv, **kw})
+        return 3
+
+    monkeypatch.setattr(docker_run, "run_in_image", fake_run)
+    return calls
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FTCTL_CONFIG", raising=False)
+    monkeypatch.delenv("FTCTL_DOCKER_USER", raising=False)
+    return tmp_path
+
+
+def toy_app() -> typer.Typer:
+    """A group shaped like ftctl's: root callback with State, a subgroup, every option kind."""
+    app = typer.Typer(cls=FtctlGroup)
+
+    @app.callback()
+    def root(ctx: typer.Context) -> None:
+        common.state(ctx)
+
+    grp = typer.Typer()
+    app.add_typer(grp, name="grp")
+
+    @grp.command("run")
+    def run(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument()],
+        model_path: Annotated[Path | None, typer.Option("--model-path")] = None,
+        output_path: Annotated[Path | None, typer.Option("--output-path")] = None,
+        lr: Annotated[float | None, typer.Option("--lr")] = None,
+        epochs: Annotated[int, typer.Option("--epochs")] = 2,
+        tags: Annotated[list[str] | None, typer.Option("--tag")] = None,
+        add_labels: Annotated[bool, typer.Option("--add-labels/--no-add-labels")] = False,
+        fast: Annotated[bool, typer.Option("--fast")] = False,
+        docker: common.DockerOpt = False,
+        gpus: common.GpusOpt = None,
+        image: common.ImageOpt = None,
+    ) -> None:
+        if docker:
+            raise typer.Exit(docker_run.rerun_in_docker(ctx, gpus=gpus, image=image))
+
+    return app
+
+
+def test_argv_keeps_given_options_and_drops_defaults_and_docker_flags(project, recorded):
+    res = runner.invoke(
+        toy_app(),
+        ["grp", "run", "x1", "--lr", "5e-06", "--tag", "a", "--tag", "b", "--fast", "--docker",
+         "--gpus", "none", "--image", "ftctl:t"],
+    )  # fmt: skip
+    assert res.exit_code == 3, res.output
+    call = recorded[0]
+    assert call["argv"] == [
+        "grp",
+        "run",
+        "--lr",
+        "5e-06",
+        "--tag",
+        "a",
+        "--tag",
+        "b",
+        "--fast",
+        "x1",
+    ]
+    assert call["image"] == "ftctl:t"
+    assert call["gpus"] == "none"
+    assert call["network_mode"] == "none"
+
+
+def test_explicit_false_of_a_bool_pair_and_explicit_default_value_are_passed_on(project, recorded):
+    res = runner.invoke(
+        toy_app(), ["grp", "run", "x", "--no-add-labels", "--epochs", "2", "--docker"]
+    )
+    assert res.exit_code == 3, res.output
+    assert recorded[0]["argv"] == ["grp", "run", "--epochs", "2", "--no-add-labels", "x"]
+
+
+def test_project_paths_map_to_workspace_and_data_models_are_mounted_rw(project, recorded):
+    (project / "data" / "new.jsonl").write_text("{}\n")
+    res = runner.invoke(
+        toy_app(),
+        ["grp", "run", "x", "--model-path", "data/new.jsonl", "--output-path", "models/run1",
+         "--docker"],
+    )  # fmt: skip
+    assert res.exit_code == 3, res.output
+    argv, mounts = recorded[0]["argv"], recorded[0]["mounts"]
+    assert argv[argv.index("--model-path") + 1] == "/workspace/data/new.jsonl"
+    assert argv[argv.index("--output-path") + 1] == "/workspace/models/run1"
+    assert Mount(project / "data", "/workspace/data", read_only=False) in mounts
+    assert Mount(project / "models", "/workspace/models", read_only=False) in mounts
+    assert (project / "models").is_dir()  # created so that the mount exists
+
+
+def test_outside_input_is_mounted_read_only_and_outside_output_read_write(
+    project, recorded, tmp_path_factory
+):
+    outside = tmp_path_factory.mktemp("elsewhere")
+    model = outside / "base model"
+    model.mkdir()
+    out = outside / "out"
+    res = runner.invoke(
+        toy_app(),
+        ["grp", "run", "x", "--model-path", str(model), "--output-path", str(out), "--docker"],
+    )
+    assert res.exit_code == 3, res.output
+    argv, mounts = recorded[0]["argv"], recorded[0]["mounts"]
+    by_host = {m.host: m for m in mounts}
+    assert by_host[model].read_only is True
+    assert by_host[out].read_only is False
+    assert argv[argv.index("--model-path") + 1] == by_host[model].container
+    assert by_host[model].container.startswith("/mnt/host/") and " " not in by_host[model].container
+    assert argv[argv.index("--output-path") + 1] == by_host[out].container
+    assert out.is_dir()  # created by the caller, so the caller owns it
+
+
+def test_missing_input_outside_the_project_is_a_clear_usage_error(project, recorded):
+    res = runner.invoke(
+        toy_app(), ["grp", "run", "x", "--model-path", "/nonexistent/m", "--docker"]
+    )
+    assert res.exit_code == 2
+    assert "/nonexistent/m: not found" in res.output
+    assert recorded == []
+
+
+def test_output_file_mounts_its_directory(project):
+    mapper = docker_run.PathMapper(project)
+    outside = project.parent / f"{project.name}-reports"
+    target = mapper.map(outside / "report.json", output=True)
+    (mount,) = mapper.extra.values()
+    assert mount.host == outside and mount.read_only is False
+    assert target == f"{mount.container}/report.json"
+
+
+def test_same_path_as_input_then_output_becomes_one_rw_mount(project, tmp_path_factory):
+    d = tmp_path_factory.mktemp("shared")
+    mapper = docker_run.PathMapper(project)
+    a = mapper.map(d, output=False)
+    b = mapper.map(d, output=True)
+    assert a == b
+    assert [m.read_only for m in mapper.extra.values()] == [False]
+
+
+def test_bad_gpus_value_is_a_usage_error_before_any_run(project, recorded):
+    res = runner.invoke(toy_app(), ["grp", "run", "x", "--docker", "--gpus", "many"])
+    assert res.exit_code == 2
+    assert recorded == []
+
+
+def test_user_override_from_environment(project, recorded, monkeypatch):
+    monkeypatch.setenv("FTCTL_DOCKER_USER", "1234:1234")
+    runner.invoke(toy_app(), ["grp", "run", "x", "--docker"])
+    assert recorded[0]["user"] == "1234:1234"
+
+
+def test_real_data_generate_with_config_debug_and_outside_out_dir(
+    project, recorded, tmp_path_factory
+):
+    cfg = project / "my.toml"
+    cfg.write_text("[image]\ngpus = 'none'\ntag = 'ftctl:pinned'\nnetwork = 'host'\n")
+    out = tmp_path_factory.mktemp("gen")
+    res = runner.invoke(
+        ftctl_app,
+        ["--config", str(cfg), "--debug", "data", "generate", "--seed", "7", "--out-dir", str(out),
+         "--docker"],
+    )  # fmt: skip
+    assert res.exit_code == 3, res.output
+    call = recorded[0]
+    mounts = {m.host: m for m in call["mounts"]}
+    assert call["argv"][:3] == ["--config", mounts[cfg].container, "--debug"]
+    assert call["argv"][3:] == ["data", "generate", "--out-dir", mounts[out].container,
+                                "--seed", "7"]  # fmt: skip
+    assert mounts[cfg].read_only and not mounts[out].read_only
+    assert (call["gpus"], call["configured_tag"], call["network_mode"]) == (
+        "none",
+        "ftctl:pinned",
+        "host",
+    )
