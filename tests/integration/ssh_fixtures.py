@@ -1,0 +1,152 @@
+"""A real deploy target: OpenSSH's sshd on loopback + supervisord running `ftctl serve` as
+program `python-services` over <remote_dir>/final. Session-scoped servers; each test gets the
+server reset to "a real final/ directory holding model A, service up" (the seed's state)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ftctl.config import DeployConfig
+from ftctl.deploy import model_digest
+from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http
+from ftctl.remote import connect, parse_host
+from tests.helpers import make_tiny_model
+
+__all__ = ["DeployTarget", "deploy_models", "deploy_target", "sshd_server", "target_services"]
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 10) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass
+class DeployTarget:
+    sshd: LocalSSHD
+    supervisor: Supervisor
+    remote_dir: Path
+    port: int
+    cfg: DeployConfig
+
+    @property
+    def host(self) -> str:
+        return self.sshd.host
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/health"
+
+    def health(self) -> dict:
+        return http_json(self.health_url)
+
+    def predict(self, text: str) -> dict:
+        return http_json(f"http://127.0.0.1:{self.port}/predict", {"text": text})
+
+    def specs(self):
+        return [parse_host(self.host)]
+
+    def connect(self, cfg: DeployConfig | None = None):
+        cfg = cfg or self.cfg
+        return lambda spec: connect(spec, cfg)
+
+    def with_(self, **changes) -> DeployConfig:
+        return dataclasses.replace(self.cfg, **changes)
+
+    def link_target(self) -> str:
+        return str((self.remote_dir / "final").readlink())
+
+    def releases(self) -> list[str]:
+        d = self.remote_dir / "releases"
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def log_lines(self) -> list[dict]:
+        log = self.remote_dir / "deploys.log"
+        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    def wait_serving(self, digest: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.health()["sha256"] == digest:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"service not serving {digest[:8]} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def deploy_models(tmp_path_factory) -> dict[str, Path]:
+    """Three tiny real models (different seeds -> different digests) and a broken one."""
+    root = tmp_path_factory.mktemp("deploy-models")
+    models = {name: make_tiny_model(root / name / "final", seed=i) for i, name in enumerate("abc")}
+    broken = root / "broken" / "final"
+    shutil.copytree(models["c"], broken)
+    (broken / "config.json").write_text('{"model_type": "bert", "id2label": ', encoding="utf-8")
+    models["broken"] = broken
+    return models
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory):
+    sshd = LocalSSHD(tmp_path_factory.mktemp("sshd")).start()
+    yield sshd
+    sshd.close()
+
+
+@pytest.fixture(scope="session")
+def target_services(tmp_path_factory, sshd_server, deploy_models):
+    root = tmp_path_factory.mktemp("target")
+    remote_dir = root / "srv" / "chinese-roberta-wwm-ext-classifier"
+    _reset_remote(remote_dir, deploy_models["a"])
+    port = free_port()
+    ftctl = str(Path(sys.executable).parent / "ftctl")
+    cmd = [ftctl, "serve", "--model-dir", str(remote_dir / "final"), "--port", str(port)]
+    sup = Supervisor(root / "supervisor", cmd).start()
+    if not wait_http(f"http://127.0.0.1:{port}/health", 60):
+        sup.close()
+        raise RuntimeError(f"ftctl serve did not come up; see {root / 'supervisor'}")
+    yield sshd_server, sup, remote_dir, port
+    sup.close()
+
+
+def _reset_remote(remote_dir: Path, model: Path) -> None:
+    if remote_dir.exists():
+        shutil.rmtree(remote_dir)
+    remote_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(model, remote_dir / "final")  # the seed's state: a real directory
+
+
+@pytest.fixture
+def deploy_target(target_services, deploy_models) -> DeployTarget:
+    """Fresh server state: a real final/ dir with model A, service restarted and healthy."""
+    sshd, sup, remote_dir, port = target_services
+    sup.ctl("stop", sup.name)
+    _reset_remote(remote_dir, deploy_models["a"])
+    sup.ctl("start", sup.name)
+    cfg = DeployConfig(
+        hosts=(sshd.host,),
+        identity=sshd.client_key,
+        known_hosts=sshd.known_hosts,
+        remote_dir=str(remote_dir),
+        restart_cmd=sup.restart_cmd,
+        health_url=f"http://127.0.0.1:{port}/health",
+        health_timeout=30.0,
+        connect_timeout=5.0,
+        command_timeout=60.0,
+        min_free_factor=2.0,
+    )
+    target = DeployTarget(sshd, sup, remote_dir, port, cfg)
+    target.wait_serving(model_digest(deploy_models["a"]), timeout=60)
+    return target
