@@ -1,7 +1,138 @@
-"""ftctl eval (placeholder until its issue lands)."""
+"""ftctl eval: the comprehensive test and the forgetting gate (candidate vs the live model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+
+from ftctl.cli import common
+from ftctl.config import check, override
+from ftctl.errors import ExitCode, GateFailed
+
+
+def _summary(report: dict[str, Any]) -> None:
+    out = common.out
+    cand, base, gate = report["candidate"], report["baseline"], report["gate"]
+    draw = report["draw"]
+    out.print(
+        f"cases: {draw['drawn']} over {len(draw['per_intent'])} intents "
+        f"(seed {report['settings']['seed']})"
+    )
+    for name, r in (("baseline", base), ("candidate", cand)):
+        if r:
+            out.print(
+                f"{name:9}  accuracy {r['accuracy'] * 100:5.1f}%  "
+                f"macro-F1 {r['macro_f1'] * 100:5.1f}%  ({r['cases_per_second']:.0f} cases/s)"
+            )
+    for p in cand["pairs"]:
+        out.print(f"pair {p['a']} <-> {p['b']}: {p['a_as_b']} A->B, {p['b_as_a']} B->A (candidate)")
+    color = {"PASS": "green", "FAIL": "red"}.get(gate["verdict"], "yellow")
+    out.print(f"[bold {color}]gate: {gate['verdict']}[/]")
+    for reason in gate["reasons"]:
+        out.print(f"  - {escape(reason)}")
+    for note in gate["not_significant"]:
+        out.print(f"  [dim]- not significant: {escape(note)}[/]")
+
+
+def eval_cmd(
+    ctx: typer.Context,
+    model: Annotated[
+        Path, typer.Option("--model", help="The candidate model directory (HF format).")
+    ],
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", help="The live model to compare against; enables the gate."),
+    ] = None,
+    test_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--test-data",
+            help="Held-out test pool (JSONL/CSV).",
+            show_default="data/test_cases.jsonl",
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", "-n", help="Cases to draw, stratified.", show_default="500"),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the draw.", show_default="12345")
+    ] = None,
+    report_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--report-dir",
+            help="Write report.json, report.md and two PNG plots here.",
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-drop", help="Points an intent may lose before the gate looks.", show_default="2"
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--alpha", help="Significance level of the McNemar test.", show_default="0.05"
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Inference batch.", show_default="64")
+    ] = None,
+    device: common.DeviceOpt = None,
+    json_out: common.JsonOpt = False,
+) -> None:
+    """Test a model on a seeded, stratified draw of test cases; with --baseline, gate it.
+
+    Both models see the same cases. The gate FAILS (exit 4) when the candidate is worse than
+    the baseline by more than --max-drop points AND significantly (one-sided exact McNemar,
+    --alpha) on overall accuracy, any intent's recall, or a confused pair's cross errors.
+
+    Example:
+
+        ftctl eval --model models/incremental/final --baseline live/final --report-dir rep
+    """
+    from ftctl.evaluate import run_eval
+    from ftctl.report import write_report
+
+    settings = override(
+        common.config(ctx).eval,
+        test_data=test_data,
+        samples=samples,
+        seed=seed,
+        report_dir=report_dir,
+        max_drop=max_drop,
+        alpha=alpha,
+        batch_size=batch_size,
+        device=device,
+    )
+    check(settings)
+    if json_out:
+        common.state(ctx).json = True
+    rep = common.reporter(ctx)
+    report = run_eval(model, settings, baseline_dir=baseline, reporter=rep)
+    if settings.report_dir is not None:
+        paths = write_report(report, settings.report_dir, reporter=rep)
+        rep.info("report: " + ", ".join(str(p) for p in paths))
+    if json_out:
+        common.emit_json(ctx, {"ok": report["gate"]["verdict"] != "FAIL", **report})
+    else:
+        _summary(report)
+    if report["gate"]["verdict"] == "FAIL":
+        if json_out:
+            raise typer.Exit(int(ExitCode.GATE))
+        raise GateFailed(
+            "the candidate regresses against the baseline:\n"
+            + "\n".join(f"  {r}" for r in report["gate"]["reasons"]),
+            hint="do not deploy it; raise --replay-ratio or lower --epochs/--lr and retrain "
+            "(see the report for the intents and pairs that got worse)",
+        )
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("eval")(eval_cmd)
