@@ -186,6 +186,11 @@ def release_time(name: str) -> str | None:
     return ts.isoformat()
 
 
+def release_key(name: str) -> tuple[str, int, str]:
+    """Release order: by time; a <ts>-original backup sorts before a release of the same second."""
+    return (name[:14], 0 if name.endswith("-original") else 1, name)
+
+
 def utc_stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%d%H%M%S")
 
@@ -205,7 +210,11 @@ class RemoteState:
     def previous(self, of: str | None = None) -> str | None:
         """The newest release older than ``of`` (default: the live one)."""
         of = of or self.live
-        older = [r for r in sorted(self.releases) if of is None or r < of]
+        older = [
+            r
+            for r in sorted(self.releases, key=release_key)
+            if of is None or release_key(r) < release_key(of)
+        ]
         return older[-1] if older else None
 
 
@@ -254,7 +263,7 @@ true
                 st.lock = json.loads(rest)
             except json.JSONDecodeError:
                 st.lock = {"raw": rest}
-    st.releases.sort()
+    st.releases.sort(key=release_key)
     return st
 
 
@@ -368,7 +377,7 @@ def backup_original(conn: Connection, cfg: DeployConfig, st: RemoteState) -> str
         what="back up the original model",
     )
     st.link, st.live = "link", name
-    st.releases = sorted([*st.releases, name])
+    st.releases = sorted([*st.releases, name], key=release_key)
     return name
 
 
@@ -402,7 +411,7 @@ def bad_files(conn: Connection, cfg: DeployConfig, rdir: str, expected: dict[str
 
 def find_release(conn: Connection, cfg: DeployConfig, st: RemoteState, model: LocalModel):
     """A release already on the server with this content (verified), newest first."""
-    for name in sorted(st.releases, reverse=True):
+    for name in sorted(st.releases, key=release_key, reverse=True):
         if release_tag(name) == model.sha8:
             rdir = f"{cfg.remote_dir}/releases/{name}"
             if not bad_files(conn, cfg, rdir, model.expected):
@@ -561,7 +570,7 @@ def smoke_test(conn: Connection, cfg: DeployConfig) -> list[dict]:
 
 def prune(conn: Connection, cfg: DeployConfig, st: RemoteState) -> list[str]:
     """Keep the newest ``keep_releases``; never the live one or the one before it."""
-    keep = set(sorted(st.releases)[-cfg.keep_releases :])
+    keep = set(sorted(st.releases, key=release_key)[-cfg.keep_releases :])
     keep |= {r for r in (st.live, st.previous()) if r}
     doomed = [r for r in st.releases if r not in keep]
     if doomed:
@@ -735,7 +744,7 @@ def deploy_host(
             hr.reused = release is not None
             if release is None:
                 release = _upload_release(conn, cfg, model, hr, reporter, hooks)
-                st.releases = sorted([*st.releases, release])
+                st.releases = sorted([*st.releases, release], key=release_key)
             hr.release = release
             if release == st.live:
                 reporter.info(f"{conn.host}: {release} is already live; nothing to do")

@@ -130,17 +130,21 @@ def _reset_remote(remote_dir: Path, model: Path) -> None:
 
 @pytest.fixture
 def deploy_target(target_services, deploy_models) -> DeployTarget:
-    """Fresh server state: a real final/ dir with model A, service restarted and healthy."""
+    """Fresh server state: a real final/ dir with model A, service serving it.
+
+    Deploys reload (SIGHUP) by default: a restart re-imports torch (~10 s here); tests that
+    need the restart path set ``restart_cmd`` and ``reload_cmd=None``."""
     sshd, sup, remote_dir, port = target_services
-    sup.ctl("stop", sup.name)
     _reset_remote(remote_dir, deploy_models["a"])
-    sup.ctl("start", sup.name)
+    if sup.ctl("signal", "HUP", sup.name).returncode != 0:  # not running (a test broke it)
+        sup.ctl("restart", sup.name)
     cfg = DeployConfig(
         hosts=(sshd.host,),
         identity=sshd.client_key,
         known_hosts=sshd.known_hosts,
         remote_dir=str(remote_dir),
         restart_cmd=sup.restart_cmd,
+        reload_cmd=sup.reload_cmd,
         health_url=f"http://127.0.0.1:{port}/health",
         health_timeout=30.0,
         connect_timeout=5.0,

@@ -1,19 +1,25 @@
-"""ftctl deploy / rollback / releases against a real sshd and a real supervisord."""
+"""ftctl deploy / rollback / releases against a real sshd and a real supervisord.
+
+Every fault test ends by checking that the live service still answers with a good model."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
+import urllib.request
 
 import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.deploy import Hooks, deploy, model_digest, rollback
-from ftctl.errors import DeployError, HostKeyError, LockHeld
+from ftctl.deploy import Hooks, deploy, model_digest, remote_lock, rollback
+from ftctl.errors import DeployError, ExitCode, HostKeyError, LockHeld, RollbackFailed
+from ftctl.fsutil import atomic_write_text, sha256_tree
 
 pytestmark = pytest.mark.integration
+runner = CliRunner()
 
 
 def _deploy(target, model, cfg=None, **kw):
@@ -21,14 +27,25 @@ def _deploy(target, model, cfg=None, **kw):
     return deploy(model, cfg, target.specs(), target.connect(cfg), **kw)
 
 
+def _cli_target_args(t) -> list[str]:
+    c = t.cfg
+    return [
+        "--host", t.host, "--identity", str(c.identity), "--known-hosts", str(c.known_hosts),
+        "--remote-dir", c.remote_dir, "--reload-cmd", c.reload_cmd, "--health-url", c.health_url,
+    ]  # fmt: skip
+
+
 def test_first_deploy_backs_up_real_final_and_swaps(deploy_target, deploy_models):
     t = deploy_target
-    res = _deploy(t, deploy_models["b"])
+    cfg = t.with_(reload_cmd=None)  # the restart path (supervisorctl restart python-services)
+    res = _deploy(t, deploy_models["b"], cfg)
     assert res.ok, res.error
     (h,) = res.hosts
     originals = [r for r in t.releases() if r.endswith("-original")]
     assert len(originals) == 1 and h.backup == originals[0]
-    assert model_digest(t.remote_dir / "releases" / originals[0]) == model_digest(deploy_models["a"])
+    assert model_digest(t.remote_dir / "releases" / originals[0]) == model_digest(
+        deploy_models["a"]
+    )
     digest_b = model_digest(deploy_models["b"])
     assert t.link_target() == f"releases/{h.release}" and h.release.endswith(digest_b[:8])
     assert t.health()["sha256"] == digest_b
@@ -36,3 +53,225 @@ def test_first_deploy_backs_up_real_final_and_swaps(deploy_target, deploy_models
     (entry,) = t.log_lines()
     assert entry["ok"] and entry["release"] == h.release and entry["previous"] == h.backup
     assert not (t.remote_dir / ".deploy.lock").exists()
+
+
+def test_redeploy_of_a_model_the_server_has_uploads_nothing(deploy_target, deploy_models):
+    t = deploy_target
+    first = _deploy(t, deploy_models["b"]).hosts[0]
+    assert _deploy(t, deploy_models["c"]).ok
+    again = _deploy(t, deploy_models["b"])
+    assert again.ok, again.error
+    h = again.hosts[0]
+    assert h.reused and h.uploaded_bytes == 0 and h.uploaded_files == 0
+    assert h.release == first.release and t.link_target() == f"releases/{first.release}"
+    t.wait_serving(model_digest(deploy_models["b"]))
+    noop = _deploy(t, deploy_models["b"]).hosts[0]  # already live: nothing to do
+    assert noop.ok and noop.uploaded_bytes == 0 and noop.release == first.release
+
+
+def test_rollback_cli_returns_to_previous_release(deploy_target, deploy_models):
+    t = deploy_target
+    b = _deploy(t, deploy_models["b"]).hosts[0]
+    c = _deploy(t, deploy_models["c"]).hosts[0]
+    r = runner.invoke(app, ["rollback", *_cli_target_args(t), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["ok"] and out["hosts"][0]["release"] == b.release
+    assert out["hosts"][0]["previous"] == c.release
+    assert t.link_target() == f"releases/{b.release}"
+    assert t.health()["sha256"] == model_digest(deploy_models["b"])
+    assert t.log_lines()[-1]["action"] == "rollback"
+    res = rollback(t.cfg, t.specs(), t.connect(), to="original")  # by name suffix
+    assert res.ok and res.hosts[0].release.endswith("-original")
+    assert t.health()["sha256"] == model_digest(deploy_models["a"])
+
+
+def test_releases_lists_live_and_manifest_provenance(deploy_target, deploy_models, tmp_path):
+    t = deploy_target
+    model = tmp_path / "final"
+    shutil.copytree(deploy_models["b"], model)
+    manifest = {
+        "files": sha256_tree(model),
+        "base_model": {"path": "base/final", "sha256": "f" * 64},
+        "data": {"data/incremental_training_data.jsonl": {"sha256": "e" * 64}},
+    }
+    atomic_write_text(model / "manifest.json", json.dumps(manifest))
+    atomic_write_text(model / "eval_report.json", json.dumps({"passed": True, "accuracy": 0.97}))
+    rel = _deploy(t, model).hosts[0].release
+    r = runner.invoke(
+        app,
+        ["releases", "--host", t.host, "--identity", str(t.cfg.identity), "--known-hosts",
+         str(t.cfg.known_hosts), "--remote-dir", t.cfg.remote_dir, "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["hosts"][t.host]
+    live = [x for x in rows if x["live"]]
+    assert [x["name"] for x in live] == [rel]
+    assert live[0]["manifest"]["base_model"] == "f" * 64
+    assert live[0]["manifest"]["data"] == {"data/incremental_training_data.jsonl": "e" * 64}
+    assert live[0]["eval_report"] == {"passed": True, "accuracy": 0.97}
+    assert [x["previous"] for x in rows if x["name"].endswith("-original")] == [True]
+
+
+def test_retention_keeps_n_and_the_live_and_previous(deploy_target, deploy_models):
+    t = deploy_target
+    cfg = t.with_(keep_releases=2)
+    rels = [_deploy(t, deploy_models[m], cfg).hosts[0] for m in "bca"]
+    assert all(h.ok for h in rels)
+    assert t.releases() == sorted([rels[1].release, rels[2].release])
+    assert rels[2].pruned and not any(r.endswith("-original") for r in t.releases())
+    t.wait_serving(model_digest(deploy_models["a"]))
+
+
+def test_connection_cut_mid_upload_keeps_live_model_and_next_deploy_works(
+    deploy_target, deploy_models
+):
+    t = deploy_target
+
+    def cut(conn, sent):
+        if sent > 200_000:
+            conn.client.get_transport().close()  # the SSH session dies mid-file
+
+    res = _deploy(t, deploy_models["b"], hooks=Hooks(on_upload_bytes=cut))
+    assert isinstance(res.error, DeployError) and "upload failed" in res.error.message
+    assert t.health()["sha256"] == model_digest(deploy_models["a"])
+    assert not any(r.endswith(model_digest(deploy_models["b"])[:8]) for r in t.releases())
+    assert not (t.remote_dir / ".deploy.lock").exists()  # released over a fresh session
+    again = _deploy(t, deploy_models["b"])
+    assert again.ok, again.error
+    assert not list(t.remote_dir.glob(".incoming-*"))
+    t.wait_serving(model_digest(deploy_models["b"]))
+
+
+def test_corrupted_upload_is_refused_by_checksum(deploy_target, deploy_models):
+    t = deploy_target
+
+    def corrupt(conn, incoming):
+        conn.run(
+            f"printf 'XXXXXXXX' | dd of={incoming}/model.safetensors bs=1 seek=4096 "
+            "conv=notrunc 2>/dev/null",
+            hide=True,
+            in_stream=False,
+        )
+
+    res = _deploy(t, deploy_models["b"], hooks=Hooks(after_upload=corrupt))
+    assert isinstance(res.error, DeployError) and "model.safetensors" in res.error.message
+    assert not list(t.remote_dir.glob(".incoming-*"))
+    assert [r for r in t.releases() if not r.endswith("-original")] == []
+    assert t.health()["sha256"] == model_digest(deploy_models["a"])
+    assert t.predict("帮我打卡")["label"]
+
+
+def test_failing_health_after_restart_rolls_back(deploy_target, deploy_models):
+    t = deploy_target
+    cfg = t.with_(reload_cmd=None, health_timeout=12.0)  # restart; broken config.json
+    res = _deploy(t, deploy_models["broken"], cfg)
+    assert isinstance(res.error, DeployError) and not isinstance(res.error, RollbackFailed)
+    assert res.error.exit_code == ExitCode.DEPLOY and "rolled back" in res.error.message
+    assert t.link_target().endswith("-original")
+    t.wait_serving(model_digest(deploy_models["a"]), timeout=30)
+    entry = t.log_lines()[-1]
+    assert not entry["ok"] and entry["rolled_back"]
+
+
+def test_second_deploy_while_locked_is_refused_with_owner(deploy_target, deploy_models):
+    t = deploy_target
+    conn = t.connect()(t.specs()[0])
+    try:
+        with remote_lock(conn, t.cfg, "deploy") as info:
+            res = _deploy(t, deploy_models["b"])
+    finally:
+        conn.close()
+    assert isinstance(res.error, LockHeld)
+    assert info["owner"] in res.error.message and str(info["pid"]) in res.error.message
+    assert t.health()["sha256"] == model_digest(deploy_models["a"])
+    stale = {"owner": "ci@old-runner", "pid": 1, "time": "2020-01-01T00:00:00+00:00"}
+    atomic_write_text(t.remote_dir / ".deploy.lock", json.dumps(stale))
+    res = _deploy(t, deploy_models["b"])
+    assert isinstance(res.error, LockHeld) and "STALE" in res.error.message
+    assert "ci@old-runner" in res.error.message
+
+
+def test_too_little_disk_is_refused_in_preflight(deploy_target, deploy_models):
+    t = deploy_target
+    res = _deploy(t, deploy_models["b"], t.with_(min_free_factor=1e9))
+    assert isinstance(res.error, DeployError) and "free" in res.error.message
+    assert (t.remote_dir / "final").is_dir() and not (t.remote_dir / "final").is_symlink()
+    assert not (t.remote_dir / ".deploy.lock").exists()
+    assert t.health()["sha256"] == model_digest(deploy_models["a"])
+
+
+def test_unknown_host_key_is_refused_with_fingerprint_then_accepted(
+    deploy_target, deploy_models, tmp_path
+):
+    t = deploy_target
+    known = tmp_path / "known_hosts"
+    atomic_write_text(known, "")
+    res = _deploy(t, deploy_models["b"], t.with_(known_hosts=known))
+    assert isinstance(res.error, HostKeyError)
+    fp = res.error.hint.split("--accept-host-key ")[1].split()[0]
+    assert fp.startswith("SHA256:") and fp in res.error.message
+    args = _cli_target_args(t)
+    args[args.index("--known-hosts") + 1] = str(known)
+    r = runner.invoke(
+        app,
+        ["deploy", "--model", str(deploy_models["b"]), *args, "--accept-host-key", fp,
+         "--dry-run", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)["hosts"][0]["plan"]
+    assert any("back up" in line for line in plan)
+    assert f"[127.0.0.1]:{t.sshd.port} ssh-ed25519" in known.read_text()
+    assert (t.remote_dir / "final").is_dir() and not (t.remote_dir / "final").is_symlink()
+
+
+def test_cli_deploy_failure_exits_5_with_json(deploy_target, deploy_models):
+    t = deploy_target
+    r = runner.invoke(
+        app,
+        ["deploy", "--model", str(deploy_models["b"]), *_cli_target_args(t),
+         "--smoke", "帮我打卡=NO_SUCH_LABEL", "--health-timeout", "20", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == int(ExitCode.DEPLOY), r.output
+    out = json.loads(r.stdout)
+    assert not out["ok"] and "smoke" in out["error"]["message"]
+    assert out["hosts"][0]["rolled_back"]
+    t.wait_serving(model_digest(deploy_models["a"]))
+
+
+def test_reload_deploy_under_load_fails_zero_requests(deploy_target, deploy_models):
+    t = deploy_target
+    url = f"http://127.0.0.1:{t.port}/predict"
+    stop = threading.Event()
+    ok, failed, shas = [0], [], set()
+
+    def loop():
+        deadline = time.monotonic() + 90
+        for _ in range(3000):  # bounded count and time
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            req = urllib.request.Request(
+                url, data=json.dumps({"text": "查看在产批次"}).encode(), method="POST"
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    shas.add(json.loads(resp.read())["sha256"])
+                    ok[0] += 1
+            except Exception as exc:
+                failed.append(repr(exc))
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(0.5)
+        res = _deploy(t, deploy_models["b"])
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert res.ok, res.error
+    assert failed == []
+    assert ok[0] > 20
+    assert shas == {model_digest(deploy_models["a"]), model_digest(deploy_models["b"])}
