@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.helpers import INTENTS, make_tiny_model
+from tests.helpers import INTENTS
 
 # one distinctive word per intent (shared/INTENTS.md) and sentence shapes around it
 KEYWORDS = (
@@ -63,15 +63,25 @@ def write_pool(path: Path, rows: list[dict]) -> Path:
 
 
 def train_tiny(
-    out_dir: Path, rows: list[dict], *, steps: int = 60, lr: float = 5e-3, seed: int = 0
+    out_dir: Path,
+    rows: list[dict],
+    tokenizer_dir: Path,
+    *,
+    steps: int = 60,
+    lr: float = 5e-3,
+    seed: int = 0,
 ) -> Path:
-    """A tiny char-level BERT trained until it knows the pool (a real 'good' baseline)."""
+    """A tiny char-level BERT (2 layers) trained until it knows the pool: a real 'good'
+    baseline. Reuses the tokenizer saved in ``tokenizer_dir`` (building one is slow)."""
     import torch
 
-    from ftctl.model import load_classifier, save_classifier
+    from ftctl.model import build_classifier, load_tokenizer, save_classifier
 
-    make_tiny_model(out_dir, hidden=64, layers=2, seed=seed)
-    model, tok = load_classifier(out_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    model = build_classifier(
+        list(INTENTS), len(tok), hidden_size=64, num_layers=2, num_heads=2,
+        intermediate_size=128, seed=seed,
+    )  # fmt: skip
     label2id = model.config.label2id
     enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
     y = torch.tensor([label2id[r["label"]] for r in rows])

@@ -37,12 +37,12 @@ CHECK_KEYS = {
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     """A tiny model trained to know the pool, a copy that forgot CLOCK_IN, one that sends
     CLOCK_IN to ATTENDANCE_TODAY, and the pool itself."""
     root = tmp_path_factory.mktemp("gate")
     rows = pool_rows()
-    good = train_tiny(root / "good", rows)
+    good = train_tiny(root / "good", rows, tiny_model_dir)
     return {
         "pool": write_pool(root / "pool.jsonl", rows),
         "good": good,
