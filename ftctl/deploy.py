@@ -714,10 +714,14 @@ def deploy_host(
     dry_run: bool = False,
     reporter: Reporter = NULL,
     hooks: Hooks | None = None,
+    hr: HostResult | None = None,
 ) -> HostResult:
-    """Deploy ``model`` to one server. Raises DeployError (live model good) or RollbackFailed."""
+    """Deploy ``model`` to one server. Raises DeployError (live model good) or RollbackFailed.
+
+    ``hr`` (filled in as the steps go) lets a caller keep the partial record of a failure."""
     started = time.monotonic()
-    hr = HostResult(host=f"{conn.user}@{conn.host}:{conn.port}", action="deploy", dry_run=dry_run)
+    hr = hr or HostResult(host="", action="deploy")
+    hr.host, hr.dry_run = f"{conn.user}@{conn.host}:{conn.port}", dry_run
     reporter.stage(f"{conn.host}: preflight")
     st = probe(conn, cfg)
     check_tools(conn, st)
@@ -838,18 +842,18 @@ def deploy(
     model = load_local_model(model_dir, reporter)
     result = DeployResult("deploy", str(model.path), model.digest)
     for spec in hosts:
+        hr = HostResult(host=str(spec), action="deploy", dry_run=dry_run)
+        result.hosts.append(hr)
         try:
             conn = connect(spec)
             try:
-                result.hosts.append(
-                    deploy_host(conn, cfg, model, dry_run=dry_run, reporter=reporter, hooks=hooks)
+                deploy_host(
+                    conn, cfg, model, dry_run=dry_run, reporter=reporter, hooks=hooks, hr=hr
                 )
             finally:
                 conn.close()
         except FtctlError as exc:
-            result.hosts.append(
-                HostResult(host=str(spec), action="deploy", dry_run=dry_run, error=exc.to_dict())
-            )
+            hr.error = exc.to_dict()
             result.error = exc
             break
     return result
@@ -865,10 +869,12 @@ def rollback_host(
     *,
     dry_run: bool = False,
     reporter: Reporter = NULL,
+    hr: HostResult | None = None,
 ) -> HostResult:
     """Point the link back at ``to`` (default: the release before the live one)."""
     started = time.monotonic()
-    hr = HostResult(host=f"{conn.user}@{conn.host}:{conn.port}", action="rollback", dry_run=dry_run)
+    hr = hr or HostResult(host="", action="rollback")
+    hr.host, hr.dry_run = f"{conn.user}@{conn.host}:{conn.port}", dry_run
     st = probe(conn, cfg)
     check_tools(conn, st)
     target = _rollback_target(conn, st, to)
@@ -931,16 +937,16 @@ def rollback(
 ) -> DeployResult:
     result = DeployResult("rollback", None, None)
     for spec in hosts:
+        hr = HostResult(host=str(spec), action="rollback", dry_run=dry_run)
+        result.hosts.append(hr)
         try:
             conn = connect(spec)
             try:
-                result.hosts.append(
-                    rollback_host(conn, cfg, to, dry_run=dry_run, reporter=reporter)
-                )
+                rollback_host(conn, cfg, to, dry_run=dry_run, reporter=reporter, hr=hr)
             finally:
                 conn.close()
         except FtctlError as exc:
-            result.hosts.append(HostResult(host=str(spec), action="rollback", error=exc.to_dict()))
+            hr.error = exc.to_dict()
             result.error = exc
             break
     return result

@@ -113,7 +113,8 @@ def target_services(tmp_path_factory, sshd_server, deploy_models):
     port = free_port()
     ftctl = str(Path(sys.executable).parent / "ftctl")
     cmd = [ftctl, "serve", "--model-dir", str(remote_dir / "final"), "--port", str(port)]
-    sup = Supervisor(root / "supervisor", cmd).start()
+    # one torch thread: the CI machine has 2 cores shared with the test process and sshd
+    sup = Supervisor(root / "supervisor", cmd, env={"OMP_NUM_THREADS": "1"}).start()
     if not wait_http(f"http://127.0.0.1:{port}/health", 60):
         sup.close()
         raise RuntimeError(f"ftctl serve did not come up; see {root / 'supervisor'}")

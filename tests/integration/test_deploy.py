@@ -273,5 +273,5 @@ def test_reload_deploy_under_load_fails_zero_requests(deploy_target, deploy_mode
             th.join()
     assert res.ok, res.error
     assert failed == []
-    assert ok[0] > 20
+    assert ok[0] > 10
     assert shas == {model_digest(deploy_models["a"]), model_digest(deploy_models["b"])}
