@@ -27,8 +27,12 @@ def _summary(report: dict[str, Any]) -> None:
                 f"{name:9}  accuracy {r['accuracy'] * 100:5.1f}%  "
                 f"macro-F1 {r['macro_f1'] * 100:5.1f}%  ({r['cases_per_second']:.0f} cases/s)"
             )
+    before = {(p["a"], p["b"]): p for p in base["pairs"]} if base else {}
     for p in cand["pairs"]:
-        out.print(f"pair {p['a']} <-> {p['b']}: {p['a_as_b']} A->B, {p['b_as_a']} B->A (candidate)")
+        b = before.get((p["a"], p["b"]))
+        ab = f"{b['a_as_b']} -> {p['a_as_b']}" if b else str(p["a_as_b"])
+        ba = f"{b['b_as_a']} -> {p['b_as_a']}" if b else str(p["b_as_a"])
+        out.print(f"pair {p['a']} <-> {p['b']}: A->B {ab}, B->A {ba}")
     color = {"PASS": "green", "FAIL": "red"}.get(gate["verdict"], "yellow")
     out.print(f"[bold {color}]gate: {gate['verdict']}[/]")
     for reason in gate["reasons"]:
@@ -71,7 +75,9 @@ def eval_cmd(
     max_drop: Annotated[
         float | None,
         typer.Option(
-            "--max-drop", help="Points an intent may lose before the gate looks.", show_default="2"
+            "--max-drop",
+            help="Accuracy points a check may lose before it can fail.",
+            show_default="2",
         ),
     ] = None,
     alpha: Annotated[
@@ -126,8 +132,8 @@ def eval_cmd(
         if json_out:
             raise typer.Exit(int(ExitCode.GATE))
         raise GateFailed(
-            "the candidate regresses against the baseline:\n"
-            + "\n".join(f"  {r}" for r in report["gate"]["reasons"]),
+            f"gate FAILED: the candidate regresses against the baseline in "
+            f"{len(report['gate']['reasons'])} check(s), listed above",
             hint="do not deploy it; raise --replay-ratio or lower --epochs/--lr and retrain "
             "(see the report for the intents and pairs that got worse)",
         )
