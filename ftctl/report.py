@@ -128,8 +128,20 @@ def before_after_png(report: dict[str, Any], font: str | None) -> bytes:
         colors = ["firebrick" if lab in failed else "tab:blue" for lab in labels]
         if base:
             before = [base.get(lab, {"recall": 0})["recall"] * 100 for lab in labels]
-            ax.barh([y + h / 2 for y in ys], before, h, color="lightgray", label="baseline 基线")
-            ax.barh([y - h / 2 for y in ys], after, h, color=colors, label="candidate 候选")
+            ax.barh(
+                [y + h / 2 for y in ys],
+                before,
+                h,
+                color="lightgray",
+                label=_title("基线", "baseline", font),
+            )
+            ax.barh(
+                [y - h / 2 for y in ys],
+                after,
+                h,
+                color=colors,
+                label=_title("候选", "candidate", font),
+            )
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
             for y, b, a in zip(ys, before, after, strict=True):
                 if abs(a - b) >= 0.05:

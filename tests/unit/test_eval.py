@@ -159,3 +159,27 @@ def test_cli_missing_model_dir_is_a_clear_error(tmp_path: Path):
     )
     assert res.exit_code == ExitCode.ERROR
     assert "model directory not found" in flat(res.output)
+
+
+def test_report_without_a_cjk_font_warns_and_writes_english_plots(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import warnings
+
+    from ftctl import report as report_mod
+    from ftctl.config import EvalConfig
+    from ftctl.evaluate import run_eval
+    from ftctl.progress import NullReporter
+
+    pool = write_pool(tmp_path / "pool.jsonl", pool_rows(1))
+    doc = run_eval(
+        tiny_model_dir, EvalConfig(test_data=pool, device="cpu"), baseline_dir=tiny_model_dir
+    )
+    monkeypatch.setattr(report_mod, "find_cjk_font", lambda: None)
+    rep = NullReporter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = report_mod.write_report(doc, tmp_path / "rep", reporter=rep)
+    assert [p.name for p in paths] == list(report_mod.REPORT_FILES)
+    assert any("no CJK font" in w for w in rep.warnings)
+    assert not [w for w in caught if "missing from font" in str(w.message)]  # no tofu boxes
