@@ -17,6 +17,11 @@ from ftctl.errors import ConfigError, ExitCode
 runner = CliRunner()
 
 
+def flat(output: str) -> str:
+    """CLI output with the console's line wrapping undone (errors go to an 80-column stderr)."""
+    return output.replace("\n", "")
+
+
 def toml(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "ftctl.toml"
     path.write_text(text, encoding="utf-8")
@@ -116,5 +121,5 @@ def test_bad_config_through_the_cli_exits_2(tmp_path):
     cfg = toml(tmp_path, "[data]\nper_intent = true\n")
     result = runner.invoke(app, ["--config", str(cfg), "data", "generate"])
     assert result.exit_code == ExitCode.USAGE
-    assert "[data.per_intent]: expected int" in result.output
+    assert "[data.per_intent]: expected int" in flat(result.output)
     assert "Traceback" not in result.output
