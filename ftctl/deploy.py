@@ -125,7 +125,9 @@ def load_local_model(model_dir: str | Path, reporter: Reporter = NULL) -> LocalM
         extra = sorted(
             p.relative_to(path).as_posix()
             for p in path.rglob("*")
-            if p.is_file() and p.relative_to(path).as_posix() not in files and p.name != MANIFEST
+            if p.is_file()
+            and p.relative_to(path).as_posix() not in files
+            and p.name not in (MANIFEST, EVAL_REPORT)
         )
         if extra:
             reporter.warn(f"not in {MANIFEST}, not deployed: {', '.join(extra)}")
@@ -959,21 +961,27 @@ _MARK = "=====ftctl-release"
 
 
 def _summarize_manifest(man: dict) -> dict:
-    base = man.get("base_model") or man.get("base") or {}
+    """When, from which base and data, with which metrics (ftctl train's manifest schema)."""
+    base = man.get("base_model") or {}
     if isinstance(base, dict):
-        base = base.get("sha256") or base.get("path") or base.get("name")
-    data = man.get("data") or man.get("data_files") or {}
-    if isinstance(data, dict):
-        data = {k: (v.get("sha256") if isinstance(v, dict) else v) for k, v in data.items()}
-    metrics = man.get("metrics") or man.get("final_metrics")
-    if metrics is None and isinstance(man.get("epochs"), list) and man["epochs"]:
-        metrics = man["epochs"][-1]
+        base = base.get("sha256") or base.get("path")
+    data = {}
+    raw = man.get("data") or {}
+    for key, v in raw.items() if isinstance(raw, dict) else ():
+        if isinstance(v, dict):  # {"new": {"path", "sha256"}, "old": {...} | None}
+            data[str(v.get("path") or key)] = v.get("sha256")
+        elif v is not None:
+            data[str(key)] = v
+    metrics = man.get("best")
+    if metrics is None and isinstance(man.get("metrics"), list) and man["metrics"]:
+        metrics = man["metrics"][-1]
     return {
-        "created": man.get("created") or man.get("time"),
+        "created": man.get("created_at") or man.get("created"),
+        "kind": man.get("kind"),
         "base_model": base,
         "data": data,
         "train_metrics": metrics,
-        "git_commit": man.get("git_commit") or man.get("git"),
+        "git_commit": man.get("git_commit"),
     }
 
 

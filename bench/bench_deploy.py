@@ -1,0 +1,279 @@
+"""Deploy benchmark: `ftctl deploy` vs the seed's `scp -r` + `ssh ... systemctl restart`.
+
+Against a real sshd on loopback and a real supervisord running `ftctl serve` (program
+`python-services`), with a realistic base-size model (~400 MB: BertForSequenceClassification,
+hidden 768, 12 layers, vocab 21128, random weights; built once into --cache).
+
+Measures
+  (a) deploy wall time, until the service answers with the new model;
+  (b) failed requests during the deploy under a bounded load loop (2 threads);
+  (c) bytes sent over loopback when redeploying an unchanged model.
+
+    .venv/bin/python bench/bench_deploy.py [--cache ~/.cache/ftctl-bench] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ftctl.config import DeployConfig  # noqa: E402
+from ftctl.deploy import deploy, model_digest  # noqa: E402
+from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http  # noqa: E402
+from ftctl.remote import connect, parse_host  # noqa: E402
+
+INTENTS = [
+    "PROCESSING_BATCH_LIST", "MATERIAL_BATCH_QUERY", "CLOCK_IN", "ATTENDANCE_TODAY",
+    "SHIPMENT_STATS", "CLOCK_OUT", "SHIPMENT_CREATE", "INVENTORY_QUERY", "QUALITY_INSPECTION",
+    "EQUIPMENT_STATUS", "PRODUCTION_PLAN", "ORDER_QUERY", "LEAVE_REQUEST", "SUPPLIER_QUERY",
+    "TRACE_PRODUCT", "ALERT_LIST", "COLD_CHAIN_TEMPERATURE", "REPORT_DAILY", "MATERIAL_RECEIVE",
+    "SCHEDULE_QUERY",
+]  # fmt: skip
+
+
+def build_base_size_model(out: Path, seed: int) -> Path:
+    """chinese-roberta-wwm-ext's shape with random weights (~400 MB), once per cache."""
+    if (out / "model.safetensors").is_file():
+        return out
+    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
+
+    vocab = cjk_vocab()[:21128]
+    model = build_classifier(
+        INTENTS, len(vocab), hidden_size=768, num_layers=12, num_heads=12,
+        intermediate_size=3072, max_position=512, seed=seed,
+    )  # fmt: skip
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_classifier(model, build_char_tokenizer(vocab), tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def lo_bytes() -> int:
+    """Bytes received on loopback so far (each loopback byte is counted once here)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[0])
+    return 0
+
+
+class Load:
+    """2 threads POSTing /predict until stopped (bounded by count and time)."""
+
+    def __init__(self, port: int, threads: int = 2, max_requests: int = 100_000) -> None:
+        self.url = f"http://127.0.0.1:{port}/predict"
+        self.ok = 0
+        self.failed = 0
+        self.errors: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._max = max_requests
+        self._threads = [threading.Thread(target=self._loop) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + 600
+        body = json.dumps({"text": "查看在产批次"}).encode()
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            with self._lock:
+                if self.ok + self.failed >= self._max:
+                    return
+            req = urllib.request.Request(self.url, data=body, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    resp.read()
+                with self._lock:
+                    self.ok += 1
+            except Exception as exc:
+                with self._lock:
+                    self.failed += 1
+                    k = type(exc).__name__
+                    self.errors[k] = self.errors.get(k, 0) + 1
+                time.sleep(0.05)  # a down service refuses at once: do not spin
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def health_sha(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return json.loads(r.read())["sha256"]
+    except Exception:
+        return None
+
+
+def wait_sha(port: int, digest: str, timeout: float = 300) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if health_sha(port) == digest:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise RuntimeError(f"service did not serve {digest[:8]} within {timeout}s")
+
+
+def reset_remote(remote_dir: Path, model: Path, sup: Supervisor, port: int) -> None:
+    """The seed's state: a real final/ directory with ``model``, service restarted on it."""
+    sup.ctl("stop", sup.name)
+    shutil.rmtree(remote_dir, ignore_errors=True)
+    remote_dir.mkdir(parents=True)
+    shutil.copytree(model, remote_dir / "final")
+    sup.ctl("start", sup.name)
+    wait_sha(port, model_digest(model))
+
+
+def seed_deploy(sshd: LocalSSHD, model: Path, remote_dir: Path, restart_cmd: str) -> None:
+    """The seed's README, literally: scp -r final to the server dir, then ssh restart."""
+    ssh_opts = [
+        "-i", str(sshd.client_key), "-o", f"UserKnownHostsFile={sshd.known_hosts}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+    ]  # fmt: skip
+    dest = f"{sshd.user}@127.0.0.1:{remote_dir}/"
+    subprocess.run(["scp", "-q", "-r", "-P", str(sshd.port), *ssh_opts, str(model), dest],
+                   check=True)  # fmt: skip
+    subprocess.run(["ssh", "-p", str(sshd.port), *ssh_opts, f"{sshd.user}@127.0.0.1",
+                    restart_cmd], check=True, capture_output=True)  # fmt: skip
+
+
+def timed(fn, port: int, digest: str) -> dict:
+    """Run ``fn`` under load; time until the service serves ``digest``; count failures."""
+    with Load(port) as load:
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        b0 = lo_bytes()
+        out = fn()
+        cmd_s = time.monotonic() - t0
+        wait_sha(port, digest)
+        total_s = time.monotonic() - t0
+        time.sleep(1.0)
+    return {
+        "command_s": round(cmd_s, 2),
+        "until_serving_s": round(total_s, 2),
+        "requests_ok": load.ok,
+        "requests_failed": load.failed,
+        "errors": load.errors,
+        "lo_bytes_incl_load": lo_bytes() - b0,
+        "result": out,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=Path("~/.cache/ftctl-bench").expanduser())
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+
+    t = time.monotonic()
+    old = build_base_size_model(args.cache / "base-old" / "final", seed=0)
+    new = build_base_size_model(args.cache / "base-new" / "final", seed=1)
+    size = sum(p.stat().st_size for p in new.rglob("*") if p.is_file())
+    print(f"models ready ({size / 1e6:.0f} MB each) in {time.monotonic() - t:.0f}s", flush=True)
+    d_old, d_new = model_digest(old), model_digest(new)
+
+    with tempfile.TemporaryDirectory(prefix="ftctl-bench-") as tmp:
+        root = Path(tmp)
+        remote_dir = root / "srv" / "chinese-roberta-wwm-ext-classifier"
+        remote_dir.mkdir(parents=True)
+        shutil.copytree(old, remote_dir / "final")
+        port = free_port()
+        ftctl = str(Path(sys.executable).parent / "ftctl")
+        cmd = [ftctl, "serve", "--model-dir", str(remote_dir / "final"), "--port", str(port)]
+        with LocalSSHD(root / "sshd") as sshd, Supervisor(root / "sup", cmd) as sup:
+            if not wait_http(f"http://127.0.0.1:{port}/health", 300):
+                raise RuntimeError(f"service did not start; see {root / 'sup'}")
+            cfg = DeployConfig(
+                hosts=(sshd.host,), identity=sshd.client_key, known_hosts=sshd.known_hosts,
+                remote_dir=str(remote_dir), restart_cmd=sup.restart_cmd,
+                health_url=f"http://127.0.0.1:{port}/health", health_timeout=300.0,
+            )  # fmt: skip
+            specs = [parse_host(sshd.host)]
+
+            def ftctl_deploy(c: DeployConfig):
+                def go():
+                    res = deploy(new, c, specs, lambda s: connect(s, c))
+                    res.raise_for_error()
+                    return {"uploaded_bytes": res.hosts[0].uploaded_bytes}
+
+                return go
+
+            figures: dict = {"model_bytes": size}
+            print("seed: scp -r + ssh restart ...", flush=True)
+            reset_remote(remote_dir, old, sup, port)
+            figures["seed"] = timed(
+                lambda: seed_deploy(sshd, new, remote_dir, sup.restart_cmd), port, d_new
+            )
+            print("ftctl deploy (restart) ...", flush=True)
+            reset_remote(remote_dir, old, sup, port)
+            figures["ftctl_restart"] = timed(ftctl_deploy(cfg), port, d_new)
+            print("ftctl deploy (reload: SIGHUP) ...", flush=True)
+            reset_remote(remote_dir, old, sup, port)
+            reload_cfg = dataclasses.replace(cfg, reload_cmd=sup.reload_cmd)
+            figures["ftctl_reload"] = timed(ftctl_deploy(reload_cfg), port, d_new)
+
+            print("redeploy of the unchanged model ...", flush=True)
+            b0 = lo_bytes()
+            res = deploy(new, reload_cfg, specs, lambda s: connect(s, reload_cfg))
+            res.raise_for_error()
+            figures["redeploy_ftctl_lo_bytes"] = lo_bytes() - b0
+            figures["redeploy_ftctl_uploaded_bytes"] = res.hosts[0].uploaded_bytes
+            b0 = lo_bytes()
+            copy_dir = root / "seed-copy"  # scp -r again (into a plain dir, not through the link)
+            copy_dir.mkdir()
+            shutil.copytree(new, copy_dir / "final")
+            seed_deploy(sshd, new, copy_dir, "true")  # the copy only (restart sends ~nothing)
+            figures["redeploy_seed_lo_bytes"] = lo_bytes() - b0
+            figures["digests"] = {"old": d_old[:8], "new": d_new[:8]}
+
+    report(figures, args.json)
+    return 0
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "inf"
+
+
+def report(f: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(f, indent=2, default=str))
+        return
+    s, r, h = f["seed"], f["ftctl_restart"], f["ftctl_reload"]
+    print(f"\nmodel: {f['model_bytes'] / 1e6:.0f} MB (random-weight chinese-roberta-wwm-ext shape)")
+    print("(a) wall time until the service answers with the new model")
+    print(f"    seed scp -r + restart : {s['until_serving_s']:7.1f} s")
+    print(f"    ftctl deploy, restart : {r['until_serving_s']:7.1f} s  "
+          f"({_ratio(r['until_serving_s'], s['until_serving_s'])} of seed)")  # fmt: skip
+    print(f"    ftctl deploy, reload  : {h['until_serving_s']:7.1f} s  "
+          f"({_ratio(h['until_serving_s'], s['until_serving_s'])} of seed)")  # fmt: skip
+    print("(b) failed requests during the deploy (2-thread load loop)")
+    for name, x in (("seed", s), ("ftctl restart", r), ("ftctl reload", h)):
+        print(f"    {name:14s}: {x['requests_failed']:5d} failed / "
+              f"{x['requests_ok'] + x['requests_failed']} ({x['errors']})")  # fmt: skip
+    print("(c) redeploy of an unchanged model: bytes over loopback")
+    fl, sl = f["redeploy_ftctl_lo_bytes"], f["redeploy_seed_lo_bytes"]
+    print(f"    seed scp -r : {sl:13,d} bytes")
+    print(f"    ftctl       : {fl:13,d} bytes (file data uploaded: "
+          f"{f['redeploy_ftctl_uploaded_bytes']}); seed/ftctl = {_ratio(sl, fl)}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
