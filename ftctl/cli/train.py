@@ -1,7 +1,221 @@
-"""ftctl train (placeholder until its issue lands)."""
+"""ftctl train / ftctl base: the thin CLI over ftctl.train and ftctl.base."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.table import Table
+
+from ftctl import config as cfgmod
+from ftctl.cli import common
+
+PathOpt = Annotated[Path | None, typer.Option()]
+
+
+def _summary_table(result, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("epoch", "train loss", "val loss", "val acc", ""):
+        table.add_column(col, justify="right")
+    for rec in result.history:
+        table.add_row(
+            str(rec["epoch"]),
+            f"{rec['train_loss']:.4f}",
+            f"{rec['val_loss']:.4f}",
+            f"{rec['val_accuracy']:.4f}",
+            "best" if rec["epoch"] == result.best_epoch else "",
+        )
+    return table
+
+
+def _print_result(result, title: str) -> None:
+    common.err.print(_summary_table(result, title))
+    rp = result.replay
+    common.out.print(
+        f"wrote {result.final_dir}  (best epoch {result.best_epoch}, "
+        f"val acc {result.val_accuracy:.4f}, {rp['train']} train / {rp['val']} val, "
+        f"{rp['replay']} replayed, {result.frozen_layers} layers frozen, "
+        f"{result.device}, {result.elapsed_s:.1f} s)"
+    )
+
+
+def train(
+    ctx: typer.Context,
+    new_data: Annotated[
+        Path | None, typer.Option("--new-data", help="Incremental data (.jsonl or .csv).")
+    ] = None,
+    old_data: Annotated[
+        Path | None,
+        typer.Option("--old-data", help="Original training data to replay (anti-forgetting)."),
+    ] = None,
+    model_path: Annotated[
+        Path | None, typer.Option("--model-path", help="Base classifier directory (HF format).")
+    ] = None,
+    output_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-path", help="Writes OUTPUT/final/.", show_default="models/incremental"
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.", show_default="2")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Batch size.", show_default="8")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.", show_default="5e-6")] = None,
+    replay_ratio: Annotated[
+        float | None,
+        typer.Option("--replay-ratio", help="Share of old data in the mix.", show_default="0.5"),
+    ] = None,
+    freeze_layers: Annotated[
+        int | None,
+        typer.Option(
+            "--freeze-layers",
+            help="Freeze embeddings + the first N encoder layers (0: none).",
+            show_default="8",
+        ),
+    ] = None,
+    seed: common.SeedOpt = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            help="Early stop after N epochs without improvement (0: never).", show_default="1"
+        ),
+    ] = None,
+    val_ratio: Annotated[
+        float | None,
+        typer.Option("--val-ratio", help="Stratified validation share.", show_default="0.1"),
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="Tokens per text.", show_default="64")
+    ] = None,
+    device: common.DeviceOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/.")
+    ] = False,
+    add_labels: Annotated[
+        bool | None,
+        typer.Option(
+            "--add-labels/--no-add-labels",
+            help="Grow the classifier head for labels the base model lacks.",
+            show_default="no",
+        ),
+    ] = None,
+    docker: common.DockerOpt = False,
+    gpus: common.GpusOpt = None,
+    image: common.ImageOpt = None,
+    json_out: common.JsonOpt = False,
+) -> None:
+    """Fine-tune the classifier incrementally (replay, frozen layers, early stopping).
+
+    Example:
+
+        ftctl train --new-data data/incremental_training_data.jsonl
+        --old-data data/original_training_data.jsonl
+        --model-path models/chinese-roberta-wwm-ext-classifier/final
+        --output-path models/incremental --epochs 2 --batch-size 8 --lr 5e-6
+        --replay-ratio 0.5 --freeze-layers 8
+    """
+    if docker:
+        from ftctl.cli.docker_run import rerun_in_docker
+
+        raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image))
+    if json_out:
+        common.state(ctx).json = True
+    cfg = cfgmod.override(
+        common.config(ctx).train,
+        new_data=new_data,
+        old_data=old_data,
+        model_path=model_path,
+        output_path=output_path,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        replay_ratio=replay_ratio,
+        freeze_layers=freeze_layers,
+        seed=seed,
+        patience=patience,
+        val_ratio=val_ratio,
+        max_length=max_length,
+        device=device,
+        add_labels=add_labels,
+    )
+    cfgmod.check(cfg)
+    from ftctl.train import train as run_train
+
+    result = run_train(
+        cfg,
+        resume=resume,
+        image_id=os.environ.get("FTCTL_IMAGE_ID") or None,
+        reporter=common.reporter(ctx),
+    )
+    if json_out:
+        common.emit_json(ctx, result.summary())
+    else:
+        _print_result(result, "ftctl train")
+
+
+def base(
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Training data (.jsonl or .csv).")
+    ] = None,
+    output_path: Annotated[
+        Path | None, typer.Option("--output-path", help="Writes OUTPUT/final/.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.", show_default="see docs")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size.")] = None,
+    hidden_size: Annotated[
+        int | None, typer.Option("--hidden-size", help="Hidden size (heads = hidden / 32).")
+    ] = None,
+    seed: common.SeedOpt = None,
+    device: common.DeviceOpt = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per text.")] = None,
+    json_out: common.JsonOpt = False,
+) -> None:
+    """Train a small 12-layer char-level Chinese BERT classifier from scratch (demo, tests).
+
+    It stands in for chinese-roberta-wwm-ext, which cannot be downloaded here: same class, same
+    files, so `ftctl train --model-path OUTPUT/final` works on it unchanged.
+
+    Example:
+
+        ftctl base --data data/original_training_data.jsonl
+        --output-path models/chinese-roberta-wwm-ext-classifier
+    """
+    if json_out:
+        common.state(ctx).json = True
+    if data is None or output_path is None:
+        from ftctl.errors import ConfigError
+
+        raise ConfigError(
+            "--data and --output-path are required",
+            hint="e.g. ftctl base --data data/original_training_data.jsonl "
+            "--output-path models/chinese-roberta-wwm-ext-classifier",
+        )
+    from ftctl.base import BaseConfig, build_base
+
+    bcfg = cfgmod.override(
+        BaseConfig(data=data, output_path=output_path),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        hidden_size=hidden_size,
+        seed=seed,
+        device=device,
+        max_length=max_length,
+    )
+    cfgmod.check(bcfg)
+    result = build_base(bcfg, reporter=common.reporter(ctx))
+    if json_out:
+        common.emit_json(ctx, result.summary())
+    else:
+        _print_result(result, "ftctl base")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("train")(train)
+    app.command("base")(base)
