@@ -136,3 +136,12 @@ class RollbackFailed(DeployError):
     """A deploy failed and the automatic rollback failed too."""
 
     exit_code = ExitCode.ROLLBACK_FAILED
+
+
+class StageFailed(FtctlError):
+    """A pipeline stage run as a separate process (e.g. inside the image) exited non-zero; the
+    pipeline passes its exit code on."""
+
+    def __init__(self, message: str, exit_code: int, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code  # type: ignore[assignment]

@@ -1,0 +1,70 @@
+"""The root CLI: version, help, config errors, exit codes, --debug."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from ftctl import __version__
+from ftctl.cli.main import app
+from ftctl.errors import ExitCode
+
+runner = CliRunner()
+
+
+def test_version_prints_package_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"ftctl {__version__}"
+
+
+def test_help_lists_every_command_group():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("data", "image", "train", "base", "eval", "deploy", "rollback", "releases",
+                 "serve", "demo", "pipeline"):  # fmt: skip
+        assert name in result.output, name
+
+
+def test_bad_config_file_lists_every_problem_and_exits_2(tmp_path):
+    cfg = tmp_path / "ftctl.toml"
+    cfg.write_text('[train]\nepochs = "two"\nbogus = 1\n[deploy.prod]\nkeep_releases = 1\n')
+    result = runner.invoke(app, ["--config", str(cfg), "data", "validate", "x.jsonl"])
+    assert result.exit_code == ExitCode.USAGE
+    assert "[train.epochs]: expected int" in result.output
+    assert "[train.bogus]: unknown key" in result.output
+    assert "[deploy.prod.keep_releases]: must be >= 2" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["--config", str(tmp_path / "nope.toml"), "data", "validate", "x"])
+    assert result.exit_code == ExitCode.USAGE
+    assert "config file not found" in result.output
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    cfg = tmp_path / "ftctl.toml"
+    cfg.write_text("[train\n")
+    result = runner.invoke(app, ["--config", str(cfg), "data", "validate", "x.jsonl"])
+    assert result.exit_code == ExitCode.USAGE
+    assert "not valid TOML" in result.output and str(cfg) in result.output
+
+
+def test_error_has_no_traceback_unless_debug(tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    plain = runner.invoke(app, ["data", "validate", missing])
+    assert plain.exit_code == ExitCode.DATA
+    assert "file not found" in plain.output
+    assert "Traceback" not in plain.output
+    debug = runner.invoke(app, ["--debug", "data", "validate", missing])
+    assert debug.exit_code == ExitCode.DATA
+    assert "Traceback" in debug.output
+
+
+def test_every_command_has_an_example_in_its_help():
+    for cmd in (["data", "generate"], ["data", "validate"], ["data", "convert"], ["base"],
+                ["train"], ["eval"], ["image", "build"], ["deploy"], ["rollback"],
+                ["releases"], ["serve"], ["demo"], ["pipeline"]):  # fmt: skip
+        result = runner.invoke(app, [*cmd, "--help"])
+        assert result.exit_code == 0, (cmd, result.output)
+        assert "xample" in result.output, f"no example in `ftctl {' '.join(cmd)} --help`"

@@ -1,0 +1,83 @@
+"""ftctl pipeline: stages in order, stop at the first failure with its exit code."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from ftctl.cli.main import app
+from ftctl.errors import ExitCode, GateFailed, StageFailed
+from ftctl.pipeline import run_stages
+
+runner = CliRunner()
+
+
+def test_stages_run_in_order_and_record_details():
+    calls = []
+    result = run_stages(
+        [("a", lambda: calls.append("a") or {"n": 1}), ("b", lambda: calls.append("b") or {})]
+    )
+    assert calls == ["a", "b"]
+    assert result.exit_code == 0
+    assert [(s.name, s.status) for s in result.stages] == [("a", "ok"), ("b", "ok")]
+    assert result.stages[0].detail == {"n": 1}
+
+
+def test_first_failure_stops_and_keeps_its_exit_code():
+    def gate():
+        raise GateFailed("worse")
+
+    calls = []
+    result = run_stages(
+        [("train", lambda: {}), ("gate", gate), ("deploy", lambda: calls.append("deploy"))]
+    )
+    assert calls == []
+    assert result.exit_code == ExitCode.GATE
+    assert [s.status for s in result.stages] == ["ok", "failed", "skipped"]
+    doc = result.to_dict()
+    assert doc["failed_stage"] == "gate" and doc["ok"] is False
+    assert doc["stages"][1]["error"]["error"] == "GateFailed"
+
+
+def test_a_stage_in_another_process_passes_its_exit_code_on():
+    def in_image():
+        raise StageFailed("train in the image exited 3", 3)
+
+    assert run_stages([("train", in_image)]).exit_code == 3
+
+
+def test_skipped_stage_is_recorded():
+    result = run_stages([("gate", lambda: {}), ("deploy", None)])
+    assert [s.status for s in result.stages] == ["ok", "skipped"]
+    assert result.exit_code == 0
+
+
+def test_cli_stops_at_generate_on_bad_templates_with_exit_3(tmp_path, tiny_model_dir):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("intents:\n  CLOCK_IN: 12\n", encoding="utf-8")
+    result = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "--templates",
+            str(bad),
+            "--model-path",
+            str(tiny_model_dir),
+            "--output-path",
+            str(tmp_path / "out"),
+            "--skip-deploy",
+            "--json",
+        ],
+    )
+    assert result.exit_code == ExitCode.DATA, result.output
+    doc = json.loads(result.stdout)
+    assert doc["failed_stage"] == "generate"
+    assert [s["status"] for s in doc["stages"]] == ["failed", "skipped", "skipped", "skipped"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_without_deploy_target_is_a_usage_error(tmp_path, tiny_model_dir):
+    result = runner.invoke(app, ["pipeline", "--model-path", str(tiny_model_dir)])
+    assert result.exit_code == ExitCode.USAGE
+    assert "no host to deploy to" in result.output
