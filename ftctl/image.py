@@ -151,12 +151,6 @@ def build_image(
             forcerm=True,
             pull=False,
             network_mode=network_mode,
-            labels={
-                "org.opencontainers.image.title": "ftctl",
-                "org.opencontainers.image.version": __version__,
-                "org.opencontainers.image.revision": git_sha(context),
-                "org.opencontainers.image.base.name": base_image,
-            },
             decode=True,
         )
         for chunk in stream:
