@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ftctl.errors import ModelError
+from ftctl.errors import ConfigError, ModelError
 
 SUPPORTED_TYPES = ("bert", "roberta")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -220,12 +220,12 @@ def freeze(model, n_layers: int) -> list[str]:
     """
     total = layer_count(model)
     if n_layers > total:
-        raise ModelError(
+        raise ConfigError(
             f"--freeze-layers {n_layers}: the model has only {total} encoder layers",
             hint=f"use --freeze-layers between 0 and {total} (the seed's 8 is for 12-layer models)",
         )
     if n_layers < 0:
-        raise ModelError(f"--freeze-layers {n_layers}: must be >= 0")
+        raise ConfigError(f"--freeze-layers {n_layers}: must be >= 0")
     for module in frozen_modules(model, n_layers):
         module.eval()
         for p in module.parameters():

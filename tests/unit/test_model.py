@@ -1,0 +1,81 @@
+"""ftctl.model: structure helpers, freezing, head growing, the split (cached-prefix) forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftctl import model as M
+from ftctl.errors import ConfigError, ModelError
+from tests.helpers import INTENTS
+
+
+@pytest.fixture()
+def loaded(tiny_model_dir):
+    return M.load_classifier(tiny_model_dir)
+
+
+def test_layer_count_and_frozen_names(loaded):
+    model, _ = loaded
+    assert M.layer_count(model) == 12
+    names = M.frozen_param_names(model, 8)
+    assert any(".embeddings." in n for n in names)
+    assert any(".layer.7." in n for n in names)
+    assert not any(".layer.8." in n or n.startswith("classifier") for n in names)
+    assert M.frozen_param_names(model, 0) == []
+
+
+def test_freeze_sets_requires_grad_and_eval_mode(loaded):
+    model, _ = loaded
+    frozen = set(M.freeze(model, 8))
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name not in frozen)
+    M.set_train_mode(model, 8)
+    base = M.base_module(model)
+    assert not base.embeddings.training and not base.encoder.layer[7].training
+    assert base.encoder.layer[8].training and model.classifier.training
+
+
+def test_freeze_more_layers_than_the_model_has_is_an_error(loaded):
+    model, _ = loaded
+    with pytest.raises(ConfigError, match="only 12 encoder layers"):
+        M.freeze(model, 13)
+
+
+def test_non_bert_model_has_no_base_module():
+    with pytest.raises(ModelError, match="not a BERT-family"):
+        M.base_module(torch.nn.Linear(2, 2))
+
+
+def test_split_forward_equals_the_full_model(loaded):
+    model, tok = loaded
+    enc = tok(["帮我打卡", "查看在产批次今天的情况"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        full = model(**enc).logits
+        hidden = M.prefix_forward(model, enc["input_ids"], 8, enc["attention_mask"])
+        split = M.head_forward(model, hidden, enc["attention_mask"], 8)
+        # the cached way: the short text's prefix computed alone (no padding), then padded
+        alone = M.prefix_forward(model, tok(["帮我打卡"], return_tensors="pt")["input_ids"], 8)
+        padded = torch.zeros_like(hidden[:1])
+        padded[0, : alone.shape[1]] = alone[0]
+        cached = M.head_forward(model, torch.cat([padded, hidden[1:]]), enc["attention_mask"], 8)
+    assert torch.allclose(full, split, atol=1e-5)
+    assert torch.allclose(full, cached, atol=1e-5)
+
+
+def test_grow_head_updates_label_maps(loaded):
+    model, _ = loaded
+    w = model.classifier.weight.detach().clone()
+    assert M.grow_head(model, ["NEW_A"]) == ["NEW_A"]
+    assert model.config.num_labels == len(INTENTS) + 1
+    assert model.classifier.weight.shape == (len(INTENTS) + 1, w.shape[1])
+    assert model.classifier.weight[: len(INTENTS)].equal(w)
+    assert M.grow_head(model, ["NEW_A", INTENTS[0]]) == []  # nothing new: unchanged
+
+
+def test_saved_directory_keeps_vocab_txt(loaded, tmp_path):
+    model, tok = loaded
+    out = M.save_classifier(model, tok, tmp_path / "m")
+    assert (out / "vocab.txt").is_file() and (out / "tokenizer.json").is_file()
+    again, _ = M.load_classifier(out)
+    assert again.config.id2label[0] == INTENTS[0]
