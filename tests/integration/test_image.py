@@ -137,6 +137,40 @@ def test_container_output_goes_to_the_given_streams_and_mount_is_read_only(
     assert not docker_engine.containers.list(all=True, filters={"ancestor": ftctl_image})
 
 
+class _InterruptingSink(io.BytesIO):
+    """Stands for a user pressing Ctrl-C while the container's output streams."""
+
+    def write(self, data):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_and_removes_the_container(docker_engine, ftctl_image):
+    before = {c.id for c in docker_engine.containers.list(all=True)}
+    with pytest.raises(KeyboardInterrupt):
+        run_in_image(
+            ["--help"], image=ftctl_image, stdout=_InterruptingSink(), client=docker_engine
+        )
+    assert {c.id for c in docker_engine.containers.list(all=True)} == before
+
+
+def test_cli_build_tags_version_and_sha_and_docker_defaults_to_the_newest(
+    project, test_base_image, ftctl_image, docker_engine
+):
+    res = runner.invoke(
+        app, ["image", "build", "--base-image", test_base_image, "--context", str(REPO), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    versioned, latest = doc["tags"]
+    assert versioned.startswith(f"ftctl:{__version__}-") and latest == "ftctl:latest"
+    assert docker_engine.images.get(latest).id == doc["image_id"]
+    listed = json.loads(runner.invoke(app, ["image", "ls", "--json"]).stdout)["images"]
+    assert listed[0]["id"] == doc["image_id"]
+    gen = runner.invoke(app, ["data", "generate", "--per-intent", "3", "--docker"])  # no --image
+    assert gen.exit_code == 0, gen.output
+    assert (project / "data" / "incremental_training_data.jsonl").stat().st_uid == UID
+
+
 # --------------------------------------------------------------------------- ftctl train --docker
 
 
