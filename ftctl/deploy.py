@@ -323,6 +323,12 @@ def remote_lock(conn: Connection, cfg: DeployConfig, action: str) -> Iterator[di
     )
     if res.failed:
         held = run(conn, f"cat {d}/{LOCK} 2>/dev/null; true", cfg, what="read the lock").stdout
+        if not held.strip():  # no lock there: creating it failed for another reason
+            raise DeployError(
+                f"{conn.host}: cannot create {cfg.remote_dir}/{LOCK}: "
+                f"{(res.stderr or res.stdout).strip()[-300:] or 'permission denied?'}",
+                hint=f"check that {conn.user} may write {cfg.remote_dir}",
+            )
         try:
             lock = json.loads(held)
         except json.JSONDecodeError:
