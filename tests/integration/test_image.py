@@ -78,6 +78,14 @@ def test_data_generate_in_docker_writes_the_same_bytes_as_on_the_host(project, f
         assert made.stat().st_uid == UID  # the caller owns what the container wrote
 
 
+def test_the_inner_exit_code_and_error_come_back(project, ftctl_image):
+    res = runner.invoke(
+        app, ["data", "generate", "--per-intent", "0", "--docker", "--image", ftctl_image]
+    )
+    assert res.exit_code == ExitCode.USAGE
+    assert "data.per_intent" in res.output
+
+
 def test_gpus_on_an_engine_without_gpu_support_is_a_clear_error(project, ftctl_image):
     res = runner.invoke(
         app, ["data", "generate", "--docker", "--gpus", "all", "--image", ftctl_image]

@@ -208,3 +208,40 @@ def test_real_data_generate_with_config_debug_and_outside_out_dir(
         "ftctl:pinned",
         "host",
     )
+
+
+# --------------------------------------------------------------------------- ftctl.image helpers
+
+
+def test_device_requests_for_each_gpus_value():
+    from ftctl.errors import ConfigError
+    from ftctl.image import device_requests
+
+    assert device_requests("none") == [] and device_requests("0") == []
+    (all_,) = device_requests("all")
+    assert all_["Count"] == -1 and all_["Capabilities"] == [["gpu"]]
+    assert device_requests("2")[0]["Count"] == 2
+    with pytest.raises(ConfigError):
+        device_requests("lots")
+
+
+def test_tag_split_keeps_registry_ports():
+    from ftctl.image import _split_tag
+
+    assert _split_tag("ftctl:0.1.0-abc") == ("ftctl", "0.1.0-abc")
+    assert _split_tag("reg:5000/ftctl") == ("reg:5000/ftctl", "latest")
+
+
+def test_git_sha_outside_git_and_default_tags(tmp_path):
+    from ftctl import __version__
+    from ftctl.image import default_tags, git_sha
+
+    assert git_sha(tmp_path) == "nogit"
+    assert default_tags(tmp_path) == [f"ftctl:{__version__}-nogit", "ftctl:latest"]
+
+
+def test_build_failure_on_a_missing_base_hints_at_base_image():
+    from ftctl.image import _build_failed
+
+    err = _build_failed("pull access denied for pytorch/pytorch", ["Step 2/10 : FROM x"], "x")
+    assert "--base-image" in err.hint and "Step 2/10" in err.message
