@@ -907,7 +907,7 @@ def rollback_host(
             raise
         finally:
             hr.seconds = time.monotonic() - started
-            append_log(conn, cfg, _log_entry(conn, hr, None))
+            append_log(conn, cfg, _log_entry(conn, hr, release_tag(target)))
     return hr
 
 

@@ -98,7 +98,7 @@ def _finish(ctx: typer.Context, result, as_json: bool) -> None:
         common.emit_json(ctx, result.to_dict())
     else:
         for h in result.hosts:
-            if h.dry_run:
+            if h.dry_run and h.ok:
                 common.out.print(f"plan for {h.host}:", markup=False)
                 for line in h.plan:
                     common.out.print(f"  - {line}", markup=False)

@@ -112,3 +112,20 @@ def test_cli_without_host_is_a_usage_error(tmp_path):
 def test_cli_bad_smoke_case_is_a_usage_error():
     r = CliRunner().invoke(app, ["deploy", "--host", "h", "--smoke", "no-equals-sign"])
     assert r.exit_code == 2 and "TEXT=LABEL" in r.output
+
+
+def test_several_hosts_go_one_at_a_time_and_stop_at_the_first_failure(tiny_model_dir):
+    from ftctl.deploy import deploy
+    from ftctl.errors import EnvironmentProblem
+
+    tried = []
+
+    def connect(spec):
+        tried.append(str(spec))
+        raise EnvironmentProblem(f"{spec}: cannot connect over SSH")
+
+    hosts = [parse_host("a"), parse_host("b")]
+    res = deploy(tiny_model_dir, DeployConfig(), hosts, connect)
+    assert tried == ["root@a:22"]
+    assert not res.ok and isinstance(res.error, EnvironmentProblem)
+    assert [h.host for h in res.hosts] == ["root@a:22"] and res.hosts[0].error
