@@ -30,6 +30,8 @@ def flat(output: str) -> str:
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
 PAIR_INTENTS = INTENTS[:5]
+GUARD_INTENTS = ("MATERIAL_RECEIVE", "SHIPMENT_CREATE", "REPORT_DAILY")
+INCREMENTAL_INTENTS = (*PAIR_INTENTS, *GUARD_INTENTS)
 TRAINING_FILES = (
     "original_training_data.jsonl",
     "incremental_training_data.jsonl",
@@ -255,8 +257,8 @@ def test_default_generate_writes_the_seed_outputs(tmp_path, monkeypatch):
 def test_shipped_files_are_valid_and_balanced():
     for name, per_intent, intents in (
         ("original_training_data.jsonl", 120, INTENTS),
-        ("incremental_training_data.jsonl", 120, PAIR_INTENTS),
-        ("incremental_training_data.csv", 120, PAIR_INTENTS),
+        ("incremental_training_data.jsonl", 120, INCREMENTAL_INTENTS),
+        ("incremental_training_data.csv", 120, INCREMENTAL_INTENTS),
         ("test_cases.jsonl", 40, INTENTS),
     ):
         result = read_examples(DATA / name, allowed_labels=INTENTS)
@@ -286,10 +288,11 @@ def test_no_test_phrasing_is_a_training_phrasing():
     assert phrasings("test_templates.yaml").isdisjoint(training)
 
 
-def test_incremental_samples_have_40_phrasings_for_each_pair_intent():
+def test_incremental_samples_have_40_phrasings_for_each_pair_intent_plus_guards():
     templates = load_templates(DATA / "incremental_samples.yaml")
-    assert templates.labels == list(PAIR_INTENTS)
-    assert all(len(it.phrasings) >= 40 for it in templates.intents)
+    assert templates.labels == list(INCREMENTAL_INTENTS)
+    pairs = [it for it in templates.intents if it.label in PAIR_INTENTS]
+    assert len(pairs) == 5 and all(len(it.phrasings) >= 40 for it in pairs)
 
 
 def test_separating_cues_are_in_the_incremental_data_not_the_original():
