@@ -291,7 +291,7 @@ def run_in_image(
     )
     try:
         try:
-            container.start()
+            output = _attach_and_start(client, container)
         except Exception as exc:
             if not (requests and _is_no_gpu_error(exc)):
                 raise ImageError(f"cannot start the container: {exc}") from exc
@@ -308,8 +308,8 @@ def run_in_image(
             container = _create(
                 client, img, argv, environment, volumes, user, [], network_mode, workdir
             )
-            container.start()
-        _copy_output(client, container, stdout, stderr)
+            output = _attach_and_start(client, container)
+        _copy_output(output, stdout, stderr)
         return int(container.wait().get("StatusCode", 1))
     except KeyboardInterrupt:
         reporter.warn("interrupted: stopping the container")
@@ -342,9 +342,16 @@ def _create(client, img, argv, environment, volumes, user, requests, network_mod
         raise ImageError(f"cannot create the container: {exc}") from exc
 
 
-def _copy_output(client, container, stdout: IO[bytes] | None, stderr: IO[bytes] | None) -> None:
-    """Copy the container's stdout/stderr to the given streams until it exits."""
-    for out, err in client.api.attach(container.id, stream=True, logs=True, demux=True):
+def _attach_and_start(client, container):
+    """Attach first (so no output is lost however fast the command), then start."""
+    output = client.api.attach(container.id, stream=True, logs=True, demux=True)
+    container.start()
+    return output
+
+
+def _copy_output(output, stdout: IO[bytes] | None, stderr: IO[bytes] | None) -> None:
+    """Copy the container's (stdout, stderr) chunks to the given streams until it exits."""
+    for out, err in output:
         for data, sink in ((out, stdout), (err, stderr)):
             if data and sink is not None:
                 sink.write(data)
