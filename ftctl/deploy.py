@@ -389,6 +389,22 @@ def backup_original(conn: Connection, cfg: DeployConfig, st: RemoteState) -> str
     return name
 
 
+def check_link(conn: Connection, cfg: DeployConfig, st: RemoteState) -> None:
+    """Refuse a ``final`` this tool did not make and cannot undo (a file, a foreign link)."""
+    path = f"{cfg.remote_dir}/{cfg.link_name}"
+    if st.link == "other":
+        raise DeployError(
+            f"{conn.host}: {path} is neither a directory nor a link",
+            hint="move it away by hand, then rerun",
+        )
+    if st.link == "link" and st.live is None:
+        raise DeployError(
+            f"{conn.host}: {path} is a link that does not point into releases/",
+            hint=f"replace it by the directory it points at (the first deploy backs that up), "
+            f"or point it at {cfg.remote_dir}/releases/<name>",
+        )
+
+
 def clean_incoming(conn: Connection, cfg: DeployConfig, st: RemoteState) -> None:
     """Leftovers of interrupted uploads (we hold the lock, so nobody else is uploading)."""
     if st.incoming:
@@ -749,6 +765,7 @@ def deploy_host(
     with remote_lock(conn, cfg, "deploy"):
         try:
             st = probe(conn, cfg)  # again, now that nobody else can change it
+            check_link(conn, cfg, st)
             clean_incoming(conn, cfg, st)
             hr.backup = backup_original(conn, cfg, st)
             hr.previous = st.live

@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ftctl.deploy import model_digest
-from ftctl.errors import ModelError
 from ftctl.model import check_supported, read_labels
 
 MAX_BODY = 1 << 20
@@ -105,7 +104,7 @@ class ModelHolder:
         with self._reload_lock:
             try:
                 new = load_predictor(self.model_dir, max_length=self.max_length, device=self.device)
-            except (ModelError, OSError, ValueError) as exc:
+            except Exception as exc:  # any failure keeps the old model serving
                 self.last_error = str(getattr(exc, "message", exc))
                 self.log(f"reload failed, still serving {self.current.sha256[:8]}: {exc}")
                 return False

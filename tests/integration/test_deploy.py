@@ -164,7 +164,7 @@ def test_corrupted_upload_is_refused_by_checksum(deploy_target, deploy_models):
 
 def test_failing_health_after_restart_rolls_back(deploy_target, deploy_models):
     t = deploy_target
-    cfg = t.with_(reload_cmd=None, health_timeout=12.0)  # restart; broken config.json
+    cfg = t.with_(reload_cmd=None, health_timeout=8.0)  # restart; broken config.json
     res = _deploy(t, deploy_models["broken"], cfg)
     assert isinstance(res.error, DeployError) and not isinstance(res.error, RollbackFailed)
     assert res.error.exit_code == ExitCode.DEPLOY and "rolled back" in res.error.message

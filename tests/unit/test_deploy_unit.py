@@ -129,3 +129,15 @@ def test_several_hosts_go_one_at_a_time_and_stop_at_the_first_failure(tiny_model
     assert tried == ["root@a:22"]
     assert not res.ok and isinstance(res.error, EnvironmentProblem)
     assert [h.host for h in res.hosts] == ["root@a:22"] and res.hosts[0].error
+
+
+def test_a_final_that_is_a_file_or_a_foreign_link_is_refused():
+    from ftctl.deploy import check_link
+    from ftctl.errors import DeployError
+
+    cfg = DeployConfig(remote_dir="/srv/m")
+    with pytest.raises(DeployError, match="neither a directory nor a link"):
+        check_link(FakeConn(), cfg, RemoteState("other", None, [], [], None, 0, []))
+    with pytest.raises(DeployError, match="does not point into releases"):
+        check_link(FakeConn(), cfg, RemoteState("link", None, [], [], None, 0, []))
+    check_link(FakeConn(), cfg, RemoteState("dir", None, [], [], None, 0, []))  # backed up
