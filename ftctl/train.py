@@ -190,7 +190,9 @@ def informative(tokenizer, examples: Sequence[Example]) -> tuple[list[Example], 
     return kept, dropped
 
 
-def cache_prefix(model, feats: Features, n_frozen: int, device) -> None:
+def cache_prefix(
+    model, feats: Features, n_frozen: int, device, reporter: Reporter = NULL, what: str = "texts"
+) -> None:
     """Run embeddings + the frozen layers once per text (grouped by exact length: no padding)."""
     import torch
 
@@ -198,7 +200,10 @@ def cache_prefix(model, feats: Features, n_frozen: int, device) -> None:
     for i, row in enumerate(feats.ids):
         by_len.setdefault(len(row), []).append(i)
     out: list[Any] = [None] * len(feats)
-    with torch.no_grad():
+    with (
+        torch.no_grad(),
+        reporter.task(f"frozen layers, {what}", total=len(feats), unit="text") as advance,
+    ):
         for _length, idx in sorted(by_len.items()):
             for s in range(0, len(idx), PREFIX_BATCH):
                 chunk = idx[s : s + PREFIX_BATCH]
@@ -206,6 +211,7 @@ def cache_prefix(model, feats: Features, n_frozen: int, device) -> None:
                 hidden = M.prefix_forward(model, ids, n_frozen)
                 for j, i in enumerate(chunk):
                     out[i] = hidden[j]
+                advance(len(chunk))
     feats.prefix = out
 
 
@@ -716,8 +722,8 @@ def train(
         val_feats = encode(tokenizer, mix.val, label2id, cfg.max_length)
         if cfg.freeze_layers > 0:
             model.eval()
-            cache_prefix(model, train_feats, cfg.freeze_layers, device)
-            cache_prefix(model, val_feats, cfg.freeze_layers, device)
+            cache_prefix(model, train_feats, cfg.freeze_layers, device, reporter, "train")
+            cache_prefix(model, val_feats, cfg.freeze_layers, device, reporter, "val")
         result = fit(
             model,
             train_feats,
