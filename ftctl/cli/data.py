@@ -12,7 +12,7 @@ from rich.text import Text
 from ftctl import config as cfgmod
 from ftctl.cli import common
 from ftctl.data import file_format, read_examples, write_examples
-from ftctl.errors import DataError, ExitCode, FtctlError, Problem
+from ftctl.errors import ConfigError, DataError, ExitCode, FtctlError, Problem
 from ftctl.generate import counts, generate, load_templates
 
 app = typer.Typer(
@@ -85,7 +85,9 @@ def generate_cmd(
     )
     cfgmod.check(cfg)
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
-        raise DataError(f"--name '{cfg.name}' must be a plain file stem", hint="e.g. --name train")
+        raise ConfigError(
+            f"--name '{cfg.name}' must be a plain file stem", hint="e.g. --name train_v2"
+        )
     if json_:
         common.state(ctx).json = True
     rep = common.reporter(ctx)

@@ -196,6 +196,12 @@ def test_generate_command_prints_a_count_table(tmp_path):
     assert header.startswith("id,user_input,intent_code\n")
 
 
+def test_generate_command_bad_name_is_a_usage_error():
+    result = runner.invoke(app, ["data", "generate", "--name", "../x", "--out-dir", "x"])
+    assert result.exit_code == ExitCode.USAGE
+    assert "plain file stem" in flat(result.output)
+
+
 def test_generate_command_bad_format_is_a_usage_error(tmp_path):
     result = runner.invoke(app, ["data", "generate", "--format", "xml", "--out-dir", "x"])
     assert result.exit_code == ExitCode.USAGE
