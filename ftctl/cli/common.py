@@ -70,7 +70,11 @@ DockerOpt = Annotated[
 ]
 GpusOpt = Annotated[
     str | None,
-    typer.Option("--gpus", help="With --docker: all | none | N GPUs.", show_default="all"),
+    typer.Option(
+        "--gpus",
+        help="With --docker: auto | all | none | N GPUs (auto: all if the engine has GPUs).",
+        show_default="auto",
+    ),
 ]
 ImageOpt = Annotated[
     str | None,
