@@ -47,7 +47,12 @@ INTENTS = [
 def build_base_size_model(out: Path, seed: int) -> Path:
     """chinese-roberta-wwm-ext's shape with random weights (~400 MB), once per cache."""
     if (out / "model.safetensors").is_file():
+        if not (out / "manifest.json").is_file():  # caches made before the manifest was added
+            from ftctl.manifest import write_manifest
+
+            write_manifest(out, {"kind": "bench", "seed": seed})
         return out
+    from ftctl.manifest import write_manifest
     from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
 
     vocab = cjk_vocab()[:21128]
@@ -58,6 +63,7 @@ def build_base_size_model(out: Path, seed: int) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_classifier(model, build_char_tokenizer(vocab), tmp)
+    write_manifest(tmp, {"kind": "bench", "seed": seed})  # as `ftctl train` writes one
     os.replace(tmp, out)
     return out
 
@@ -79,6 +85,8 @@ class Load:
         self.ok = 0
         self.failed = 0
         self.errors: dict[str, int] = {}
+        self.first_fail = 0.0
+        self.last_fail = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._max = max_requests
@@ -99,6 +107,9 @@ class Load:
                     self.ok += 1
             except Exception as exc:
                 with self._lock:
+                    now = time.monotonic()
+                    self.first_fail = self.first_fail or now
+                    self.last_fail = now
                     self.failed += 1
                     k = type(exc).__name__
                     self.errors[k] = self.errors.get(k, 0) + 1
@@ -172,6 +183,7 @@ def timed(fn, port: int, digest: str) -> dict:
         "requests_ok": load.ok,
         "requests_failed": load.failed,
         "errors": load.errors,
+        "failing_window_s": round(load.last_fail - load.first_fail, 2),
         "lo_bytes_incl_load": lo_bytes() - b0,
         "result": out,
     }
@@ -267,7 +279,8 @@ def report(f: dict, as_json: bool) -> None:
     print("(b) failed requests during the deploy (2-thread load loop)")
     for name, x in (("seed", s), ("ftctl restart", r), ("ftctl reload", h)):
         print(f"    {name:14s}: {x['requests_failed']:5d} failed / "
-              f"{x['requests_ok'] + x['requests_failed']} ({x['errors']})")  # fmt: skip
+              f"{x['requests_ok'] + x['requests_failed']}, failing for "
+              f"{x['failing_window_s']:.1f} s ({x['errors']})")  # fmt: skip
     print("(c) redeploy of an unchanged model: bytes over loopback")
     fl, sl = f["redeploy_ftctl_lo_bytes"], f["redeploy_seed_lo_bytes"]
     print(f"    seed scp -r : {sl:13,d} bytes")
