@@ -249,12 +249,12 @@ def logits_for(model, feats: Features, idx: list[int], n_frozen: int, device):
         hidden = torch.zeros(len(idx), length, width, device=device)
         for j, i in enumerate(idx):
             hidden[j, : feats.prefix[i].shape[0]] = feats.prefix[i]
-        return M.head_forward(model, hidden, mask, n_frozen)
+        return M.head_forward(model, hidden, mask, n_frozen, cls_only=True)
     ids = torch.zeros(len(idx), length, dtype=torch.long)
     for j, i in enumerate(idx):
         ids[j, : len(feats.ids[i])] = torch.tensor(feats.ids[i])
     hidden = M.prefix_forward(model, ids.to(device), 0)
-    return M.head_forward(model, hidden, mask, 0)
+    return M.head_forward(model, hidden, mask, 0, cls_only=True)
 
 
 def evaluate(model, feats: Features, n_frozen: int, device) -> tuple[float, float]:

@@ -79,3 +79,14 @@ def test_saved_directory_keeps_vocab_txt(loaded, tmp_path):
     assert (out / "vocab.txt").is_file() and (out / "tokenizer.json").is_file()
     again, _ = M.load_classifier(out)
     assert again.config.id2label[0] == INTENTS[0]
+
+
+def test_cls_only_last_layer_equals_the_full_model(loaded):
+    model, tok = loaded
+    enc = tok(["帮我打卡", "查看在产批次今天的情况"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        full = model(**enc).logits
+        for start in (0, 8, 11):
+            hidden = M.prefix_forward(model, enc["input_ids"], start, enc["attention_mask"])
+            got = M.head_forward(model, hidden, enc["attention_mask"], start, cls_only=True)
+            assert torch.allclose(full, got, atol=1e-5)

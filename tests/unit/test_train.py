@@ -258,17 +258,41 @@ def test_interrupted_and_resumed_equals_uninterrupted(run, work, tiny_model_dir)
 # ------------------------------------------------------------------ early stopping
 
 
-def test_early_stopping_keeps_best_weights(work, tiny_model_dir):
-    # a huge LR makes validation worse after the first epoch: training must stop and keep epoch 1
+def test_early_stopping_after_patience(work, tiny_model_dir):
+    # an LR too small to move float32 weights: validation never improves after epoch 1
     out = work / "early"
-    result = train(cfg(work, tiny_model_dir, out, epochs=5, lr=0.5, patience=1))
-    hist = result.history
-    assert result.stopped_early and len(hist) < 5
-    best = max(hist, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
-    assert result.best_epoch == best["epoch"]
-    assert not hist[-1]["improved"]
+    result = train(cfg(work, tiny_model_dir, out, epochs=5, lr=1e-30, patience=2))
+    assert result.stopped_early
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert [r["improved"] for r in result.history] == [True, False, False]
+    assert result.best_epoch == 1
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len(hist)
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
+    from ftctl.data import load_examples
+    from ftctl.model import load_classifier
+    from ftctl.train import encode, evaluate
+
+    out = work / "best"
+    c = cfg(work, tiny_model_dir, out, epochs=4, lr=0.05)
+    result = train(c)
+    best = max(result.history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert result.best_epoch == best["epoch"]
+    # re-evaluate the saved model on the same validation split: the best epoch's figures
+    mix = mix_data(
+        load_examples(c.new_data),
+        load_examples(c.old_data),
+        replay_ratio=0.5,
+        val_ratio=0.1,
+        seed=42,
+    )
+    model, tok = load_classifier(out / "final")
+    feats = encode(tok, mix.val, model.config.label2id, 64)
+    loss, acc = evaluate(model, feats, 0, "cpu")
+    assert acc == best["val_accuracy"]
+    assert loss == pytest.approx(best["val_loss"], rel=1e-4)
 
 
 # ------------------------------------------------------------------ labels
