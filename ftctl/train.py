@@ -645,6 +645,11 @@ def train(
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-path {out_dir}: exists and is not a directory")
     M.check_supported(model_path)
+    if (out_dir / "final").resolve() == model_path.resolve():
+        raise ConfigError(
+            f"--output-path {out_dir} would replace the base model {model_path} itself",
+            hint="write the fine-tuned model elsewhere, e.g. --output-path models/incremental",
+        )
     labels = M.read_labels(model_path)
     new = load_examples(new_path, what="new data")
     old: list[Example] = []

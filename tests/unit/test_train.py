@@ -459,6 +459,11 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(work, tiny_model_dir, tm
     res = _invoke_bad([*new, *model, "--replay-ratio", "1.5"], out)
     assert res.exit_code == ExitCode.USAGE and "train.replay_ratio" in res.output
 
+    res = runner.invoke(
+        app, ["train", *new, *model, "--output-path", str(tiny_model_dir.parent), "--epochs", "1"]
+    )
+    assert res.exit_code == ExitCode.USAGE and "would replace the base model" in res.output
+
     res = _invoke_bad(model, out)
     assert res.exit_code == ExitCode.USAGE and "--new-data is required" in res.output
 
