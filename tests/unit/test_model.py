@@ -90,3 +90,27 @@ def test_cls_only_last_layer_equals_the_full_model(loaded):
             hidden = M.prefix_forward(model, enc["input_ids"], start, enc["attention_mask"])
             got = M.head_forward(model, hidden, enc["attention_mask"], start, cls_only=True)
             assert torch.allclose(full, got, atol=1e-5)
+
+
+def test_split_forward_works_for_roberta_too():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        pad_token_id=1,
+    )
+    model = RobertaForSequenceClassification(config).eval()
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        hidden = M.prefix_forward(model, ids, 2, mask)
+        got = M.head_forward(model, hidden, mask, 2, cls_only=True)
+    assert M.layer_count(model) == 4
+    assert torch.allclose(full, got, atol=1e-5)
