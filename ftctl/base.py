@@ -77,7 +77,7 @@ def build_base(cfg: BaseConfig, *, reporter: Reporter = NULL) -> TrainResult:
     if cfg.data is None or cfg.output_path is None:
         raise ConfigError("--data and --output-path are required")
     examples = load_examples(cfg.data, what="training data")
-    labels = list(dict.fromkeys(ex.label for ex in examples))
+    labels = sorted({ex.label for ex in examples})  # same ids however the file is ordered
     device = resolve_device(cfg.device)
     vocab = M.cjk_vocab(ex.text for ex in examples)
     tokenizer = M.build_char_tokenizer(vocab)
