@@ -97,9 +97,9 @@ def emit_json(ctx: typer.Context, payload: Any) -> None:
 
 def print_error(exc: FtctlError) -> None:
     """``error: <what>`` and ``hint: <what to do>`` on stderr; user text is never markup."""
-    err.print(Text.assemble(("error: ", "bold red"), exc.message))
+    err.print(Text.assemble(("error: ", "bold red"), exc.message), soft_wrap=True)
     if exc.hint:
-        err.print(Text.assemble(("hint: ", "cyan"), exc.hint))
+        err.print(Text.assemble(("hint: ", "cyan"), exc.hint), soft_wrap=True)
 
 
 class RichReporter:
@@ -116,11 +116,11 @@ class RichReporter:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(escape(message))
+            self.console.print(escape(message), soft_wrap=True)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
-        self.console.print(Text.assemble(("warning: ", "yellow"), message))
+        self.console.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True)
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None, unit: str = "it") -> Iterator:
