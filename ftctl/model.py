@@ -137,15 +137,19 @@ def cjk_vocab(extra_text: Iterable[str] = ()) -> list[str]:
 
 def build_char_tokenizer(vocab: Sequence[str]):
     """A fast BERT tokenizer over ``vocab`` (char-level for Chinese; no lower-casing)."""
+    import tempfile
+
+    import transformers
     from transformers import BertTokenizerFast
 
-    # transformers 5 trap: vocab_file= is silently ignored; pass the dict itself.
-    return BertTokenizerFast(
-        vocab={tok: i for i, tok in enumerate(vocab)},
-        do_lower_case=False,
-        tokenize_chinese_chars=True,
-        strip_accents=False,
-    )
+    options = {"do_lower_case": False, "tokenize_chinese_chars": True, "strip_accents": False}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5 trap: vocab_file= is silently ignored; pass the dict itself.
+        return BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)}, **options)
+    with tempfile.TemporaryDirectory() as tmp:  # transformers 4 reads a vocab.txt file
+        path = Path(tmp) / "vocab.txt"
+        path.write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+        return BertTokenizerFast(vocab_file=str(path), **options)
 
 
 def build_classifier(
