@@ -144,12 +144,17 @@ def train(
     cfgmod.check(cfg)
     from ftctl.train import train as run_train
 
-    result = run_train(
-        cfg,
-        resume=resume,
-        image_id=os.environ.get("FTCTL_IMAGE_ID") or None,
-        reporter=common.reporter(ctx),
-    )
+    try:
+        result = run_train(
+            cfg,
+            resume=resume,
+            image_id=os.environ.get("FTCTL_IMAGE_ID") or None,
+            reporter=common.reporter(ctx),
+        )
+    except KeyboardInterrupt:
+        if (Path(cfg.output_path) / "checkpoints").is_dir():
+            common.err.print("checkpoint kept: run the same command with --resume to continue")
+        raise
     if json_out:
         common.emit_json(ctx, result.summary())
     else:
