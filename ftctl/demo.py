@@ -188,16 +188,13 @@ class _Stages:
 
 def _generate(cfg: DemoConfig, out_dir: Path, reporter: Reporter) -> Path:
     from ftctl.config import DataConfig
-    from ftctl.data import write_examples
-    from ftctl.generate import generate, load_templates
+    from ftctl.generate import write_generated
 
-    dc = DataConfig()
-    templates = load_templates(cfg.data_dir / dc.samples.name)
-    examples = generate(templates, per_intent=dc.per_intent, seed=dc.seed, reporter=reporter)
-    path = out_dir / f"{dc.name}.jsonl"
-    write_examples(path, examples)
-    reporter.info(f"{len(examples)} incremental examples -> {path}")
-    return path
+    templates = cfg.data_dir / DataConfig().samples.name
+    dc = DataConfig(samples=templates, out_dir=out_dir, format="jsonl")
+    made = write_generated(dc, reporter=reporter)
+    reporter.info(f"{len(made.examples)} incremental examples -> {made.paths[0]}")
+    return made.paths[0]
 
 
 def _base(cfg: DemoConfig, out: Path, reporter: Reporter) -> Path:

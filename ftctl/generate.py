@@ -34,8 +34,9 @@ from pathlib import Path
 
 import yaml
 
-from ftctl.data import DEFAULT_MAX_CHARS, Example
-from ftctl.errors import DataError, Problem
+from ftctl.config import DataConfig
+from ftctl.data import DEFAULT_MAX_CHARS, Example, write_examples
+from ftctl.errors import ConfigError, DataError, Problem
 from ftctl.progress import NULL, Reporter
 
 DECORATIONS = ("prefixes", "fillers", "suffixes", "punctuation")
@@ -320,3 +321,37 @@ def counts(examples: Sequence[Example]) -> dict[str, int]:
     for ex in examples:
         out[ex.label] = out.get(ex.label, 0) + 1
     return out
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What :func:`write_generated` made: the templates, the examples and the files."""
+
+    templates: Templates
+    examples: list[Example]
+    paths: list[Path]
+
+
+def write_generated(
+    cfg: DataConfig, *, with_ids: bool = False, reporter: Reporter = NULL
+) -> Generated:
+    """Templates file -> examples -> OUT_DIR/NAME.jsonl and/or .csv (atomically), per ``cfg``."""
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        raise ConfigError(
+            f"--name '{cfg.name}' must be a plain file stem", hint="e.g. --name train_v2"
+        )
+    templates = load_templates(cfg.samples)
+    examples = generate(
+        templates,
+        per_intent=cfg.per_intent,
+        seed=cfg.seed,
+        with_ids=with_ids,
+        max_chars=cfg.max_chars,
+        reporter=reporter,
+    )
+    exts = {"jsonl": [".jsonl"], "csv": [".csv"], "both": [".jsonl", ".csv"]}[cfg.format]
+    paths = [
+        write_examples(Path(cfg.out_dir) / f"{cfg.name}{ext}", examples, with_ids=with_ids)
+        for ext in exts
+    ]
+    return Generated(templates, examples, paths)

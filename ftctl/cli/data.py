@@ -12,8 +12,8 @@ from rich.text import Text
 from ftctl import config as cfgmod
 from ftctl.cli import common
 from ftctl.data import file_format, read_examples, write_examples
-from ftctl.errors import ConfigError, DataError, ExitCode, FtctlError, Problem
-from ftctl.generate import counts, generate, load_templates
+from ftctl.errors import DataError, ExitCode, FtctlError, Problem
+from ftctl.generate import counts, write_generated
 
 app = typer.Typer(
     help="Generate, validate and convert training/test data (JSONL and CSV).",
@@ -84,26 +84,10 @@ def generate_cmd(
         name=name,
     )
     cfgmod.check(cfg)
-    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
-        raise ConfigError(
-            f"--name '{cfg.name}' must be a plain file stem", hint="e.g. --name train_v2"
-        )
     if json_:
         common.state(ctx).json = True
-    rep = common.reporter(ctx)
-    templates = load_templates(cfg.samples)
-    examples = generate(
-        templates,
-        per_intent=cfg.per_intent,
-        seed=cfg.seed,
-        with_ids=ids,
-        max_chars=cfg.max_chars,
-        reporter=rep,
-    )
-    exts = {"jsonl": [".jsonl"], "csv": [".csv"], "both": [".jsonl", ".csv"]}[cfg.format]
-    paths = [
-        write_examples(cfg.out_dir / f"{cfg.name}{ext}", examples, with_ids=ids) for ext in exts
-    ]
+    made = write_generated(cfg, with_ids=ids, reporter=common.reporter(ctx))
+    templates, examples, paths = made.templates, made.examples, made.paths
     per_label = counts(examples)
     ordered = {label: per_label.get(label, 0) for label in templates.labels}
     if json_:

@@ -281,8 +281,8 @@ def pipeline_cmd(
             )
         from ftctl.generate import write_generated
 
-        paths, n = write_generated(data_cfg, reporter=rep)
-        return {"examples": n, "paths": [str(p) for p in paths]}
+        made = write_generated(data_cfg, reporter=rep)
+        return {"examples": len(made.examples), "paths": [str(p) for p in made.paths]}
 
     def train() -> dict[str, Any]:
         if docker:

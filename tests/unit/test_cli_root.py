@@ -52,11 +52,12 @@ def test_invalid_toml_names_the_file(tmp_path):
 
 def test_error_has_no_traceback_unless_debug(tmp_path):
     missing = str(tmp_path / "missing.jsonl")
-    plain = runner.invoke(app, ["data", "validate", missing])
+    out = str(tmp_path / "out.csv")
+    plain = runner.invoke(app, ["data", "convert", missing, out])
     assert plain.exit_code == ExitCode.DATA
     assert "file not found" in plain.output
     assert "Traceback" not in plain.output
-    debug = runner.invoke(app, ["--debug", "data", "validate", missing])
+    debug = runner.invoke(app, ["--debug", "data", "convert", missing, out])
     assert debug.exit_code == ExitCode.DATA
     assert "Traceback" in debug.output
 
