@@ -1,20 +1,18 @@
-"""Deploy benchmark: `ftctl deploy` vs the seed's `scp -r` + `ssh ... systemctl restart`.
+"""Shared rig of the deploy benchmarks: a real sshd on loopback, a real supervisord running
+`ftctl serve` (program `python-services`) on the seed's directory layout, and two realistic
+base-size models (~400 MB each: BertForSequenceClassification, hidden 768, 12 layers, vocab
+21128, random weights; built once into the cache directory).
 
-Against a real sshd on loopback and a real supervisord running `ftctl serve` (program
-`python-services`), with a realistic base-size model (~400 MB: BertForSequenceClassification,
-hidden 768, 12 layers, vocab 21128, random weights; built once into --cache).
-
-Measures
-  (a) deploy wall time, until the service answers with the new model;
-  (b) failed requests during the deploy under a bounded load loop (2 threads);
-  (c) bytes sent over loopback when redeploying an unchanged model.
-
-    .venv/bin/python bench/bench_deploy.py [--cache ~/.cache/ftctl-bench] [--json]
+The scripts that use it, one figure each:
+    bench/bench_deploy_time.py      deploy wall time: ftctl vs the seed's scp -r + ssh restart
+    bench/bench_deploy_downtime.py  failed requests during a deploy under load: ftctl vs seed
+    bench/bench_redeploy_bytes.py   bytes sent to redeploy an unchanged model: ftctl vs scp -r
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,12 +35,27 @@ from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http  # noq
 from ftctl.remote import connect, parse_host  # noqa: E402
 
 INTENTS = [
-    "PROCESSING_BATCH_LIST", "MATERIAL_BATCH_QUERY", "CLOCK_IN", "ATTENDANCE_TODAY",
-    "SHIPMENT_STATS", "CLOCK_OUT", "SHIPMENT_CREATE", "INVENTORY_QUERY", "QUALITY_INSPECTION",
-    "EQUIPMENT_STATUS", "PRODUCTION_PLAN", "ORDER_QUERY", "LEAVE_REQUEST", "SUPPLIER_QUERY",
-    "TRACE_PRODUCT", "ALERT_LIST", "COLD_CHAIN_TEMPERATURE", "REPORT_DAILY", "MATERIAL_RECEIVE",
+    "PROCESSING_BATCH_LIST",
+    "MATERIAL_BATCH_QUERY",
+    "CLOCK_IN",
+    "ATTENDANCE_TODAY",
+    "SHIPMENT_STATS",
+    "CLOCK_OUT",
+    "SHIPMENT_CREATE",
+    "INVENTORY_QUERY",
+    "QUALITY_INSPECTION",
+    "EQUIPMENT_STATUS",
+    "PRODUCTION_PLAN",
+    "ORDER_QUERY",
+    "LEAVE_REQUEST",
+    "SUPPLIER_QUERY",
+    "TRACE_PRODUCT",
+    "ALERT_LIST",
+    "COLD_CHAIN_TEMPERATURE",
+    "REPORT_DAILY",
+    "MATERIAL_RECEIVE",
     "SCHEDULE_QUERY",
-]  # fmt: skip
+]
 
 
 def build_base_size_model(out: Path, seed: int) -> Path:
@@ -57,9 +71,15 @@ def build_base_size_model(out: Path, seed: int) -> Path:
 
     vocab = cjk_vocab()[:21128]
     model = build_classifier(
-        INTENTS, len(vocab), hidden_size=768, num_layers=12, num_heads=12,
-        intermediate_size=3072, max_position=512, seed=seed,
-    )  # fmt: skip
+        INTENTS,
+        len(vocab),
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        max_position=512,
+        seed=seed,
+    )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_classifier(model, build_char_tokenizer(vocab), tmp)
@@ -156,19 +176,30 @@ def reset_remote(remote_dir: Path, model: Path, sup: Supervisor, port: int) -> N
 def seed_deploy(sshd: LocalSSHD, model: Path, remote_dir: Path, restart_cmd: str) -> None:
     """The seed's README, literally: scp -r final to the server dir, then ssh restart."""
     ssh_opts = [
-        "-i", str(sshd.client_key), "-o", f"UserKnownHostsFile={sshd.known_hosts}",
-        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-    ]  # fmt: skip
+        "-i",
+        str(sshd.client_key),
+        "-o",
+        f"UserKnownHostsFile={sshd.known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
+    ]
     dest = f"{sshd.user}@127.0.0.1:{remote_dir}/"
-    subprocess.run(["scp", "-q", "-r", "-P", str(sshd.port), *ssh_opts, str(model), dest],
-                   check=True)  # fmt: skip
-    subprocess.run(["ssh", "-p", str(sshd.port), *ssh_opts, f"{sshd.user}@127.0.0.1",
-                    restart_cmd], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["scp", "-q", "-r", "-P", str(sshd.port), *ssh_opts, str(model), dest], check=True
+    )
+    subprocess.run(
+        ["ssh", "-p", str(sshd.port), *ssh_opts, f"{sshd.user}@127.0.0.1", restart_cmd],
+        check=True,
+        capture_output=True,
+    )
 
 
-def timed(fn, port: int, digest: str) -> dict:
-    """Run ``fn`` under load; time until the service serves ``digest``; count failures."""
-    with Load(port) as load:
+def timed(fn, port: int, digest: str, *, load_threads: int = 2) -> dict:
+    """Run ``fn`` (under a load of ``load_threads`` request loops); time until the service
+    serves ``digest``; count failed requests."""
+    with Load(port, threads=load_threads) as load:
         time.sleep(1.0)
         t0 = time.monotonic()
         b0 = lo_bytes()
@@ -189,19 +220,56 @@ def timed(fn, port: int, digest: str) -> dict:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=Path("~/.cache/ftctl-bench").expanduser())
-    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = ap.parse_args()
+@dataclasses.dataclass
+class Rig:
+    """Everything a figure needs: the models, the server and a deploy config for it."""
 
+    old: Path
+    new: Path
+    model_bytes: int
+    remote_dir: Path
+    port: int
+    sshd: LocalSSHD
+    sup: Supervisor
+    cfg: DeployConfig
+
+    def ftctl_deploy(self, cfg: DeployConfig | None = None):
+        """A callable running `ftctl deploy` of the new model (core API, same code as the CLI)."""
+        cfg = cfg or self.cfg
+        specs = [parse_host(self.sshd.host)]
+
+        def go() -> dict:
+            res = deploy(self.new, cfg, specs, lambda s: connect(s, cfg))
+            res.raise_for_error()
+            return {"uploaded_bytes": res.hosts[0].uploaded_bytes}
+
+        return go
+
+    def seed_deploy(self):
+        return lambda: seed_deploy(self.sshd, self.new, self.remote_dir, self.sup.restart_cmd)
+
+    def reset(self) -> None:
+        reset_remote(self.remote_dir, self.old, self.sup, self.port)
+
+
+def cache_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("~/.cache/ftctl-bench").expanduser(),
+        help="where the two ~400 MB models are built once",
+    )
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+@contextlib.contextmanager
+def rig(cache: Path) -> Iterator[Rig]:
+    """Build (or reuse) the models, start sshd + supervisor + ftctl serve on the old model."""
     t = time.monotonic()
-    old = build_base_size_model(args.cache / "base-old" / "final", seed=0)
-    new = build_base_size_model(args.cache / "base-new" / "final", seed=1)
+    old = build_base_size_model(cache / "base-old" / "final", seed=0)
+    new = build_base_size_model(cache / "base-new" / "final", seed=1)
     size = sum(p.stat().st_size for p in new.rglob("*") if p.is_file())
     print(f"models ready ({size / 1e6:.0f} MB each) in {time.monotonic() - t:.0f}s", flush=True)
-    d_old, d_new = model_digest(old), model_digest(new)
-
     with tempfile.TemporaryDirectory(prefix="ftctl-bench-") as tmp:
         root = Path(tmp)
         remote_dir = root / "srv" / "chinese-roberta-wwm-ext-classifier"
@@ -214,79 +282,23 @@ def main() -> int:
             if not wait_http(f"http://127.0.0.1:{port}/health", 300):
                 raise RuntimeError(f"service did not start; see {root / 'sup'}")
             cfg = DeployConfig(
-                hosts=(sshd.host,), identity=sshd.client_key, known_hosts=sshd.known_hosts,
-                remote_dir=str(remote_dir), restart_cmd=sup.restart_cmd,
-                health_url=f"http://127.0.0.1:{port}/health", health_timeout=300.0,
-            )  # fmt: skip
-            specs = [parse_host(sshd.host)]
-
-            def ftctl_deploy(c: DeployConfig):
-                def go():
-                    res = deploy(new, c, specs, lambda s: connect(s, c))
-                    res.raise_for_error()
-                    return {"uploaded_bytes": res.hosts[0].uploaded_bytes}
-
-                return go
-
-            figures: dict = {"model_bytes": size}
-            print("seed: scp -r + ssh restart ...", flush=True)
-            reset_remote(remote_dir, old, sup, port)
-            figures["seed"] = timed(
-                lambda: seed_deploy(sshd, new, remote_dir, sup.restart_cmd), port, d_new
+                hosts=(sshd.host,),
+                identity=sshd.client_key,
+                known_hosts=sshd.known_hosts,
+                remote_dir=str(remote_dir),
+                restart_cmd=sup.restart_cmd,
+                health_url=f"http://127.0.0.1:{port}/health",
+                health_timeout=300.0,
             )
-            print("ftctl deploy (restart) ...", flush=True)
-            reset_remote(remote_dir, old, sup, port)
-            figures["ftctl_restart"] = timed(ftctl_deploy(cfg), port, d_new)
-            print("ftctl deploy (reload: SIGHUP) ...", flush=True)
-            reset_remote(remote_dir, old, sup, port)
-            reload_cfg = dataclasses.replace(cfg, reload_cmd=sup.reload_cmd)
-            figures["ftctl_reload"] = timed(ftctl_deploy(reload_cfg), port, d_new)
-
-            print("redeploy of the unchanged model ...", flush=True)
-            b0 = lo_bytes()
-            res = deploy(new, reload_cfg, specs, lambda s: connect(s, reload_cfg))
-            res.raise_for_error()
-            figures["redeploy_ftctl_lo_bytes"] = lo_bytes() - b0
-            figures["redeploy_ftctl_uploaded_bytes"] = res.hosts[0].uploaded_bytes
-            b0 = lo_bytes()
-            copy_dir = root / "seed-copy"  # scp -r again (into a plain dir, not through the link)
-            copy_dir.mkdir()
-            shutil.copytree(new, copy_dir / "final")
-            seed_deploy(sshd, new, copy_dir, "true")  # the copy only (restart sends ~nothing)
-            figures["redeploy_seed_lo_bytes"] = lo_bytes() - b0
-            figures["digests"] = {"old": d_old[:8], "new": d_new[:8]}
-
-    report(figures, args.json)
-    return 0
+            yield Rig(old, new, size, remote_dir, port, sshd, sup, cfg)
 
 
-def _ratio(a: float, b: float) -> str:
+def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "inf"
 
 
-def report(f: dict, as_json: bool) -> None:
+def emit(figures: dict, as_json: bool, lines: list[str]) -> None:
     if as_json:
-        print(json.dumps(f, indent=2, default=str))
-        return
-    s, r, h = f["seed"], f["ftctl_restart"], f["ftctl_reload"]
-    print(f"\nmodel: {f['model_bytes'] / 1e6:.0f} MB (random-weight chinese-roberta-wwm-ext shape)")
-    print("(a) wall time until the service answers with the new model")
-    print(f"    seed scp -r + restart : {s['until_serving_s']:7.1f} s")
-    print(f"    ftctl deploy, restart : {r['until_serving_s']:7.1f} s  "
-          f"({_ratio(r['until_serving_s'], s['until_serving_s'])} of seed)")  # fmt: skip
-    print(f"    ftctl deploy, reload  : {h['until_serving_s']:7.1f} s  "
-          f"({_ratio(h['until_serving_s'], s['until_serving_s'])} of seed)")  # fmt: skip
-    print("(b) failed requests during the deploy (2-thread load loop)")
-    for name, x in (("seed", s), ("ftctl restart", r), ("ftctl reload", h)):
-        print(f"    {name:14s}: {x['requests_failed']:5d} failed / "
-              f"{x['requests_ok'] + x['requests_failed']}, failing for "
-              f"{x['failing_window_s']:.1f} s ({x['errors']})")  # fmt: skip
-    print("(c) redeploy of an unchanged model: bytes over loopback")
-    fl, sl = f["redeploy_ftctl_lo_bytes"], f["redeploy_seed_lo_bytes"]
-    print(f"    seed scp -r : {sl:13,d} bytes")
-    print(f"    ftctl       : {fl:13,d} bytes (file data uploaded: "
-          f"{f['redeploy_ftctl_uploaded_bytes']}); seed/ftctl = {_ratio(sl, fl)}")  # fmt: skip
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        print(json.dumps(figures, indent=2, default=str))
+    else:
+        print("\n".join(lines))
