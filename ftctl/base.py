@@ -8,7 +8,6 @@ every CJK ideograph + ASCII + punctuation (~21k, like the real model's 21128).
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ from ftctl import model as M
 from ftctl.config import TrainConfig
 from ftctl.data import load_examples
 from ftctl.errors import ConfigError, Problem
-from ftctl.fsutil import atomic_dir, sha256_file
-from ftctl.manifest import git_commit, package_versions, write_manifest
+from ftctl.fsutil import sha256_file
+from ftctl.manifest import git_commit, package_versions
 from ftctl.progress import NULL, Reporter
 from ftctl.train import (
     TrainResult,
@@ -30,6 +29,7 @@ from ftctl.train import (
     hyperparameters,
     mix_data,
     resolve_device,
+    write_final,
 )
 
 LAYERS = 12
@@ -158,11 +158,7 @@ def build_base(cfg: BaseConfig, *, reporter: Reporter = NULL) -> TrainResult:
         "git_commit": git_commit(),
         "image_id": None,
     }
-    final = out_dir / "final"
-    with atomic_dir(final, overwrite=True) as tmp:
-        M.save_classifier(model, tokenizer, tmp)
-        manifest = write_manifest(tmp, payload)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    final, manifest = write_final(out_dir, model, tokenizer, payload)
     return TrainResult(
         final_dir=final,
         manifest=manifest,

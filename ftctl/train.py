@@ -618,6 +618,17 @@ def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
+def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any]):
+    """OUTPUT/final/ (weights, tokenizer, manifest) built beside and renamed, so it appears only
+    when complete; the checkpoints are dropped once it exists. Returns (final, manifest)."""
+    final = out_dir / "final"
+    with atomic_dir(final, overwrite=True) as tmp:
+        M.save_classifier(model, tokenizer, tmp)
+        manifest = write_manifest(tmp, payload)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return final, manifest
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -790,11 +801,7 @@ def train(
         "git_commit": git_commit(),
         "image_id": image_id,
     }
-    final = out_dir / "final"
-    with atomic_dir(final, overwrite=True) as tmp:
-        M.save_classifier(model, tokenizer, tmp)
-        manifest = write_manifest(tmp, payload)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    final, manifest = write_final(out_dir, model, tokenizer, payload)
     return TrainResult(
         final_dir=final,
         manifest=manifest,
