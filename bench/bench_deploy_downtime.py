@@ -10,10 +10,9 @@ restart command, and ftctl with a reload (SIGHUP: `ftctl serve` loads beside and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from deploykit import cache_arg, emit, model_digest, rig, timed
+from deploykit import FTCTL_RELOAD, SEED, cache_arg, emit, rig
 
 
 def main() -> int:
@@ -21,20 +20,8 @@ def main() -> int:
     cache_arg(ap)
     args = ap.parse_args()
     with rig(args.cache) as r:
-        digest = model_digest(r.new)
-        runs = {}
-        for name, fn in (
-            ("seed scp -r + restart", r.seed_deploy()),
-            ("ftctl deploy (restart)", r.ftctl_deploy()),
-            (
-                "ftctl deploy (reload)",
-                r.ftctl_deploy(dataclasses.replace(r.cfg, reload_cmd=r.sup.reload_cmd)),
-            ),
-        ):
-            print(f"{name} ...", flush=True)
-            r.reset()
-            runs[name] = timed(fn, r.port, digest, load_threads=2)
-    seed = runs["seed scp -r + restart"]["requests_failed"]
+        runs = r.compare(load_threads=2)
+    seed = runs[SEED]["requests_failed"]
     lines = ["\nfailed requests during the deploy (2 request loops)"]
     for name, x in runs.items():
         total = x["requests_ok"] + x["requests_failed"]
@@ -42,7 +29,7 @@ def main() -> int:
             f"  {name:24s}: {x['requests_failed']:5d} failed of {total:5d}, failing for "
             f"{x['failing_window_s']:.1f} s {x['errors'] or ''}"
         )
-    best = runs["ftctl deploy (reload)"]["requests_failed"]
+    best = runs[FTCTL_RELOAD]["requests_failed"]
     lines.append(f"  seed / ftctl (reload): {seed} / {best} failed requests")
     emit({"runs": runs}, args.json, lines)
     return 0

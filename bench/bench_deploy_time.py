@@ -9,10 +9,9 @@ The clock runs from the start of the deploy until /health reports the new model'
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from deploykit import cache_arg, emit, model_digest, ratio, rig, timed
+from deploykit import SEED, cache_arg, emit, ratio, rig
 
 
 def main() -> int:
@@ -20,20 +19,8 @@ def main() -> int:
     cache_arg(ap)
     args = ap.parse_args()
     with rig(args.cache) as r:
-        digest = model_digest(r.new)
-        runs = {}
-        for name, fn in (
-            ("seed scp -r + restart", r.seed_deploy()),
-            ("ftctl deploy (restart)", r.ftctl_deploy()),
-            (
-                "ftctl deploy (reload)",
-                r.ftctl_deploy(dataclasses.replace(r.cfg, reload_cmd=r.sup.reload_cmd)),
-            ),
-        ):
-            print(f"{name} ...", flush=True)
-            r.reset()
-            runs[name] = timed(fn, r.port, digest, load_threads=0)
-    seed = runs["seed scp -r + restart"]["until_serving_s"]
+        runs = r.compare(load_threads=0)
+    seed = runs[SEED]["until_serving_s"]
     lines = [f"\nmodel: {r.model_bytes / 1e6:.0f} MB; wall time until the service answers with it"]
     for name, x in runs.items():
         t = x["until_serving_s"]

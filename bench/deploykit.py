@@ -220,6 +220,10 @@ def timed(fn, port: int, digest: str, *, load_threads: int = 2) -> dict:
     }
 
 
+SEED = "seed scp -r + restart"
+FTCTL_RELOAD = "ftctl deploy (reload)"
+
+
 @dataclasses.dataclass
 class Rig:
     """Everything a figure needs: the models, the server and a deploy config for it."""
@@ -250,6 +254,22 @@ class Rig:
 
     def reset(self) -> None:
         reset_remote(self.remote_dir, self.old, self.sup, self.port)
+
+    def compare(self, *, load_threads: int) -> dict[str, dict]:
+        """The seed's deploy, ftctl with restart, ftctl with reload: each from the seed's
+        starting state (a real final/ directory serving the old model), timed under load."""
+        reload_cfg = dataclasses.replace(self.cfg, reload_cmd=self.sup.reload_cmd)
+        digest = model_digest(self.new)
+        runs = {}
+        for name, fn in (
+            (SEED, self.seed_deploy()),
+            ("ftctl deploy (restart)", self.ftctl_deploy()),
+            (FTCTL_RELOAD, self.ftctl_deploy(reload_cfg)),
+        ):
+            print(f"{name} ...", flush=True)
+            self.reset()
+            runs[name] = timed(fn, self.port, digest, load_threads=load_threads)
+        return runs
 
 
 def cache_arg(ap: argparse.ArgumentParser) -> None:
