@@ -22,10 +22,21 @@ from ftctl.errors import FtctlError, GateFailed
 from ftctl.progress import NULL, Reporter
 
 # The stand-in base model is tiny (hidden 64) and trained from scratch: the seed's 5e-6 suits a
-# pretrained 100M-parameter model and would not move it in a few epochs. 2e-4 with the seed's
-# other measures (replay 0.5, 8 frozen layers, early stopping, batch 8) does.
-DEMO_LR = 2e-4
-DEMO_EPOCHS = 6
+# pretrained 100M-parameter model and would not move it in a few epochs. 5e-4 with the seed's
+# other measures (8 frozen layers, early stopping, batch 8) does; at 2e-4 early stopping ends
+# some runs before the pairs are learned (docs/data.md, "The demo story").
+DEMO_LR = 5e-4
+DEMO_EPOCHS = 8
+DEMO_PATIENCE = 3
+# The seed's FAQ: raise replay to 0.7-0.8 when other intents drop. They do here at 0.5 (a model
+# trained from scratch has no pretrained lower layers to protect): SCHEDULE_QUERY, CLOCK_OUT and
+# PRODUCTION_PLAN lost 16-40 points and the gate failed. 0.7 replays all of the original data.
+DEMO_REPLAY = 0.7
+REPLAY_WHY = (
+    "replay {ratio} instead of the seed's 0.5: the seed's FAQ raises it to 0.7-0.8 when other "
+    "intents drop, and at 0.5 this small model trained from scratch forgets SCHEDULE_QUERY, "
+    "CLOCK_OUT and PRODUCTION_PLAN (16-40 points) and fails the gate"
+)
 # The seed document's own examples: what the live service must answer after a deploy.
 SEED_EXAMPLES = (
     ("查看在产批次", "PROCESSING_BATCH_LIST"),
@@ -43,9 +54,9 @@ class DemoConfig:
     lr: float = DEMO_LR  # learning rate for the small stand-in model (see DEMO_LR)
     epochs: int = DEMO_EPOCHS  # upper bound; early stopping usually ends sooner
     batch_size: int = 8  # seed
-    replay_ratio: float = 0.5  # seed
+    replay_ratio: float = DEMO_REPLAY  # seed's FAQ value when other intents drop (see REPLAY_WHY)
     freeze_layers: int = 8  # seed
-    patience: int = 2  # early stopping
+    patience: int = DEMO_PATIENCE  # early stopping
     seed: int = 42
     samples: int = 500  # eval draw (seed: comprehensive_test.py 500 12345)
     eval_seed: int = 12345
@@ -246,6 +257,8 @@ def _train(cfg: DemoConfig, new: Path, base: Path, out: Path, reporter: Reporter
         f"epochs; lr {tc.lr:g} for this small stand-in model (the seed's 5e-6 is meant for the "
         "pretrained 100M-parameter chinese-roberta-wwm-ext)"
     )
+    if tc.replay_ratio > 0.5:
+        reporter.info(REPLAY_WHY.format(ratio=tc.replay_ratio))
     return train(tc, reporter=reporter).final_dir
 
 

@@ -30,7 +30,13 @@ def flat(output: str) -> str:
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
 PAIR_INTENTS = INTENTS[:5]
-GUARD_INTENTS = ("MATERIAL_RECEIVE", "SHIPMENT_CREATE", "REPORT_DAILY")
+GUARD_INTENTS = (
+    "MATERIAL_RECEIVE",
+    "CLOCK_OUT",
+    "SCHEDULE_QUERY",
+    "SHIPMENT_CREATE",
+    "REPORT_DAILY",
+)
 INCREMENTAL_INTENTS = (*PAIR_INTENTS, *GUARD_INTENTS)
 TRAINING_FILES = (
     "original_training_data.jsonl",
