@@ -343,7 +343,7 @@ def _deploy(model: Path, server: LocalServer, smoke, reporter: Reporter) -> dict
 
 def run_demo(cfg: DemoConfig, *, reporter: Reporter = NULL) -> DemoResult:
     """Run the whole demo; raises the failing stage's FtctlError (GateFailed: exit 4)."""
-    work = cfg.workdir
+    work = cfg.workdir.resolve()
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)

@@ -72,7 +72,7 @@ class LocalSSHD:
                 "OpenSSH server not installed (no /usr/sbin/sshd)",
                 hint="apt-get install -y openssh-server (or run: bash .ci/setup)",
             )
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # daemons chdir: every path absolute
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.user = user or os.environ.get("USER") or "root"
         self.port = free_port()
@@ -139,7 +139,7 @@ class Supervisor:
 
     def __init__(self, workdir: Path, command: list[str], *, name: str = "python-services",
                  env: dict[str, str] | None = None) -> None:  # fmt: skip
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # daemons chdir: every path absolute
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.command = command

@@ -156,9 +156,14 @@ def reporter(ctx: typer.Context) -> RichReporter:
     return RichReporter(err, quiet=st.quiet or st.json)
 
 
-def silence_libraries() -> None:
-    """transformers' own bars and advisories would drown ours."""
+def silence_libraries(debug: bool = False) -> None:
+    """transformers' own bars and advisories (and paramiko's tracebacks of a failed SSH
+    handshake, which ftctl reports as an error with a hint) would drown ours."""
+    import logging
     import os
+
+    if not debug:
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -81,7 +81,7 @@ def root(
     st = common.state(ctx)
     st.debug, st.quiet = debug, quiet
     st.config = load_config(find_config(config))
-    common.silence_libraries()
+    common.silence_libraries(debug)
 
 
 def _register() -> None:
