@@ -82,7 +82,7 @@ def _live_table(res) -> Table:
         title=f"live service {res.server_url}: before and after the deploy", title_justify="left"
     )
     for col in ("text", "expected", "before", "after"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for row in showcase_table(res.live_before, res.live_after):
         table.add_row(
             row["text"],
