@@ -195,10 +195,12 @@ def _subcommand_ctx(ctx: typer.Context, names: list[str], args: list[str]):
 
 
 def _in_image(ctx, names: list[str], args: list[str], gpus, image) -> dict[str, Any]:
+    import sys
+
     from ftctl.cli.docker_run import rerun_in_docker
 
     sub = _subcommand_ctx(ctx, names, args)
-    code = rerun_in_docker(sub, gpus=gpus, image=image)
+    code = rerun_in_docker(sub, gpus=gpus, image=image, stdout=sys.stderr.buffer)
     if code != 0:
         raise StageFailed(f"`ftctl {' '.join(names)}` in the image exited {code}", code)
     return {"in_image": True}

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import Any
+from typing import IO, Any
 
 import click
 import typer
@@ -195,8 +195,11 @@ def plan(ctx: click.Context, project: Path | None = None) -> tuple[list[str], li
     return argv, mapper.mounts()
 
 
-def rerun_in_docker(ctx: typer.Context, *, gpus: str | None, image: str | None) -> int:
-    """Run this same command inside the training image; return its exit code."""
+def rerun_in_docker(
+    ctx: typer.Context, *, gpus: str | None, image: str | None, stdout: IO[bytes] | None = None
+) -> int:
+    """Run this same command inside the training image; return its exit code. Its stdout goes
+    to ``stdout`` (default: ours; the pipeline sends it to stderr to keep its JSON clean)."""
     cfg = common.config(ctx).image
     gpus = gpus or cfg.gpus
     if gpus != "auto":
@@ -212,7 +215,7 @@ def rerun_in_docker(ctx: typer.Context, *, gpus: str | None, image: str | None) 
         user=os.environ.get("FTCTL_DOCKER_USER") or None,
         gpus=gpus,
         network_mode=cfg.network,
-        stdout=sys.stdout.buffer,
+        stdout=stdout or sys.stdout.buffer,
         stderr=sys.stderr.buffer,
         reporter=common.reporter(ctx),
     )

@@ -206,8 +206,21 @@ def trained(tmp_path_factory, tiny_model_dir, ftctl_image):
     for p in [base / "outside", *model.rglob("*"), model]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     _chown_tree(root, UID)
-    args = ["train", "--new-data", "data/new.jsonl", "--model-path", str(model), "--epochs", "1",
-            "--seed", "3", "--batch-size", "8", "--freeze-layers", "8"]  # fmt: skip
+    args = [
+        "train",
+        "--new-data",
+        "data/new.jsonl",
+        "--model-path",
+        str(model),
+        "--epochs",
+        "1",
+        "--seed",
+        "3",
+        "--batch-size",
+        "8",
+        "--freeze-layers",
+        "8",
+    ]
     old = Path.cwd()
     os.chdir(root)
     try:
@@ -216,9 +229,9 @@ def trained(tmp_path_factory, tiny_model_dir, ftctl_image):
             runs = {}
             for name in ("docker1", "docker2"):
                 res = runner.invoke(
-                    app, [*args, "--output-path", f"models/{name}", "--docker", "--image",
-                          ftctl_image]
-                )  # fmt: skip
+                    app,
+                    [*args, "--output-path", f"models/{name}", "--docker", "--image", ftctl_image],
+                )
                 runs[name] = res
             runs["host"] = runner.invoke(app, [*args, "--output-path", "models/host"])
     finally:
@@ -253,3 +266,49 @@ def test_container_and_host_weights_are_identical_with_the_same_torch_build(trai
     a = (root / "models" / "docker1" / "final" / "model.safetensors").read_bytes()
     h = (root / "models" / "host" / "final" / "model.safetensors").read_bytes()
     assert a == h
+
+
+def test_pipeline_runs_generate_and_train_in_the_image_then_gates_on_the_host(
+    tmp_path, tiny_model_dir, ftctl_image, monkeypatch
+):
+    root = tmp_path / "proj"
+    (root / "data").mkdir(parents=True)
+    (root / "models").mkdir()
+    shutil.copy(REPO / "data" / "incremental_samples.yaml", root / "data")
+    shutil.copy(REPO / "data" / "test_cases.jsonl", root / "data")
+    model = tmp_path / "live" / "final"  # outside the project: mounted read-only
+    shutil.copytree(tiny_model_dir, model)
+    _chown_tree(root, UID)
+    for p in [tmp_path, tmp_path / "live", model, *model.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("FTCTL_DOCKER_USER", f"{UID}:{UID}")
+    monkeypatch.delenv("FTCTL_CONFIG", raising=False)
+    result = runner.invoke(
+        app,
+        [
+            "pipeline",
+            "--docker",
+            "--image",
+            ftctl_image,
+            "--model-path",
+            str(model),
+            "--report-dir",
+            "reports",
+            "--skip-deploy",
+            "--json",
+        ],
+    )
+    assert result.stdout.lstrip().startswith("{"), result.output
+    doc = json.loads(result.stdout)
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert stages["generate"]["status"] == "ok", result.output
+    assert stages["generate"]["detail"] == {"in_image": True}
+    assert stages["train"]["status"] == "ok", result.output
+    manifest = json.loads((root / "models/incremental/final/manifest.json").read_text())
+    assert manifest["image_id"] == ftctl_image
+    assert (root / "models/incremental/final").stat().st_uid == UID
+    assert stages["gate"]["status"] in ("ok", "failed")  # ran on the host, on the image's output
+    assert (root / "reports" / "report.json").is_file()
+    assert stages["deploy"]["status"] == "skipped"
+    assert result.exit_code == doc["exit_code"]
