@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -21,6 +22,21 @@ class FtctlGroup(TyperGroup):
     """Turns FtctlError into a message + hint + documented exit code; tracebacks only with
     --debug. Works the same under ``main()`` and ``typer.testing.CliRunner``."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["ftctl.args"] = list(args)  # to know about --json before the command runs
+        return super().parse_args(ctx, args)
+
+    def _wants_json(self, ctx: click.Context) -> bool:
+        """--json was given: set by the command, or (for errors raised before the command
+        could set it: ftctl.toml, flag values, usage errors) found on the command line."""
+        args = ctx.meta.get("ftctl.args", [])
+        args = args[: args.index("--")] if "--" in args else args
+        return common.state(ctx).json or "--json" in args
+
+    def _write_json_error(self, payload: dict) -> None:
+        sys.stdout.write(json.dumps({"ok": False, **payload}, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -28,14 +44,33 @@ class FtctlGroup(TyperGroup):
             st = common.state(ctx)
             if st.debug:
                 traceback.print_exc()
-            if st.json:
-                sys.stdout.write(
-                    __import__("json").dumps({"ok": False, **exc.to_dict()}, ensure_ascii=False)
-                    + "\n"
-                )
+            if self._wants_json(ctx):
+                self._write_json_error(exc.to_dict())
             common.print_error(exc)
             raise typer.Exit(int(exc.exit_code)) from None
+        except click.UsageError as exc:  # click prints the usage and exits 2
+            if self._wants_json(ctx):
+                self._write_json_error(
+                    {
+                        "error": "UsageError",
+                        "message": exc.format_message(),
+                        "hint": "see the command's --help",
+                        "exit_code": int(ExitCode.USAGE),
+                        "problems": [],
+                    }
+                )
+            raise
         except KeyboardInterrupt:
+            if self._wants_json(ctx):
+                self._write_json_error(
+                    {
+                        "error": "Interrupted",
+                        "message": "interrupted",
+                        "hint": None,
+                        "exit_code": int(ExitCode.INTERRUPTED),
+                        "problems": [],
+                    }
+                )
             common.err.print("[yellow]interrupted[/]")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
 

@@ -69,3 +69,43 @@ def test_every_command_has_an_example_in_its_help():
         result = runner.invoke(app, [*cmd, "--help"])
         assert result.exit_code == 0, (cmd, result.output)
         assert "xample" in result.output, f"no example in `ftctl {' '.join(cmd)} --help`"
+
+
+def _one_json_error(result, exit_code: int) -> dict:
+    """stdout holds exactly one JSON document saying the command failed."""
+    import json
+
+    assert result.exit_code == exit_code, result.output
+    doc = json.loads(result.stdout)  # raises unless stdout is exactly one document
+    assert doc["ok"] is False and doc["exit_code"] == exit_code
+    return doc
+
+
+def test_json_error_document_for_a_bad_flag_value(tmp_path):
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path), "--samples", "0", "--json"])
+    doc = _one_json_error(result, ExitCode.USAGE)
+    assert doc["problems"][0]["field"] == "eval.samples"
+    gen = runner.invoke(app, ["data", "generate", "--per-intent", "0", "--json"])
+    assert _one_json_error(gen, ExitCode.USAGE)["problems"][0]["field"] == "data.per_intent"
+
+
+def test_json_error_document_for_a_bad_config_file(tmp_path):
+    cfg = tmp_path / "ftctl.toml"
+    cfg.write_text("[train]\nbogus = 1\n")
+    result = runner.invoke(app, ["--config", str(cfg), "eval", "--model", "m", "--json"])
+    doc = _one_json_error(result, ExitCode.USAGE)
+    assert doc["problems"][0]["field"] == "train.bogus"
+
+
+def test_json_error_document_for_a_usage_error():
+    result = runner.invoke(app, ["eval", "--samples", "abc", "--json"])
+    doc = _one_json_error(result, ExitCode.USAGE)
+    assert "--samples" in doc["message"]
+    missing = runner.invoke(app, ["eval", "--json"])
+    assert "--model" in _one_json_error(missing, ExitCode.USAGE)["message"]
+
+
+def test_no_json_on_stdout_without_the_flag():
+    result = runner.invoke(app, ["eval", "--model", "m", "--samples", "0"])
+    assert result.exit_code == ExitCode.USAGE
+    assert result.stdout == ""
