@@ -109,3 +109,16 @@ def test_no_json_on_stdout_without_the_flag():
     result = runner.invoke(app, ["eval", "--model", "m", "--samples", "0"])
     assert result.exit_code == ExitCode.USAGE
     assert result.stdout == ""
+
+
+def test_unwritable_output_path_is_an_error_not_a_traceback(tmp_path, repo_root):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    args = ["data", "generate", "--samples", str(repo_root / "data/incremental_samples.yaml")]
+    result = runner.invoke(app, [*args, "--out-dir", str(blocker)])
+    assert result.exit_code == ExitCode.ERROR
+    assert f"error: {blocker}: File exists" in result.output
+    assert "hint:" in result.output
+    assert "Traceback" not in result.output
+    as_json = runner.invoke(app, [*args, "--out-dir", str(blocker / "sub"), "--json"])
+    assert "Not a directory" in _one_json_error(as_json, ExitCode.ERROR)["message"]
