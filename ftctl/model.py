@@ -18,6 +18,10 @@ from ftctl.errors import ConfigError, ModelError
 SUPPORTED_TYPES = ("bert", "roberta")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MODEL_FILES = ("config.json",)
+_DAMAGED = (
+    "the model directory is damaged or incomplete: copy it again (or re-run `ftctl train` / "
+    "`ftctl base`); its manifest.json lists the sha256 of every file"
+)
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
@@ -37,7 +41,7 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     try:
         return json.loads(cfg.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{cfg}: not valid JSON: {exc}") from None
+        raise ModelError(f"{cfg}: not valid JSON: {exc}", hint=_DAMAGED) from None
 
 
 def read_labels(model_dir: str | Path) -> list[str]:
@@ -45,13 +49,20 @@ def read_labels(model_dir: str | Path) -> list[str]:
     cfg = read_config(model_dir)
     id2label = cfg.get("id2label")
     if not id2label:
-        raise ModelError(f"{model_dir}/config.json has no id2label: not a classifier")
+        raise ModelError(
+            f"{model_dir}/config.json has no id2label: not a classifier",
+            hint="pass a sequence-classification model (config.json with id2label/label2id)",
+        )
     try:
         pairs = sorted((int(k), v) for k, v in id2label.items())
     except ValueError:
-        raise ModelError(f"{model_dir}/config.json: id2label keys must be integers") from None
+        raise ModelError(
+            f"{model_dir}/config.json: id2label keys must be integers", hint=_DAMAGED
+        ) from None
     if [i for i, _ in pairs] != list(range(len(pairs))):
-        raise ModelError(f"{model_dir}/config.json: id2label ids are not 0..{len(pairs) - 1}")
+        raise ModelError(
+            f"{model_dir}/config.json: id2label ids are not 0..{len(pairs) - 1}", hint=_DAMAGED
+        )
     return [v for _, v in pairs]
 
 
@@ -79,7 +90,7 @@ def load_tokenizer(model_dir: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds here
-        raise ModelError(f"{model_dir}: cannot load the tokenizer: {exc}") from exc
+        raise ModelError(f"{model_dir}: cannot load the tokenizer: {exc}", hint=_DAMAGED) from exc
 
 
 def load_classifier(model_dir: str | Path, *, device: str = "cpu"):
@@ -94,7 +105,9 @@ def load_classifier(model_dir: str | Path, *, device: str = "cpu"):
             str(model_dir), local_files_only=True
         )
     except Exception as exc:
-        raise ModelError(f"{model_dir}: cannot load the model weights: {exc}") from exc
+        raise ModelError(
+            f"{model_dir}: cannot load the model weights: {exc}", hint=_DAMAGED
+        ) from exc
     model.to(device).eval()
     return model, tokenizer
 

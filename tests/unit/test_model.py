@@ -114,3 +114,23 @@ def test_split_forward_works_for_roberta_too():
         got = M.head_forward(model, hidden, mask, 2, cls_only=True)
     assert M.layer_count(model) == 4
     assert torch.allclose(full, got, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ({"config.json": b"{"}, "not valid JSON"),
+        ({"model.safetensors": b"garbage"}, "cannot load the model weights"),
+        ({"config.json": b'{"model_type": "bert", "id2label": {"a": "X"}}'}, "must be integers"),
+    ],
+)
+def test_damaged_model_directory_errors_carry_a_hint(tiny_model_dir, tmp_path, damage, message):
+    import shutil
+
+    model_dir = tmp_path / "final"
+    shutil.copytree(tiny_model_dir, model_dir)
+    for name, data in damage.items():
+        (model_dir / name).write_bytes(data)
+    with pytest.raises(ModelError, match=message) as info:
+        M.load_classifier(model_dir)
+    assert info.value.hint and "damaged" in info.value.hint
