@@ -143,6 +143,12 @@ def mix_data(
     n_replay = replay_count(len(new), replay_ratio, len(old))
     replay = stratified_sample(old, n_replay, seed) if n_replay else []
     train, val = stratified_split([*new, *replay], val_ratio, seed + 1)
+    if not val:  # no label has 2 examples: no validation loss, no early stopping, NaN metrics
+        raise DataError(
+            f"too little data: {len(new) + len(replay)} example(s) and no intent with at least "
+            "2, so there is nothing to validate on",
+            hint="give every intent several examples (`ftctl data generate` makes 120 each)",
+        )
     return Mix(
         train=train,
         val=val,

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ftctl.cli.main import app
 from ftctl.config import TrainConfig
 from ftctl.data import Example
-from ftctl.errors import ExitCode
+from ftctl.errors import DataError, ExitCode
 from ftctl.manifest import read_manifest, verify_manifest
 from ftctl.train import (
     mix_data,
@@ -480,3 +480,11 @@ def test_non_bert_model_is_a_clear_error(tmp_path, work):
     assert (
         res.exit_code == ExitCode.ERROR and "gpt2" in res.output and "not supported" in res.output
     )
+
+
+def test_data_without_a_validation_example_is_refused():
+    # one example per intent: the split has no validation set (metrics would be NaN)
+    with pytest.raises(DataError, match="nothing to validate on") as info:
+        mix_data([ex("甲", INTENTS[0]), ex("乙", INTENTS[1])], [], replay_ratio=0.0,
+                 val_ratio=0.1, seed=0)  # fmt: skip
+    assert info.value.hint
