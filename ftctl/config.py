@@ -336,7 +336,12 @@ def find_config(explicit: Path | None) -> Path | None:
         return explicit
     env = os.environ.get("FTCTL_CONFIG")
     if env:
-        return find_config(Path(env))
+        if not Path(env).is_file():
+            raise ConfigError(
+                f"config file not found: {env} (from $FTCTL_CONFIG)",
+                hint="fix or unset the FTCTL_CONFIG environment variable",
+            )
+        return Path(env)
     local = Path(CONFIG_FILE)
     return local if local.is_file() else None
 

@@ -74,8 +74,9 @@ def test_find_config_explicit_env_and_local(tmp_path, monkeypatch):
     assert find_config(None) == Path("ftctl.toml")
     assert find_config(path) == path
     monkeypatch.setenv("FTCTL_CONFIG", str(tmp_path / "missing.toml"))
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found") as info:
         find_config(None)
+    assert "FTCTL_CONFIG" in info.value.hint  # not "--config": the user passed no such flag
 
 
 def test_override_ignores_none_and_check_collects():
