@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ftctl.deploy import model_digest
+from ftctl.errors import FtctlError
 from ftctl.model import check_supported, read_labels
 
 MAX_BODY = 1 << 20
@@ -189,7 +190,13 @@ def _texts(req) -> tuple[list[str], bool]:
 
 
 def make_server(holder: ModelHolder, host: str, port: int, log=lambda m: None):
-    server = ThreadingHTTPServer((host, port), _handler(holder, log))
+    try:
+        server = ThreadingHTTPServer((host, port), _handler(holder, log))
+    except OSError as exc:  # port in use, privileged port, unknown address
+        raise FtctlError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint="another process may hold that port: stop it or pass --port / --host",
+        ) from exc
     server.daemon_threads = True
     return server
 

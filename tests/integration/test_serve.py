@@ -79,3 +79,13 @@ def test_reload_follows_the_link_and_a_broken_model_keeps_the_old_one(served, tm
     assert not holder.reload()
     code, body = _call(base, "/health")
     assert code == 200 and body["sha256"] == new and body["last_reload_error"]
+
+
+def test_a_port_in_use_is_a_clear_error(served):
+    from ftctl.errors import FtctlError
+
+    base, holder, _link = served
+    port = int(base.rsplit(":", 1)[1])
+    with pytest.raises(FtctlError, match=f"cannot listen on 127.0.0.1:{port}") as info:
+        make_server(holder, "127.0.0.1", port)
+    assert "--port" in info.value.hint
