@@ -367,6 +367,17 @@ def load_config(path: Path | None) -> Config:
                 for name, table in value.items()
                 if isinstance(table, dict)
             }
+            for name, table in value.items():
+                if not isinstance(table, dict):  # e.g. [deploy] hosts = [...]: no profile name
+                    problems.append(
+                        Problem(
+                            "not a profile: keys belong in a [deploy.<profile>] table "
+                            "(e.g. [deploy.production])",
+                            field=f"deploy.{name}",
+                        )
+                    )
+        elif key in _SECTIONS or key == "deploy":
+            problems.append(Problem(f"must be a table ([{key}])", field=key))
         else:
             known = ", ".join([*_SECTIONS, "deploy"])
             problems.append(Problem(f"unknown table (known: {known})", field=key))

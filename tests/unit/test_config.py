@@ -124,3 +124,14 @@ def test_bad_config_through_the_cli_exits_2(tmp_path):
     assert result.exit_code == ExitCode.USAGE
     assert "[data.per_intent]: expected int" in flat(result.output)
     assert "Traceback" not in result.output
+
+
+def test_deploy_keys_without_a_profile_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[deploy.hosts\]: not a profile") as info:
+        load_config(toml(tmp_path, '[deploy]\nhosts = ["root@10.0.0.5"]\n'))
+    assert info.value.problems[0].field == "deploy.hosts"
+
+
+def test_a_known_section_that_is_not_a_table_is_not_called_unknown(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[data\]: must be a table"):
+        load_config(toml(tmp_path, "data = 5\n"))
