@@ -189,6 +189,11 @@ class DeployConfig:
             out.append(Problem("must be an absolute path", field=f"{where}.remote_dir"))
         if "/" in self.link_name or not self.link_name:
             out.append(Problem("must be a plain name", field=f"{where}.link_name"))
+        for name in ("health_timeout", "connect_timeout", "command_timeout"):
+            if not getattr(self, name) > 0:
+                out.append(Problem("must be > 0 (seconds)", field=f"{where}.{name}"))
+        if self.min_free_factor < 0:
+            out.append(Problem("must be >= 0", field=f"{where}.min_free_factor"))
         return out
 
 

@@ -135,3 +135,10 @@ def test_deploy_keys_without_a_profile_are_reported(tmp_path):
 def test_a_known_section_that_is_not_a_table_is_not_called_unknown(tmp_path):
     with pytest.raises(ConfigError, match=r"\[data\]: must be a table"):
         load_config(toml(tmp_path, "data = 5\n"))
+
+
+def test_deploy_timeouts_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(toml(tmp_path, "[deploy.prod]\nhealth_timeout = -1\nconnect_timeout = 0\n"))
+    fields = {p.field for p in info.value.problems}
+    assert fields == {"deploy.prod.health_timeout", "deploy.prod.connect_timeout"}
