@@ -147,13 +147,16 @@ def _validate_file(path: Path, max_chars: int, labels: list[str] | None) -> dict
         result = read_examples(path, max_chars=max_chars, allowed_labels=labels)
         problems, n = result.problems, len(result.examples)
     except FtctlError as exc:
-        problems = exc.problems or [Problem(exc.message, file=str(path))]
+        message = exc.message.removeprefix(f"{path}: ")  # the location is printed once
+        problems = exc.problems or [Problem(message, file=str(path))]
         if exc.hint:
             problems = [
                 Problem(f"{p.message} (hint: {exc.hint})", p.file, p.line, p.field, p.severity)
                 for p in problems
             ]
         n = 0
+    if n == 0 and not problems:
+        problems = [Problem("no examples: the file is empty (or a CSV header alone)", str(path))]
     return {"file": str(path), "examples": n, "problems": problems}
 
 

@@ -289,3 +289,28 @@ def test_convert_drops_duplicates_with_a_warning(tmp_path):
     assert result.exit_code == 0
     assert "duplicate of line 1" in flat(result.output)
     assert len(read_examples(dst).examples) == 1
+
+
+def test_validate_reports_an_empty_file_as_an_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from ftctl.cli.main import app
+
+    empty_csv = tmp_path / "empty.csv"
+    empty_csv.write_text("user_input,intent_code\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "validate", str(empty_csv)])
+    assert result.exit_code == 3
+    assert "no examples" in result.output
+
+
+def test_validate_names_a_missing_file_once(tmp_path):
+    from typer.testing import CliRunner
+
+    from ftctl.cli.main import app
+
+    missing = str(tmp_path / "nope.jsonl")
+    result = CliRunner().invoke(app, ["data", "validate", missing])
+    assert result.exit_code == 3
+    flat = result.output.replace("\n", "")
+    assert f"{missing}: file not found" in flat
+    assert f"{missing}: {missing}" not in flat
