@@ -37,31 +37,31 @@ class FtctlGroup(TyperGroup):
         sys.stdout.write(json.dumps({"ok": False, **payload}, ensure_ascii=False) + "\n")
         sys.stdout.flush()
 
+    def _fail(self, ctx: click.Context, exc: FtctlError):
+        """error + hint on stderr (and the JSON document if --json), then the exit code."""
+        if common.state(ctx).debug:
+            traceback.print_exc()
+        if self._wants_json(ctx):
+            self._write_json_error(exc.to_dict())
+        common.print_error(exc)
+        raise typer.Exit(int(exc.exit_code)) from None
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FtctlError as exc:
-            st = common.state(ctx)
-            if st.debug:
-                traceback.print_exc()
-            if self._wants_json(ctx):
-                self._write_json_error(exc.to_dict())
-            common.print_error(exc)
-            raise typer.Exit(int(exc.exit_code)) from None
+            self._fail(ctx, exc)
         except OSError as exc:  # a path ftctl cannot write or read (a file where a directory
             # belongs, permissions, a full disk): an error with a hint, not a traceback
             where = f"{exc.filename}: " if exc.filename else ""
-            failure = FtctlError(
-                f"{where}{exc.strerror or exc}",
-                hint="check that path (a file where a directory belongs? permissions? free "
-                "space?); --debug shows where it happened",
+            self._fail(
+                ctx,
+                FtctlError(
+                    f"{where}{exc.strerror or exc}",
+                    hint="check that path (a file where a directory belongs? permissions? "
+                    "free space?); --debug shows where it happened",
+                ),
             )
-            if common.state(ctx).debug:
-                traceback.print_exc()
-            if self._wants_json(ctx):
-                self._write_json_error(failure.to_dict())
-            common.print_error(failure)
-            raise typer.Exit(int(failure.exit_code)) from None
         except click.UsageError as exc:  # click prints the usage and exits 2
             if self._wants_json(ctx):
                 self._write_json_error(
