@@ -30,32 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ftctl.config import DeployConfig  # noqa: E402
+from ftctl.demo import DEMO_INTENTS as INTENTS  # noqa: E402
 from ftctl.deploy import deploy, model_digest  # noqa: E402
 from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http  # noqa: E402
 from ftctl.remote import connect, parse_host  # noqa: E402
-
-INTENTS = [
-    "PROCESSING_BATCH_LIST",
-    "MATERIAL_BATCH_QUERY",
-    "CLOCK_IN",
-    "ATTENDANCE_TODAY",
-    "SHIPMENT_STATS",
-    "CLOCK_OUT",
-    "SHIPMENT_CREATE",
-    "INVENTORY_QUERY",
-    "QUALITY_INSPECTION",
-    "EQUIPMENT_STATUS",
-    "PRODUCTION_PLAN",
-    "ORDER_QUERY",
-    "LEAVE_REQUEST",
-    "SUPPLIER_QUERY",
-    "TRACE_PRODUCT",
-    "ALERT_LIST",
-    "COLD_CHAIN_TEMPERATURE",
-    "REPORT_DAILY",
-    "MATERIAL_RECEIVE",
-    "SCHEDULE_QUERY",
-]
 
 
 def build_base_size_model(out: Path, seed: int) -> Path:

@@ -45,6 +45,31 @@ SEED_EXAMPLES = (
 )
 
 
+# The 20 intents of the demo domain (shared/INTENTS.md), in catalog order.
+DEMO_INTENTS = (
+    "PROCESSING_BATCH_LIST",
+    "MATERIAL_BATCH_QUERY",
+    "CLOCK_IN",
+    "ATTENDANCE_TODAY",
+    "SHIPMENT_STATS",
+    "CLOCK_OUT",
+    "SHIPMENT_CREATE",
+    "INVENTORY_QUERY",
+    "QUALITY_INSPECTION",
+    "EQUIPMENT_STATUS",
+    "PRODUCTION_PLAN",
+    "ORDER_QUERY",
+    "LEAVE_REQUEST",
+    "SUPPLIER_QUERY",
+    "TRACE_PRODUCT",
+    "ALERT_LIST",
+    "COLD_CHAIN_TEMPERATURE",
+    "REPORT_DAILY",
+    "MATERIAL_RECEIVE",
+    "SCHEDULE_QUERY",
+)
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Options of ``ftctl demo``."""

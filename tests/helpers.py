@@ -5,30 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftctl.data import Example, write_examples
+from ftctl.demo import DEMO_INTENTS
 
 # The 20 intents of the demo domain (shared/INTENTS.md), in catalog order.
-INTENTS = (
-    "PROCESSING_BATCH_LIST",
-    "MATERIAL_BATCH_QUERY",
-    "CLOCK_IN",
-    "ATTENDANCE_TODAY",
-    "SHIPMENT_STATS",
-    "CLOCK_OUT",
-    "SHIPMENT_CREATE",
-    "INVENTORY_QUERY",
-    "QUALITY_INSPECTION",
-    "EQUIPMENT_STATUS",
-    "PRODUCTION_PLAN",
-    "ORDER_QUERY",
-    "LEAVE_REQUEST",
-    "SUPPLIER_QUERY",
-    "TRACE_PRODUCT",
-    "ALERT_LIST",
-    "COLD_CHAIN_TEMPERATURE",
-    "REPORT_DAILY",
-    "MATERIAL_RECEIVE",
-    "SCHEDULE_QUERY",
-)
+INTENTS = DEMO_INTENTS
 
 
 def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
