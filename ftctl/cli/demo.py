@@ -228,9 +228,14 @@ def pipeline_cmd(
         ),
     ] = None,
     test_data: Annotated[Path | None, typer.Option("--test-data", help="Test pool.")] = None,
-    report_dir: Annotated[Path, typer.Option("--report-dir", help="Eval report directory.")] = Path(
-        "reports"
-    ),
+    report_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--report-dir",
+            help="Eval report directory ([eval] report_dir, else reports/).",
+            show_default="reports",
+        ),
+    ] = None,
     profile: ProfileOpt = None,
     host: HostOpt = None,
     identity: IdentityOpt = None,
@@ -266,6 +271,7 @@ def pipeline_cmd(
     )
     train_cfg = override(train_cfg, new_data=data_cfg.out_dir / f"{data_cfg.name}.jsonl")
     eval_cfg = override(conf.eval, test_data=test_data, report_dir=report_dir)
+    eval_cfg = override(eval_cfg, report_dir=eval_cfg.report_dir or Path("reports"))
     check(data_cfg, train_cfg, eval_cfg)
     candidate = Path(train_cfg.output_path) / "final"
     deploy_target = None
@@ -313,7 +319,7 @@ def pipeline_cmd(
         if verdict["verdict"] == "FAIL":
             raise GateFailed(
                 "the candidate regresses:\n" + "\n".join(f"  {r}" for r in verdict["reasons"]),
-                hint=f"see {report_dir}/report.md",
+                hint=f"see {eval_cfg.report_dir}/report.md",
             )
         return {
             "verdict": verdict["verdict"],

@@ -81,3 +81,49 @@ def test_cli_without_deploy_target_is_a_usage_error(tmp_path, tiny_model_dir):
     result = runner.invoke(app, ["pipeline", "--model-path", str(tiny_model_dir)])
     assert result.exit_code == ExitCode.USAGE
     assert "no host to deploy to" in result.output
+
+
+def test_cli_runs_every_stage_on_the_host_with_values_from_ftctl_toml(
+    tmp_path, tiny_model_dir, repo_root
+):
+    cfg = tmp_path / "ftctl.toml"
+    cfg.write_text(
+        f"""
+[data]
+samples = "{repo_root / "data" / "incremental_samples.yaml"}"
+out_dir = "{tmp_path / "data"}"
+per_intent = 10
+
+[train]
+output_path = "{tmp_path / "out"}"
+epochs = 1
+
+[eval]
+test_data = "{repo_root / "data" / "test_cases.jsonl"}"
+samples = 40
+report_dir = "{tmp_path / "rep"}"
+""",
+        encoding="utf-8",
+    )
+    result = runner.invoke(
+        app,
+        [
+            "--config",
+            str(cfg),
+            "pipeline",
+            "--model-path",
+            str(tiny_model_dir),
+            "--skip-deploy",
+            "--json",
+        ],
+    )
+    doc = json.loads(result.stdout)
+    assert result.exit_code == doc["exit_code"]
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert stages["generate"]["status"] == "ok"
+    assert stages["generate"]["detail"]["examples"] == 100  # 10 intents x per_intent 10
+    assert stages["train"]["status"] == "ok"
+    assert (tmp_path / "out" / "final" / "manifest.json").is_file()
+    assert stages["gate"]["status"] in ("ok", "failed")  # a random tiny model: either verdict
+    assert (tmp_path / "rep" / "report.json").is_file()  # [eval] report_dir, not ./reports
+    assert stages["deploy"]["status"] == "skipped"
