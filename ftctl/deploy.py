@@ -695,13 +695,16 @@ def _go_live(
         restart(conn, cfg)
         hr.health = wait_healthy(conn, cfg, release_tag(release), reporter)
         hr.smoke = smoke_test(conn, cfg)
-    except DeployError as exc:
-        reporter.warn(f"{exc.message}; rolling back to {previous}")
-        _undo(conn, cfg, previous, exc, reporter)
+    except (DeployError, KeyboardInterrupt) as exc:  # Ctrl-C after the swap rolls back too
+        cause = exc
+        if isinstance(exc, KeyboardInterrupt):
+            cause = DeployError(f"{conn.host}: interrupted after the swap to {release}")
+        reporter.warn(f"{cause.message}; rolling back to {previous}")
+        _undo(conn, cfg, previous, cause, reporter)
         hr.rolled_back = True
         raise DeployError(
-            f"{exc.message}; rolled back to {previous}",
-            hint=exc.hint or "the previous model is live again",
+            f"{cause.message}; rolled back to {previous}",
+            hint=cause.hint or "the previous model is live again",
         ) from None
 
 

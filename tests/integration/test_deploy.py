@@ -174,6 +174,29 @@ def test_failing_health_after_restart_rolls_back(deploy_target, deploy_models):
     assert not entry["ok"] and entry["rolled_back"]
 
 
+def test_ctrl_c_after_the_swap_rolls_back(deploy_target, deploy_models, monkeypatch):
+    import ftctl.deploy as core
+
+    real_wait = core.wait_healthy
+    calls = []
+
+    def interrupted_once(*args, **kwargs):  # the user presses Ctrl-C while health is polled
+        calls.append(args)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(core, "wait_healthy", interrupted_once)
+    t = deploy_target
+    res = _deploy(t, deploy_models["b"], t.with_(reload_cmd=None))
+    assert isinstance(res.error, DeployError) and not isinstance(res.error, RollbackFailed)
+    assert "interrupted after the swap" in res.error.message
+    assert "rolled back" in res.error.message
+    assert t.link_target().endswith("-original")
+    t.wait_serving(model_digest(deploy_models["a"]), timeout=30)
+    assert not (t.remote_dir / ".deploy.lock").exists()
+
+
 def test_second_deploy_while_locked_is_refused_with_owner(deploy_target, deploy_models):
     t = deploy_target
     conn = t.connect()(t.specs()[0])
