@@ -19,40 +19,11 @@ from pathlib import Path
 
 from ftctl.deploy import model_digest
 from ftctl.errors import FtctlError
+from ftctl.evaluate import predict
 from ftctl.model import check_supported, read_labels
 
 MAX_BODY = 1 << 20
 MAX_BATCH = 256
-
-
-def _local_predict(model, tokenizer, texts, batch_size: int, max_length: int, device: str):
-    import torch
-
-    labels, scores = [], []
-    id2label = model.config.id2label
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[i : i + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        with torch.inference_mode():
-            probs = model(**enc).logits.float().softmax(-1)
-        best = probs.max(-1)
-        labels += [id2label[int(j)] for j in best.indices]
-        scores += [float(s) for s in best.values]
-    return labels, scores
-
-
-def _predict_fn():
-    try:  # the eval module's batched inference, when it is there
-        from ftctl.evaluate import predict
-
-        return predict
-    except ImportError:
-        return _local_predict
 
 
 @dataclass
@@ -70,8 +41,8 @@ class Predictor:
 
     def predict(self, texts: list[str]) -> tuple[list[str], list[float]]:
         with self.lock:
-            return _predict_fn()(
-                self.model, self.tokenizer, texts, 64, self.max_length, self.device
+            return predict(
+                self.model, self.tokenizer, texts, MAX_BATCH, self.max_length, self.device
             )
 
 
