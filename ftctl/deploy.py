@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ftctl import __version__
 from ftctl.errors import DeployError, FtctlError, LockHeld, ModelError, RollbackFailed
 from ftctl.fsutil import sha256_file, sha256_tree
+from ftctl.manifest import MANIFEST, read_manifest
 from ftctl.progress import NULL, Reporter
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
     from ftctl.config import DeployConfig
 
-MANIFEST = "manifest.json"
 EVAL_REPORT = "eval_report.json"
 LOCK = ".deploy.lock"
 LOG = "deploys.log"
@@ -60,17 +60,11 @@ def tree_digest(files: dict[str, str]) -> str:
 
 def manifest_files(model_dir: Path) -> dict[str, str] | None:
     """The manifest's ``files`` map {relpath: sha256}, or None without a manifest."""
-    path = model_dir / MANIFEST
-    if not path.is_file():
+    if not (model_dir / MANIFEST).is_file():
         return None
-    try:
-        files = json.loads(path.read_text(encoding="utf-8")).get("files")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise ModelError(
-            f"{path}: not a valid manifest: {exc}", hint="retrain, or delete it to deploy anyway"
-        ) from None
-    if not isinstance(files, dict) or not files:
-        raise ModelError(f"{path}: no 'files' map {{relpath: sha256}}", hint="retrain the model")
+    files = read_manifest(model_dir)["files"]
+    if not files:
+        raise ModelError(f"{model_dir / MANIFEST}: empty 'files' map", hint="retrain the model")
     return {str(k): str(v) for k, v in files.items()}
 
 
