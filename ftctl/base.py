@@ -28,7 +28,6 @@ from ftctl.train import (
     fit,
     hyperparameters,
     mix_data,
-    resolve_device,
     write_final,
 )
 
@@ -78,7 +77,7 @@ def build_base(cfg: BaseConfig, *, reporter: Reporter = NULL) -> TrainResult:
         raise ConfigError("--data and --output-path are required")
     examples = load_examples(cfg.data, what="training data")
     labels = sorted({ex.label for ex in examples})  # same ids however the file is ordered
-    device = resolve_device(cfg.device)
+    device = M.resolve_device(cfg.device)
     vocab = M.cjk_vocab(ex.text for ex in examples)
     tokenizer = M.build_char_tokenizer(vocab)
     model = M.build_classifier(

@@ -24,7 +24,8 @@ from typing import Any
 
 from ftctl.config import EvalConfig
 from ftctl.data import DEFAULT_MAX_CHARS, Example, load_examples
-from ftctl.errors import DataError, EnvironmentProblem, EvalError, Problem
+from ftctl.errors import DataError, EvalError, Problem
+from ftctl.model import resolve_device
 from ftctl.progress import NULL, Reporter
 
 SCHEMA_VERSION = 1
@@ -32,20 +33,6 @@ TOP_CONFUSIONS = 3  # per intent, in the report
 
 
 # --------------------------------------------------------------------------- inference
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda if torch sees a GPU, else cpu; ``cuda`` without a GPU is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EnvironmentProblem(
-            "--device cuda, but torch sees no CUDA GPU",
-            hint="use --device cpu (or auto), or run inside the training image with --gpus",
-        )
-    return device
 
 
 def predict(

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ftctl.errors import ConfigError, ModelError
+from ftctl.errors import ConfigError, EnvironmentProblem, ModelError
 
 SUPPORTED_TYPES = ("bert", "roberta")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -130,6 +130,20 @@ def save_classifier(model, tokenizer, out_dir: str | Path) -> Path:
     if not (out_dir / "vocab.txt").exists():
         write_vocab_txt(tokenizer, out_dir)
     return out_dir
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda if torch sees a GPU, else cpu; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem(
+            "--device cuda, but torch sees no CUDA GPU",
+            hint="use --device cpu (or auto), or run inside the training image with --gpus",
+        )
+    return device
 
 
 # --------------------------------------------------------------------------- building

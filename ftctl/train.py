@@ -32,7 +32,7 @@ from typing import Any
 from ftctl import model as M
 from ftctl.config import TrainConfig
 from ftctl.data import Example, load_examples
-from ftctl.errors import ConfigError, DataError, EnvironmentProblem, Problem, TrainError
+from ftctl.errors import ConfigError, DataError, Problem, TrainError
 from ftctl.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text, sha256_file
 from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
 from ftctl.progress import NULL, Reporter
@@ -548,19 +548,6 @@ class TrainResult:
         }
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EnvironmentProblem(
-            "--device cuda: no CUDA GPU is visible to torch",
-            hint="use --device cpu, or run with --docker --gpus all on a GPU host",
-        )
-    return name
-
-
 @contextlib.contextmanager
 def determinism(device: str) -> Iterator[dict[str, Any]]:
     """Deterministic kernels for the duration (restored after); yields what was set."""
@@ -678,7 +665,7 @@ def train(
             unknown[ex.label] = ex
     if unknown and not cfg.add_labels:
         raise _unknown_label_error(unknown, len(labels))
-    device = resolve_device(cfg.device)
+    device = M.resolve_device(cfg.device)
     model, tokenizer = M.load_classifier(model_path, device="cpu")
     n_layers = M.layer_count(model)
     if cfg.freeze_layers > n_layers:
