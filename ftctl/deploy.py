@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ftctl import __version__
 from ftctl.errors import DeployError, FtctlError, LockHeld, ModelError, RollbackFailed
 from ftctl.fsutil import sha256_file, sha256_tree
-from ftctl.manifest import MANIFEST, read_manifest
+from ftctl.manifest import MANIFEST, manifest_files, tree_digest
 from ftctl.progress import NULL, Reporter
 
 if TYPE_CHECKING:
@@ -50,29 +49,6 @@ _RELEASE_RE = re.compile(r"^\d{14}-(?P<tag>[0-9a-f]{8}|original)$")
 
 
 # --------------------------------------------------------------------------- the local model
-
-
-def tree_digest(files: dict[str, str]) -> str:
-    """One sha256 over a {relpath: sha256} map (the lines sha256sum would print, sorted)."""
-    lines = "".join(f"{sha}  {rel}\n" for rel, sha in sorted(files.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def manifest_files(model_dir: Path) -> dict[str, str] | None:
-    """The manifest's ``files`` map {relpath: sha256}, or None without a manifest."""
-    if not (model_dir / MANIFEST).is_file():
-        return None
-    files = read_manifest(model_dir)["files"]
-    if not files:
-        raise ModelError(f"{model_dir / MANIFEST}: empty 'files' map", hint="retrain the model")
-    return {str(k): str(v) for k, v in files.items()}
-
-
-def model_digest(model_dir: str | Path) -> str:
-    """The content digest of a model directory (the same one deploy names releases by)."""
-    model_dir = Path(model_dir)
-    files = manifest_files(model_dir)
-    return tree_digest(files if files is not None else sha256_tree(model_dir, exclude=(MANIFEST,)))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ sha256: deploy and eval verify a directory against it with :func:`verify_manifes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -106,3 +107,26 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}+dirty" if dirty else head
+
+
+def tree_digest(files: dict[str, str]) -> str:
+    """One sha256 over a {relpath: sha256} map (the lines sha256sum would print, sorted)."""
+    lines = "".join(f"{sha}  {rel}\n" for rel, sha in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def manifest_files(model_dir: Path) -> dict[str, str] | None:
+    """The manifest's ``files`` map {relpath: sha256}, or None without a manifest."""
+    if not (model_dir / MANIFEST).is_file():
+        return None
+    files = read_manifest(model_dir)["files"]
+    if not files:
+        raise ModelError(f"{model_dir / MANIFEST}: empty 'files' map", hint="retrain the model")
+    return {str(k): str(v) for k, v in files.items()}
+
+
+def model_digest(model_dir: str | Path) -> str:
+    """The content digest of a model directory (the same one deploy names releases by)."""
+    model_dir = Path(model_dir)
+    files = manifest_files(model_dir)
+    return tree_digest(files if files is not None else sha256_tree(model_dir, exclude=(MANIFEST,)))

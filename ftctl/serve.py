@@ -17,9 +17,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from ftctl.deploy import model_digest
 from ftctl.errors import FtctlError
 from ftctl.evaluate import predict
+from ftctl.manifest import model_digest
 from ftctl.model import check_supported, read_labels
 
 MAX_BODY = 1 << 20

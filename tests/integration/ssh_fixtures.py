@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from ftctl.config import DeployConfig
-from ftctl.deploy import model_digest
 from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http
+from ftctl.manifest import model_digest
 from ftctl.remote import connect, parse_host
 from tests.helpers import make_tiny_model
 

@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.deploy import Hooks, deploy, model_digest, remote_lock, rollback
+from ftctl.deploy import Hooks, deploy, remote_lock, rollback
 from ftctl.errors import DeployError, ExitCode, HostKeyError, LockHeld, RollbackFailed
 from ftctl.fsutil import atomic_write_text, sha256_tree
+from ftctl.manifest import model_digest
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from ftctl.deploy import model_digest
+from ftctl.manifest import model_digest
 from ftctl.serve import ModelHolder, make_server
 from tests.helpers import INTENTS, make_tiny_model
 

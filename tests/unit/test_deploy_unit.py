@@ -16,14 +16,13 @@ from ftctl.deploy import (
     describe_lock,
     load_local_model,
     lock_owner,
-    model_digest,
     prune,
     release_key,
     release_tag,
-    tree_digest,
 )
 from ftctl.errors import ConfigError, ModelError
 from ftctl.fsutil import atomic_write_text, sha256_tree
+from ftctl.manifest import model_digest, tree_digest
 from ftctl.remote import parse_host
 
 
