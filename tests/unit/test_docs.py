@@ -596,7 +596,11 @@ def check_doc(path: Path, root: click.Command | None = None) -> list[str]:
     """Every problem of one doc file, as ``file:line: the line`` + what is wrong."""
     root = root or ftctl_root()
     problems: list[str] = []
-    for where in command_lines(path):
+    try:
+        lines = command_lines(path)
+    except yaml.YAMLError as exc:  # GitHub and GitLab would reject the file
+        lines, problems = [], [f"{rel(path)}: not valid YAML: {exc}"]
+    for where in lines:
         if not _MENTIONS_COMMAND.search(where.text):
             continue
         try:
@@ -808,6 +812,14 @@ def test_the_checker_sees_the_commands_of_the_docs():
                 target = python_target(words)
                 bench += bool(target) and target[1].startswith("bench/")
     assert ftctl >= 50 and bench >= 5, (ftctl, bench)
+
+
+def test_a_ci_file_that_is_not_yaml_is_reported(tmp_path: Path):
+    ci = tmp_path / "broken.yml"
+    ci.write_text("steps:\n  - name: Install ftctl (the host side: docker SDK)\n    run: ftctl\n")
+    problems = check_doc(ci, stand_in_cli())
+    assert len(problems) == 1 and "broken.yml: not valid YAML: mapping values" in problems[0]
+    assert "line 2, column 39" in problems[0]
 
 
 def test_ci_files_commands_are_read_with_their_lines():
