@@ -199,17 +199,51 @@ class DeployConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """``[serve]``: the reference inference service."""
+    """``[serve]``: the reference inference service (docs/serve.md)."""
 
     model_dir: Path | None = None  # model directory or the deploy link
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # ignored when systemd passes a socket (LISTEN_FDS)
     port: int = 8000
-    max_length: int = 64
+    max_length: int = 64  # tokens per text
+    device: str = "auto"  # auto | cpu | cuda; the model is moved there once, at load
+    threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
+    batch_size: int = 64  # most texts in one forward pass
+    batch_wait_ms: float = 3.0  # how long a request that finds the model idle waits for others
+    max_pending: int = 2048  # texts waiting for the model; one request more is answered 503
+    max_in_flight: int = 512  # requests handled at once; one more is answered 503
+    max_connections: int = 1024  # open connections; one more is answered 503
+    backlog: int = 2048  # listen backlog (the kernel caps it at net.core.somaxconn)
+    max_body: int = 1 << 20  # bytes of one request body; more is answered 413
+    max_texts: int = 256  # texts in one {"texts": [...]} request
+    max_chars: int = 1000  # characters of one text
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    body_timeout: float = 10.0  # seconds for a request's body to arrive (408)
+    predict_timeout: float = 30.0  # seconds to wait for the model's answer (504)
+    keep_alive: int = 5  # seconds an idle keep-alive connection stays open
+    graceful_timeout: float = 30.0  # SIGTERM: longest wait for the requests in flight
+    access_log: bool = False  # one JSON line per request on stderr
+    prediction_log: str | None = None  # JSONL path; default <dir of model_dir>/logs/...; "off"
+    log_texts: bool = True  # write the texts into the prediction log (false: lengths only)
+    log_max_bytes: int = 10 << 20  # rotate the prediction log past this size
+    log_backups: int = 5  # rotated files kept (predictions.jsonl.1 ... .N)
 
     def problems(self) -> list[Problem]:
+        out = []
         if not 0 <= self.port < 65536:
-            return [Problem("must be a TCP port", field="serve.port")]
-        return []
+            out.append(Problem("must be a TCP port", field="serve.port"))
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            out.append(Problem("must be auto, cpu, cuda or cuda:N", field="serve.device"))
+        positive = ("max_length", "batch_size", "max_pending", "max_in_flight",
+                    "max_connections", "backlog", "max_body", "max_texts", "max_chars",
+                    "header_timeout", "body_timeout", "predict_timeout", "keep_alive",
+                    "graceful_timeout", "log_max_bytes")  # fmt: skip
+        for name in positive:
+            if not getattr(self, name) > 0:
+                out.append(Problem("must be > 0", field=f"serve.{name}"))
+        for name in ("threads", "batch_wait_ms", "log_backups"):
+            if getattr(self, name) < 0:
+                out.append(Problem("must be >= 0", field=f"serve.{name}"))
+        return out
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Annotated
+
+# `ftctl serve`: a SIGHUP (reload) that comes while it starts must not kill it; this runs before
+# the slow imports below, and ftctl.serve.server.EarlySighup takes over once serve runs
+if "serve" in sys.argv[1:]:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 import click
 import typer
