@@ -247,6 +247,33 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class HarvestConfig:
+    """``[harvest]``: which logged answers deserve a human look (docs/serve.md, "Harvest")."""
+
+    log: str | None = None  # the JSONL log; default <remote_dir>/logs/predictions.jsonl
+    text_field: str = "text"  # field names of a log line (a.b for nested objects) ...
+    label_field: str = "label"
+    score_field: str = "score"
+    runner_up_field: str = "runner_up"
+    runner_up_score_field: str = "runner_up_score"
+    scores_field: str | None = None  # ... or one {label: probability} object instead
+    time_field: str = "time"  # ISO 8601 time (for --since)
+    max_score: float = 0.6  # an answer below this score is doubtful
+    min_margin: float = 0.15  # ... or one this close to the runner-up
+    pair_margin: float = 0.4  # ... or between a confused pair ([eval] pairs), this close
+    limit: int = 200  # rows in the review file, shared out across the predicted intents
+
+    def problems(self) -> list[Problem]:
+        out = []
+        for name in ("max_score", "min_margin", "pair_margin"):
+            if not 0 <= getattr(self, name) <= 1:
+                out.append(Problem("must be in [0, 1]", field=f"harvest.{name}"))
+        if self.limit < 1:
+            out.append(Problem("must be >= 1", field="harvest.limit"))
+        return out
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole ``ftctl.toml``."""
 
@@ -256,6 +283,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     deploy: dict[str, DeployConfig] = field(default_factory=dict)  # profile name -> config
     serve: ServeConfig = field(default_factory=ServeConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
     path: Path | None = None  # the file it came from, if any
 
     def deploy_profile(self, name: str | None) -> DeployConfig:
@@ -362,6 +390,7 @@ _SECTIONS = {
     "eval": EvalConfig,
     "image": ImageConfig,
     "serve": ServeConfig,
+    "harvest": HarvestConfig,
 }
 
 
@@ -421,7 +450,7 @@ def load_config(path: Path | None) -> Config:
             known = ", ".join([*_SECTIONS, "deploy"])
             problems.append(Problem(f"unknown table (known: {known})", field=key))
     cfg = Config(**kwargs)
-    for sec in (cfg.data, cfg.train, cfg.eval, cfg.image, cfg.serve):
+    for sec in (cfg.data, cfg.train, cfg.eval, cfg.image, cfg.serve, cfg.harvest):
         problems.extend(sec.problems())
     for name, prof in cfg.deploy.items():
         problems.extend(prof.problems(f"deploy.{name}"))

@@ -140,7 +140,7 @@ def root(
 
 
 def _register() -> None:
-    from ftctl.cli import data, demo, deploy, eval, image, serve, train
+    from ftctl.cli import data, demo, deploy, eval, harvest, image, serve, train
 
     app.add_typer(data.app, name="data")
     app.add_typer(image.app, name="image")
@@ -148,6 +148,7 @@ def _register() -> None:
     eval.register(app)  # eval
     deploy.register(app)  # deploy, rollback, releases
     serve.register(app)  # serve
+    harvest.register(app)  # harvest (import-review is under `data`)
     demo.register(app)  # demo, pipeline
 
 
