@@ -83,9 +83,13 @@ def serve_cmd(
         ),
     ] = None,
     access_log: Annotated[
-        bool,
-        typer.Option("--access-log/--no-access-log", help="One JSON line per request (stderr)."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="One JSON line per request (stderr).",
+            show_default="--no-access-log",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model: POST /predict {"text": ...} or {"texts": [...]}; GET /health.
 
@@ -105,7 +109,7 @@ def serve_cmd(
         model_dir=model_dir, host=host, port=port, max_length=max_length, device=device,
         threads=threads, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
         max_pending=max_pending, prediction_log=prediction_log, log_texts=log_texts,
-        graceful_timeout=graceful_timeout, access_log=access_log or None,
+        graceful_timeout=graceful_timeout, access_log=access_log,
     )  # fmt: skip
     check(cfg)
     if cfg.model_dir is None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -147,15 +146,16 @@ def serve(cfg: ServeConfig, *, log: Callable[[dict], None] = lambda event: None)
             predlog.reopen()
         app.holder.request_reload()
 
-    # uvicorn re-raises the SIGTERM it caught once it has drained: let that land here
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # a SIGTERM from now until uvicorn takes over is remembered; and uvicorn re-raises the
+    # SIGTERM it caught once it has drained: that lands here too, instead of killing us
+    stop = srv.EarlyStop().install()
     p = app.holder.current
     log({"event": "listening", "address": ", ".join(srv.address(s) for s in sockets),
          "inherited": bool(inherited),
          "sha256": p.sha256, "model_dir": p.model_dir, "device": p.device,
          "prediction_log": prediction_log_path(cfg)})  # fmt: skip
     try:
-        asyncio.run(srv.run_server(server, sockets, on_hup, early))
+        asyncio.run(srv.run_server(server, sockets, on_hup, early, stop))
     finally:
         log({"event": "stopping", "in_queue": app.batcher.pending})
         app.batcher.stop(timeout=cfg.graceful_timeout)

@@ -88,8 +88,9 @@ class Protocol(H11Protocol):
 
     def _header_timeout(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing() or self.cycle is not self._waiting_cycle:
-            return
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if self.transport.is_closing() or busy or self.cycle is not self._waiting_cycle:
+            return  # a request is being answered: not ours to cut
         if self._bytes_since_response:  # half a request: say why it is cut
             self.transport.write(
                 _raw_json(408, "Request Timeout", "request headers not received in time")
@@ -110,7 +111,8 @@ class Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self._draining:
+        idle = self.cycle is None or self.cycle.response_complete  # not a pipelined next one
+        if idle and not self.transport.is_closing() and not self._draining:
             self._arm_header_timer()
 
     # -- JSON for a request h11 cannot parse (bad Content-Length, bad request line, ...) --
@@ -228,6 +230,21 @@ def sd_notify(state: str) -> bool:
 # --------------------------------------------------------------------------- signals
 
 
+class EarlyStop:
+    """SIGTERM between the model load and uvicorn taking over its signals: remembered, and
+    the server stops as soon as it has started (nothing is in flight yet)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def install(self) -> EarlyStop:
+        signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, _sig, _frame) -> None:
+        self.pending = True
+
+
 class EarlySighup:
     """SIGHUP from the first moment: until the model is up, a SIGHUP only sets a flag
     (setting a flag is all a handler may safely do while anything else runs)."""
@@ -252,9 +269,15 @@ def ignore_sighup_early(argv: list[str]) -> None:
 
 
 async def run_server(
-    server, sockets: list[socket.socket], on_hup: Callable[[], None], early: EarlySighup
+    server,
+    sockets: list[socket.socket],
+    on_hup: Callable[[], None],
+    early: EarlySighup,
+    stop: EarlyStop,
 ) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP calls ``on_hup`` in the event loop."""
+    if stop.pending:
+        server.should_exit = True
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     if early.pending:  # came while loading: the link may have moved since the load began

@@ -125,6 +125,17 @@ def test_a_burst_of_300_clients_sending_2_requests_each_fails_none(live):
     assert batching["largest_batch"] > 1  # the burst was batched, not run one by one
 
 
+def test_pipelined_requests_on_one_connection_are_all_answered(live):
+    one = post("/predict", json.dumps({"text": "帮我打卡"}).encode())
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as s:
+        s.sendall(one + one + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 3:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+
+
 # --------------------------------------------------------------------------- bad requests
 
 BAD = [
