@@ -91,3 +91,21 @@ def test_harvest_refuses_an_unknown_host_key(tmp_path, sshd_server, served_remot
                                  "--remote-dir", str(remote)])  # fmt: skip
     assert result.exit_code == ExitCode.ENVIRONMENT
     assert "unknown host key" in result.output
+
+
+def test_the_demos_harvest_stage_reads_its_own_live_service_over_ssh(tmp_path, tiny_model_dir,
+                                                                      repo_root):  # fmt: skip
+    """The demo's last stage on the demo's own server (sshd + supervisor + ftctl serve), without
+    the hour of training before it (tests/integration/test_demo.py runs the whole demo)."""
+    from ftctl.demo import DemoConfig, LocalServer, _harvest
+
+    server = LocalServer(tmp_path / "server", tiny_model_dir, ssh=True).start()
+    try:
+        new_data = write_jsonl(tmp_path / "new.jsonl", [("帮我打卡", "CLOCK_IN")])
+        cfg = DemoConfig(data_dir=repo_root / "data", traffic=40, harvest_limit=10)
+        h = _harvest(cfg, server, new_data, tmp_path / "review.csv")
+    finally:
+        server.close()
+    assert h["log"] == f"{server.sshd.host}:{server.remote_dir}/logs/predictions.jsonl"
+    assert h["answers"] == 40 and 0 < h["rows"] <= 10 and h["top"]
+    assert (tmp_path / "review.csv").read_bytes().startswith(b"\xef\xbb\xbf")
