@@ -199,17 +199,78 @@ class DeployConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """``[serve]``: the reference inference service."""
+    """``[serve]``: the reference inference service (docs/serve.md)."""
 
     model_dir: Path | None = None  # model directory or the deploy link
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # ignored when systemd passes a socket (LISTEN_FDS)
     port: int = 8000
-    max_length: int = 64
+    max_length: int = 64  # tokens per text
+    device: str = "auto"  # auto | cpu | cuda; the model is moved there once, at load
+    threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
+    batch_size: int = 64  # most texts in one forward pass
+    batch_wait_ms: float = 3.0  # how long a request that finds the model idle waits for others
+    max_pending: int = 2048  # texts waiting for the model; one request more is answered 503
+    max_in_flight: int = 512  # requests handled at once; one more is answered 503
+    max_connections: int = 1024  # open connections; one more is answered 503
+    backlog: int = 2048  # listen backlog (the kernel caps it at net.core.somaxconn)
+    max_body: int = 1 << 20  # bytes of one request body; more is answered 413
+    max_texts: int = 256  # texts in one {"texts": [...]} request
+    max_chars: int = 1000  # characters of one text
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    body_timeout: float = 10.0  # seconds for a request's body to arrive (408)
+    predict_timeout: float = 30.0  # seconds to wait for the model's answer (504)
+    keep_alive: int = 5  # seconds an idle keep-alive connection stays open
+    graceful_timeout: float = 30.0  # SIGTERM: longest wait for the requests in flight
+    access_log: bool = False  # one JSON line per request on stderr
+    prediction_log: str | None = None  # JSONL path; default <dir of model_dir>/logs/...; "off"
+    log_texts: bool = True  # write the texts into the prediction log (false: lengths only)
+    log_max_bytes: int = 10 << 20  # rotate the prediction log past this size
+    log_backups: int = 5  # rotated files kept (predictions.jsonl.1 ... .N)
 
     def problems(self) -> list[Problem]:
+        out = []
         if not 0 <= self.port < 65536:
-            return [Problem("must be a TCP port", field="serve.port")]
-        return []
+            out.append(Problem("must be a TCP port", field="serve.port"))
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            out.append(Problem("must be auto, cpu, cuda or cuda:N", field="serve.device"))
+        positive = ("max_length", "batch_size", "max_pending", "max_in_flight",
+                    "max_connections", "backlog", "max_body", "max_texts", "max_chars",
+                    "header_timeout", "body_timeout", "predict_timeout", "keep_alive",
+                    "graceful_timeout", "log_max_bytes")  # fmt: skip
+        for name in positive:
+            if not getattr(self, name) > 0:
+                out.append(Problem("must be > 0", field=f"serve.{name}"))
+        for name in ("threads", "batch_wait_ms", "log_backups"):
+            if getattr(self, name) < 0:
+                out.append(Problem("must be >= 0", field=f"serve.{name}"))
+        return out
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """``[harvest]``: which logged answers deserve a human look (docs/serve.md, "Harvest")."""
+
+    log: str | None = None  # the JSONL log; default <remote_dir>/logs/predictions.jsonl
+    text_field: str = "text"  # field names of a log line (a.b for nested objects) ...
+    label_field: str = "label"
+    score_field: str = "score"
+    runner_up_field: str = "runner_up"
+    runner_up_score_field: str = "runner_up_score"
+    scores_field: str | None = None  # ... or one {label: probability} object instead
+    time_field: str = "time"  # ISO 8601 time (for --since)
+    max_score: float = 0.6  # an answer below this score is doubtful
+    min_margin: float = 0.15  # ... or one this close to the runner-up
+    pair_margin: float = 0.4  # ... or between a confused pair ([eval] pairs), this close
+    limit: int = 200  # rows in the review file, shared out across the predicted intents
+
+    def problems(self) -> list[Problem]:
+        out = []
+        for name in ("max_score", "min_margin", "pair_margin"):
+            if not 0 <= getattr(self, name) <= 1:
+                out.append(Problem("must be in [0, 1]", field=f"harvest.{name}"))
+        if self.limit < 1:
+            out.append(Problem("must be >= 1", field="harvest.limit"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -222,6 +283,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     deploy: dict[str, DeployConfig] = field(default_factory=dict)  # profile name -> config
     serve: ServeConfig = field(default_factory=ServeConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
     path: Path | None = None  # the file it came from, if any
 
     def deploy_profile(self, name: str | None) -> DeployConfig:
@@ -328,6 +390,7 @@ _SECTIONS = {
     "eval": EvalConfig,
     "image": ImageConfig,
     "serve": ServeConfig,
+    "harvest": HarvestConfig,
 }
 
 
@@ -387,7 +450,7 @@ def load_config(path: Path | None) -> Config:
             known = ", ".join([*_SECTIONS, "deploy"])
             problems.append(Problem(f"unknown table (known: {known})", field=key))
     cfg = Config(**kwargs)
-    for sec in (cfg.data, cfg.train, cfg.eval, cfg.image, cfg.serve):
+    for sec in (cfg.data, cfg.train, cfg.eval, cfg.image, cfg.serve, cfg.harvest):
         problems.extend(sec.problems())
     for name, prof in cfg.deploy.items():
         problems.extend(prof.problems(f"deploy.{name}"))

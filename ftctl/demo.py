@@ -2,7 +2,8 @@
 
 generate -> base classifier -> eval -> local "production" server (sshd + supervisor +
 ``ftctl serve``) -> incremental fine-tune -> gate -> deploy over SSH -> live predictions before
-and after. Everything lands under ``workdir`` (default models/demo/), which the demo owns.
+and after -> harvest of the live service's doubtful answers (its prediction log, over SSH).
+Everything lands under ``workdir`` (default models/demo/), which the demo owns.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class DemoConfig:
     ssh: bool = True  # deploy over SSH to a local sshd (else a local target, same deploy code)
     keep_serving: bool = False  # leave the local server running at the end
     showcase_per_intent: int = 2  # live predictions shown per pair intent
+    traffic: int = 300  # test utterances sent to the live service before the harvest
+    harvest_limit: int = 40  # rows of the demo's review file
 
 
 @dataclass
@@ -105,6 +108,7 @@ class DemoResult:
     live_after: list[dict[str, Any]] = field(default_factory=list)
     transport: str = ""
     server_url: str = ""
+    harvest: dict[str, Any] | None = None
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +124,7 @@ class DemoResult:
             "deploy": self.deploy,
             "transport": self.transport,
             "live": showcase_table(self.live_before, self.live_after),
+            "harvest": self.harvest,
             "stages": self.stages,
         }
 
@@ -363,6 +368,54 @@ def _deploy(model: Path, server: LocalServer, smoke, reporter: Reporter) -> dict
     return result.to_dict()
 
 
+def _harvest(cfg: DemoConfig, server: LocalServer, new_data: Path, out: Path) -> dict[str, Any]:
+    """Users' traffic to the live service, then `ftctl harvest` over the deploy's SSH."""
+    from ftctl.config import HarvestConfig
+    from ftctl.data import load_examples
+    from ftctl.harvest import LocalFiles, SFTPFiles, harvest, normalize, write_review
+    from ftctl.remote import connect, parse_host
+
+    tests = load_examples(cfg.data_dir / "test_cases.jsonl", what="test")[: cfg.traffic]
+    for i in range(0, len(tests), 16):
+        http_json(f"{server.url}/predict", {"texts": [ex.text for ex in tests[i : i + 16]]})
+    log = f"{server.remote_dir}/logs/predictions.jsonl"
+    exclude = {normalize(ex.text) for ex in load_examples(new_data)}
+    conn = None
+    if server.sshd is not None:
+        dc = server.deploy_config(())
+        conn = connect(parse_host(dc.hosts[0], dc.user, dc.port), dc)
+    try:
+        source = SFTPFiles(conn) if conn is not None else LocalFiles()
+        res = harvest(
+            [(source, log)], HarvestConfig(limit=cfg.harvest_limit), EvalConfig().pairs,
+            exclude=exclude,
+        )  # fmt: skip
+    finally:
+        if conn is not None:
+            conn.close()
+    write_review(out, res.rows, force=True)
+    top = sorted(res.rows, key=lambda c: c.doubt)[:8]
+    return {
+        "out": str(out),
+        "log": f"{source.name}:{log}",
+        "answers": res.stats.entries,
+        "distinct": res.distinct,
+        "doubtful": res.doubtful,
+        "rows": len(res.rows),
+        "per_reason": res.per_reason,
+        "top": [
+            {
+                "text": c.entry.text,
+                "predicted": c.entry.label,
+                "score": round(c.entry.score, 3),
+                "runner_up": c.entry.runner_up,
+                "reasons": sorted(c.reasons),
+            }
+            for c in top
+        ],
+    }
+
+
 # --------------------------------------------------------------------------- the demo
 
 
@@ -373,7 +426,7 @@ def run_demo(cfg: DemoConfig, *, reporter: Reporter = NULL) -> DemoResult:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     result = DemoResult(workdir=work, transport="ssh" if cfg.ssh else "local")
-    st = _Stages(result, reporter, 8)
+    st = _Stages(result, reporter, 9)
     pairs = EvalConfig().pairs
     showcase = showcase_cases(cfg.data_dir / "test_cases.jsonl", pairs, cfg.showcase_per_intent)
     server: LocalServer | None = None
@@ -416,6 +469,9 @@ def run_demo(cfg: DemoConfig, *, reporter: Reporter = NULL) -> DemoResult:
 
         st.begin("live predictions after the deploy")
         result.live_after = live_predictions(server.url, showcase)
+
+        st.begin("harvest: the live service's doubtful answers, over SSH, into a review file")
+        result.harvest = _harvest(cfg, server, new_data, work / "review.csv")
         st.end()
         return result
     except FtctlError:

@@ -303,3 +303,10 @@ def convert_cmd(
     common.out.print(
         Text.assemble("wrote ", (str(dst), "bold"), f": {len(result.examples)} examples from {src}")
     )
+
+
+# --------------------------------------------------------------------------- import-review
+# (the command lives beside `ftctl harvest`, which writes the file it reads)
+from ftctl.cli.harvest import import_review_cmd  # noqa: E402
+
+app.command("import-review")(import_review_cmd)

@@ -130,8 +130,9 @@ def demo_cmd(
     Generates the incremental data, trains a base classifier (a small stand-in for
     chinese-roberta-wwm-ext: it confuses the seed's three pairs), tests it, starts a local
     "production" server (real sshd + supervisor + `ftctl serve`), fine-tunes with the seed's
-    anti-forgetting strategies, gates candidate vs base, deploys over SSH and shows live
-    predictions before and after. Exit 4 if the gate fails, 0 when all went through.
+    anti-forgetting strategies, gates candidate vs base, deploys over SSH, shows live
+    predictions before and after, and ends with `ftctl harvest` of the live service's doubtful
+    answers into a review file. Exit 4 if the gate fails, 0 when all went through.
 
     Example: `ftctl demo` (or `ftctl demo --json > demo.json`)
     """
@@ -155,6 +156,8 @@ def demo_cmd(
     out.print(_before_after_table(res))
     out.print(_pairs_table(res))
     out.print(_live_table(res))
+    if res.harvest:
+        out.print(_harvest_table(res))
     dep = res.deploy["hosts"][0] if res.deploy and res.deploy.get("hosts") else {}
     out.print(
         f"gate: [bold green]{res.gate_report['gate']['verdict']}[/]   deployed "
@@ -171,8 +174,29 @@ def demo_cmd(
     out.print(
         "stages: " + ", ".join(f"{s['stage'].split(' (')[0]} {s['seconds']}s" for s in res.stages)
     )
+    if res.harvest:
+        out.print(
+            f"review file: {res.harvest['out']} ({res.harvest['rows']} rows): fill in the label "
+            f"column, then `ftctl data import-review {res.harvest['out']}`",
+            markup=False,
+        )
     if keep_serving:
         out.print(f"the server keeps running at {res.server_url} (supervisor in {workdir}/server)")
+
+
+def _harvest_table(res) -> Table:
+    h = res.harvest
+    table = Table(
+        title=f"harvest from the live service ({h['log']}): {h['doubtful']} doubtful of "
+        f"{h['distinct']} texts; the most doubtful",
+        title_justify="left",
+    )
+    for col in ("text", "predicted", "score", "runner-up", "why"):
+        table.add_column(col, overflow="fold")
+    for row in h["top"]:
+        table.add_row(row["text"], row["predicted"], f"{row['score']:.2f}",
+                      row["runner_up"] or "-", " ".join(row["reasons"]))  # fmt: skip
+    return table
 
 
 # --------------------------------------------------------------------------- pipeline

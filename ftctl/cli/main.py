@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Annotated
+
+# `ftctl serve`: a SIGHUP (reload) that comes while it starts must not kill it; this runs before
+# the slow imports below, and ftctl.serve.server.EarlySighup takes over once serve runs
+if "serve" in sys.argv[1:]:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 import click
 import typer
@@ -134,7 +140,7 @@ def root(
 
 
 def _register() -> None:
-    from ftctl.cli import data, demo, deploy, eval, image, serve, train
+    from ftctl.cli import data, demo, deploy, eval, harvest, image, serve, train
 
     app.add_typer(data.app, name="data")
     app.add_typer(image.app, name="image")
@@ -142,6 +148,7 @@ def _register() -> None:
     eval.register(app)  # eval
     deploy.register(app)  # deploy, rollback, releases
     serve.register(app)  # serve
+    harvest.register(app)  # harvest (import-review is under `data`)
     demo.register(app)  # demo, pipeline
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +13,13 @@ import typer
 from ftctl.cli import common
 from ftctl.config import check, override
 from ftctl.errors import ConfigError
+
+
+def _log_line(event: dict) -> None:
+    """One JSON object per line on stderr (journald, supervisor and `jq` read it as is)."""
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | event
+    sys.stderr.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+    sys.stderr.flush()
 
 
 def serve_cmd(
@@ -25,31 +35,86 @@ def serve_cmd(
     max_length: Annotated[
         int | None, typer.Option("--max-length", help="Tokens per text.", show_default="64")
     ] = None,
+    device: common.DeviceOpt = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="torch CPU threads (0: one per core).", show_default="0"),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Most texts in one forward pass.", show_default="64"),
+    ] = None,
+    batch_wait_ms: Annotated[
+        float | None,
+        typer.Option(
+            "--batch-wait-ms",
+            help="How long a request that finds the model idle waits for others to join it.",
+            show_default="3",
+        ),
+    ] = None,
+    max_pending: Annotated[
+        int | None,
+        typer.Option(
+            "--max-pending", help="Texts waiting for the model before 503.", show_default="2048"
+        ),
+    ] = None,
+    prediction_log: Annotated[
+        str | None,
+        typer.Option(
+            "--prediction-log",
+            help="JSONL log of every answer, or 'off'.",
+            show_default="<dir of --model-dir>/logs/predictions.jsonl",
+        ),
+    ] = None,
+    log_texts: Annotated[
+        bool | None,
+        typer.Option(
+            "--log-texts/--no-log-texts",
+            help="Write the texts into the prediction log (no: only their lengths).",
+            show_default="--log-texts",
+        ),
+    ] = None,
+    graceful_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--graceful-timeout",
+            help="On SIGTERM, the longest wait for requests in flight (s).",
+            show_default="30",
+        ),
+    ] = None,
     access_log: Annotated[
-        bool, typer.Option("--access-log/--no-access-log", help="Log every request to stderr.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="One JSON line per request (stderr).",
+            show_default="--no-access-log",
+        ),
+    ] = None,
 ) -> None:
-    """Serve a model: POST /predict {"text": ...} -> {"label", "score"}; GET /health.
+    """Serve a model: POST /predict {"text": ...} or {"texts": [...]}; GET /health.
 
-    `kill -HUP <pid>` loads the model the directory (link) points at now, beside the old one,
-    and swaps without failing a request: deploy with `reload_cmd` uses it.
+    Concurrent requests are batched into one forward pass. `kill -HUP <pid>` loads the model
+    the directory (link) points at now, beside the old one, and swaps without failing a
+    request; SIGTERM stops accepting, finishes the requests in flight and exits. Under systemd
+    socket activation (LISTEN_FDS) it serves the socket it is given (--host/--port unused).
+    Logs are JSON lines on stderr; every answer also goes to the prediction log (for
+    `ftctl harvest`). More settings: [serve] in ftctl.toml (docs/serve.md).
 
-    Example: `ftctl serve --model-dir /srv/models/classifier/final --port 8000`
+    Example: `ftctl serve --model-dir /srv/models/classifier/final --port 8000 --access-log`
     """
     from ftctl import serve as core
 
     cfg = override(
-        common.config(ctx).serve, model_dir=model_dir, host=host, port=port, max_length=max_length
-    )
+        common.config(ctx).serve,
+        model_dir=model_dir, host=host, port=port, max_length=max_length, device=device,
+        threads=threads, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+        max_pending=max_pending, prediction_log=prediction_log, log_texts=log_texts,
+        graceful_timeout=graceful_timeout, access_log=access_log,
+    )  # fmt: skip
     check(cfg)
     if cfg.model_dir is None:
         raise ConfigError("no model directory", hint="pass --model-dir DIR (or [serve] model_dir)")
-
-    def log(message: str) -> None:
-        if access_log or not message.startswith('"'):
-            common.err.print(message, markup=False, highlight=False)
-
-    core.serve(cfg.model_dir, cfg.host, cfg.port, max_length=cfg.max_length, log=log)
+    core.serve(cfg, log=_log_line)
 
 
 def register(app: typer.Typer) -> None:

@@ -68,3 +68,12 @@ def test_report_files_are_written(demo):
     report_dir = demo[1] / "reports" / "gate"
     for name in ("report.json", "report.md", "confusion_matrix.png", "per_intent_before_after.png"):
         assert (report_dir / name).is_file(), name
+
+
+def test_the_demo_ends_with_a_harvest_from_its_own_live_service(demo):
+    h = json.loads(demo[0].stdout)["harvest"]
+    assert h["log"].endswith("/logs/predictions.jsonl") and "@127.0.0.1:" in h["log"]  # SSH
+    assert h["answers"] >= 300 and 0 < h["rows"] <= 40 and h["top"]
+    review = demo[1] / "review.csv"
+    assert str(review) == h["out"] and review.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert len(review.read_text(encoding="utf-8-sig").splitlines()) == h["rows"] + 1

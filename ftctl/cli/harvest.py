@@ -1,0 +1,248 @@
+"""ftctl harvest (the live service's doubtful answers -> a review file) and
+ftctl data import-review (the reviewed file -> training data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ftctl.cli import common
+from ftctl.cli.deploy import (
+    AcceptKeyOpt,
+    AcceptNewOpt,
+    HostOpt,
+    IdentityOpt,
+    KnownHostsOpt,
+    ProfileOpt,
+    RemoteDirOpt,
+    _connector,
+    _target,
+)
+from ftctl.config import Config, check, override
+
+
+def _incremental_data(conf: Config) -> Path:
+    """The incremental data file: [train] new_data, else [data] out_dir/name.jsonl."""
+    return conf.train.new_data or conf.data.out_dir / f"{conf.data.name}.jsonl"
+
+
+def _known_texts(paths: list[Path]) -> set[str]:
+    from ftctl.data import read_examples
+    from ftctl.harvest import normalize
+
+    return {
+        normalize(ex.text)
+        for p in paths
+        if p.is_file()
+        for ex in read_examples(p, max_chars=10**6).examples
+    }
+
+
+def _summary(res, out: Path) -> None:
+    table = Table(title=f"harvest: {len(res.rows)} texts for review", title_justify="left")
+    for col in ("text", "predicted", "score", "runner-up", "reason", "seen"):
+        right = col in ("score", "seen")
+        table.add_column(col, overflow="fold", justify="right" if right else "left")
+    for c in res.rows[:15]:
+        e = c.entry
+        runner = f"{e.runner_up} {e.runner_up_score:.2f}" if e.runner_up_score is not None else "-"
+        table.add_row(e.text, e.label, f"{e.score:.2f}", runner, " ".join(sorted(c.reasons)),
+                      str(c.seen))  # fmt: skip
+    if len(res.rows) > 15:
+        table.add_row(f"... {len(res.rows) - 15} more in the file", "", "", "", "", "")
+    common.out.print(table)
+    s = res.stats
+    common.out.print(
+        f"read {s.entries} answers ({s.lines} lines, {len(s.files)} files); "
+        f"{res.distinct} distinct texts, {res.doubtful} doubtful, {res.excluded} already in the "
+        f"data; kept {len(res.rows)} across {len(res.per_intent)} intents",
+        markup=False,
+    )
+    if s.without_text:
+        common.out.print(f"{s.without_text} answers were logged without their text", markup=False)
+    common.out.print(Text.assemble("wrote ", (str(out), "bold")))
+    common.out.print(
+        f"next: fill in the label column (Excel/WPS), save, then: ftctl data import-review {out}",
+        markup=False,
+    )
+
+
+def harvest_cmd(
+    ctx: typer.Context,
+    profile: ProfileOpt = None,
+    host: HostOpt = None,
+    identity: IdentityOpt = None,
+    known_hosts: KnownHostsOpt = None,
+    remote_dir: RemoteDirOpt = None,
+    accept_host_key: AcceptKeyOpt = None,
+    accept_new_host_key: AcceptNewOpt = False,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            "--log",
+            help="The JSONL log: a path on the server, or a local file when neither --host "
+            "nor --profile is given.",
+            show_default="<remote_dir>/logs/predictions.jsonl",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="The review file (CSV).", show_default="data/review-<time>.csv"
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Rows in the review file.", show_default="200")
+    ] = None,
+    max_score: Annotated[
+        float | None,
+        typer.Option("--max-score", help="Doubtful below this score.", show_default="0.6"),
+    ] = None,
+    min_margin: Annotated[
+        float | None,
+        typer.Option(
+            "--min-margin", help="Doubtful this close to the runner-up.", show_default="0.15"
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only answers after this: 7d, 12h, 30m or a UTC date."),
+    ] = None,
+    exclude: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--exclude",
+            help="Leave out texts already in this data file; repeatable.",
+            show_default="the incremental data file",
+        ),
+    ] = None,
+    json_out: common.JsonOpt = False,
+) -> None:
+    """Pick the live service's doubtful answers for a human to label.
+
+    Reads the prediction log over the same SSH profile as `ftctl deploy` (or a local file
+    with --log), keeps answers with a low score, a close runner-up or a confused pair,
+    deduplicated and shared out across the predicted intents, and writes a CSV that opens in
+    Excel/WPS with an empty `label` column. Then: `ftctl data import-review FILE`.
+
+    Example: `ftctl harvest --profile prod --since 7d --out data/review.csv`
+    """
+    from ftctl import harvest as core
+
+    common.state(ctx).json = json_out
+    conf = common.config(ctx)
+    hcfg = override(conf.harvest, limit=limit, max_score=max_score, min_margin=min_margin)
+    check(hcfg)
+    since_iso = core.parse_since(since) if since else None
+    excluded = _known_texts(exclude if exclude is not None else [_incremental_data(conf)])
+    rep = common.reporter(ctx)
+    conns = []
+    try:
+        if profile is None and not host and log is not None:
+            sources = [(core.LocalFiles(), log)]
+        else:
+            cfg, hosts = _target(
+                ctx, profile, host, identity=identity, known_hosts=known_hosts,
+                remote_dir=remote_dir,
+            )  # fmt: skip
+            path = log or hcfg.log or f"{cfg.remote_dir.rstrip('/')}/logs/predictions.jsonl"
+            connect = _connector(cfg, accept_host_key, accept_new_host_key)
+            conns = [connect(spec) for spec in hosts]
+            sources = [(core.SFTPFiles(c), path) for c in conns]
+        res = core.harvest(
+            sources, hcfg, conf.eval.pairs, exclude=excluded, since=since_iso, progress=rep.info
+        )
+    finally:
+        for c in conns:
+            c.close()
+    target = out or core.default_review_path(conf.data.out_dir)
+    core.write_review(target, res.rows, force=force)
+    if json_out:
+        common.emit_json(ctx, {
+            "ok": True, "out": str(target), "files": res.stats.files,
+            "answers": res.stats.entries, "distinct": res.distinct, "doubtful": res.doubtful,
+            "already_in_data": res.excluded, "rows": len(res.rows),
+            "without_text": res.stats.without_text, "bad_lines": res.stats.bad_lines,
+            "per_intent": res.per_intent, "per_reason": res.per_reason,
+        })  # fmt: skip
+        return
+    _summary(res, target)
+
+
+def import_review_cmd(
+    ctx: typer.Context,
+    review: Annotated[Path, typer.Argument(help="The filled-in review file (CSV).")],
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            "--to",
+            help="Data file the reviewed rows are appended to (.jsonl or .csv).",
+            show_default="[train] new_data, else data/incremental_training_data.jsonl",
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="Allowed labels: a model directory or a file with one label per line "
+            "(default: those in the data and the review's predicted column).",
+        ),
+    ] = None,
+    against: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--against",
+            help="Also refuse texts labelled otherwise in this file; repeatable.",
+            show_default="[train] old_data",
+        ),
+    ] = None,
+    max_chars: Annotated[
+        int | None,
+        typer.Option("--max-chars", help="Longest allowed text.", show_default="128"),
+    ] = None,
+    json_out: common.JsonOpt = False,
+) -> None:
+    """Append the reviewed rows of a harvest's review file to the incremental data.
+
+    Rows with an empty label are left out. Every filled row is checked first (empty text,
+    unknown label, a text the data already has with another label, the same text with two
+    labels), each problem with its row number; with any problem nothing is written (exit 3).
+    The file may be saved from Excel/WPS as CSV UTF-8 or GB18030.
+
+    Example: `ftctl data import-review data/review-20261130-081500.csv --labels models/live/final`
+    """
+    from ftctl.cli.data import read_label_list
+    from ftctl.review import import_review
+
+    common.state(ctx).json = json_out
+    conf = common.config(ctx)
+    dcfg = override(conf.data, max_chars=max_chars)
+    check(dcfg)
+    target = to or _incremental_data(conf)
+    if against is None:
+        against = [conf.train.old_data] if conf.train.old_data else []
+    allowed = read_label_list(labels) if labels is not None else None
+    res = import_review(review, target, labels=allowed, against=against, max_chars=dcfg.max_chars)
+    if json_out:
+        common.emit_json(ctx, res.to_dict())
+        return
+    common.out.print(
+        Text.assemble(
+            "added ", (str(len(res.added)), "bold"), f" reviewed rows to {target}",
+            f" ({res.reviewed} of {res.rows} rows had a label; {res.already} already in the "
+            f"data, {res.repeated} repeated)",
+        )
+    )  # fmt: skip
+    if res.encoding != "utf-8-sig":
+        common.out.print(f"(read as {res.encoding})", markup=False)
+    common.out.print(f"next: ftctl train --new-data {target}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root app (import-review is under `ftctl data`)."""
+    app.command("harvest")(harvest_cmd)

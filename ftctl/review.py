@@ -1,0 +1,248 @@
+"""``ftctl data import-review``: a filled-in review file becomes training data.
+
+The review file is what ``ftctl harvest`` wrote, after a human filled in the ``label`` column
+(in Excel or WPS: saved as "CSV UTF-8", or plain "CSV", which Chinese Windows writes in
+GB18030; both are read). Rows with an empty label were not reviewed and are left out. Every
+filled row is checked, and every problem is reported with its row number (as the spreadsheet
+shows it: the header is row 1):
+
+- the text is empty or too long;
+- the label is not a known label (with the closest known one as a hint);
+- the text is already in the data (the target, or ``--against`` files) with another label,
+  or appears twice in the review with two labels.
+
+Only when no row has a problem are the reviewed rows appended to the target data file (JSONL
+or CSV), in one atomic write that keeps the existing bytes as they are. Rows whose text is
+already there with the same label are skipped, not added twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftctl.data import Example, file_format, read_examples, to_csv, to_jsonl
+from ftctl.errors import DataError, Problem
+from ftctl.fsutil import atomic_write_bytes
+from ftctl.harvest import from_cell, normalize
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    row: int  # spreadsheet row number (header = 1)
+    text: str
+    label: str
+    predicted: str
+
+
+@dataclass
+class ImportResult:
+    review: Path
+    target: Path
+    encoding: str
+    rows: int = 0  # data rows in the file
+    reviewed: int = 0  # rows with a label
+    added: list[Example] = field(default_factory=list)
+    already: int = 0  # same text, same label already in the data: skipped
+    repeated: int = 0  # the same text and label twice in the review: added once
+    problems: list[Problem] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": not self.problems,
+            "review": str(self.review),
+            "target": str(self.target),
+            "encoding": self.encoding,
+            "rows": self.rows,
+            "reviewed": self.reviewed,
+            "not_reviewed": self.rows - self.reviewed,
+            "added": len(self.added),
+            "already_in_data": self.already,
+            "repeated": self.repeated,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+def _decode(path: Path) -> tuple[str, str]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found", hint="check the path") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    for encoding in ("utf-8-sig", "gb18030"):
+        try:
+            return raw.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+    raise DataError(
+        f"{path}: neither UTF-8 nor GB18030",
+        hint="save it from Excel/WPS as 'CSV UTF-8 (comma delimited)'",
+    )
+
+
+def read_review(path: Path) -> tuple[list[ReviewRow], int, str]:
+    """(rows with a label, rows in the file, encoding)."""
+    content, encoding = _decode(path)
+    reader = csv.reader(io.StringIO(content, newline=""))
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise DataError(
+            f"{path}: empty file", hint="pass the review file ftctl harvest wrote"
+        ) from None
+    except csv.Error as exc:
+        raise DataError(f"{path}:1: invalid CSV: {exc}") from None
+    if "text" not in header or "label" not in header:
+        raise DataError(
+            f"{path}: the header must have 'text' and 'label' columns (found: {','.join(header)})",
+            hint="pass the review file ftctl harvest wrote, with its header row kept; "
+            "if Excel saved it with ';' between columns, save it again as CSV UTF-8",
+        )
+    ti, li = header.index("text"), header.index("label")
+    pi = header.index("predicted") if "predicted" in header else None
+    rows: list[ReviewRow] = []
+    n = 0
+    try:
+        for n, cells in enumerate(reader, start=1):
+            text, label, predicted = (
+                cells[i].strip() if i is not None and i < len(cells) else "" for i in (ti, li, pi)
+            )
+            if label:
+                rows.append(ReviewRow(n + 1, from_cell(text), label, predicted))
+    except csv.Error as exc:
+        raise DataError(f"{path}: row {n + 2}: invalid CSV: {exc}") from None
+    return rows, n, encoding
+
+
+def _existing(paths: Iterable[Path], max_chars: int) -> dict[str, Example]:
+    """normalized text -> the first example with it, over every file that exists."""
+    seen: dict[str, Example] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        for ex in read_examples(path, max_chars=max(max_chars, 10**6)).examples:
+            seen.setdefault(normalize(ex.text), ex)
+    return seen
+
+
+def check_rows(
+    rows: Sequence[ReviewRow],
+    review: Path,
+    labels: set[str],
+    existing: dict[str, Example],
+    max_chars: int,
+) -> tuple[list[Example], int, int, list[Problem]]:
+    """(new examples, already in data, repeated in review, problems)."""
+    file = str(review)
+    problems: list[Problem] = []
+    new: dict[str, tuple[ReviewRow, Example]] = {}
+    already = repeated = 0
+    for r in rows:
+        where = {"file": file, "line": r.row}
+        if not r.text.strip():
+            problems.append(Problem("empty text (the label is filled in)", field="text", **where))
+            continue
+        if len(r.text) > max_chars:
+            problems.append(
+                Problem(
+                    f"text is {len(r.text)} characters, over {max_chars}", field="text", **where
+                )
+            )
+            continue
+        if r.label not in labels:
+            close = difflib.get_close_matches(r.label.upper(), sorted(labels), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(Problem(f"unknown label '{r.label}'{hint}", field="label", **where))
+            continue
+        key = normalize(r.text)
+        old = existing.get(key)
+        if old is not None and old.label != r.label:
+            problems.append(
+                Problem(
+                    f"'{r.text}' is labelled {r.label} here but {old.label} in {old.source}",
+                    field="label",
+                    **where,
+                )
+            )
+            continue
+        if old is not None:
+            already += 1
+            continue
+        twin = new.get(key)
+        if twin is not None and twin[1].label != r.label:
+            problems.append(
+                Problem(
+                    f"'{r.text}' is labelled {r.label} here but {twin[1].label} in row "
+                    f"{twin[0].row}",
+                    field="label",
+                    **where,
+                )
+            )
+            continue
+        if twin is not None:
+            repeated += 1
+            continue
+        new[key] = (r, Example(r.text.strip(), r.label))
+    return [ex for _, ex in new.values()], already, repeated, problems
+
+
+def append_examples(target: Path, examples: Sequence[Example]) -> None:
+    """Append to a JSONL or CSV data file in one atomic write; existing bytes kept as is."""
+    fmt = file_format(target)
+    old = target.read_bytes() if target.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    if fmt == "jsonl":
+        new = to_jsonl(examples)
+    else:
+        new = to_csv(examples)
+        if old:  # the header is there already
+            new = new.split("\n", 1)[1]
+    atomic_write_bytes(target, old + new.encode("utf-8"))
+
+
+def import_review(
+    review: Path,
+    target: Path,
+    *,
+    labels: Iterable[str] | None = None,
+    against: Sequence[Path] = (),
+    max_chars: int = 128,
+) -> ImportResult:
+    """Check every reviewed row; append them to ``target`` only if none has a problem
+    (DataError listing all of them otherwise). ``labels`` None: the labels of the target
+    and ``against`` files plus the review's ``predicted`` column (the model's labels)."""
+    file_format(target)  # an unknown target format fails before anything is read
+    rows, total, encoding = read_review(review)
+    result = ImportResult(review, target, encoding, rows=total, reviewed=len(rows))
+    if not rows:
+        raise DataError(
+            f"{review}: no row has a label ({total} rows)",
+            hint="fill in the 'label' column of the rows you reviewed, save, and run this again",
+        )
+    existing = _existing([target, *against], max_chars)
+    if labels is None:
+        known = {ex.label for ex in existing.values()} | {r.predicted for r in rows}
+        labels = {lab for lab in known if lab}
+    new, result.already, result.repeated, result.problems = check_rows(
+        rows, review, set(labels), existing, max_chars
+    )
+    if result.problems:
+        shown = "\n".join(f"  {p}" for p in result.problems[:30])
+        more = len(result.problems) - 30
+        raise DataError(
+            f"{review}: {len(result.problems)} reviewed row(s) with problems; nothing "
+            f"imported:\n{shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
+            hint="fix those rows in the review file (or clear their label to leave them out) "
+            "and run this again",
+            problems=result.problems,
+        )
+    if new:
+        append_examples(target, new)
+    result.added = new
+    return result

@@ -1,0 +1,223 @@
+"""The model side of the service: one loaded model (:class:`Predictor`) and the holder that
+swaps in a new one on reload (:class:`ModelHolder`).
+
+A reload loads the model the link points at *now* beside the old one, warms it, then swaps
+one reference; batches already running finish on the old model, so a deploy that reloads
+instead of restarting fails zero requests. A model that does not load leaves the old one
+serving, and /health says so at once (``reload.state`` = ``failed``, ``last_reload_error``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftctl.manifest import model_digest
+from ftctl.model import check_supported, read_labels
+
+WARMUP_TEXT = "预热"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The best label of one text, and the runner-up (None for a one-label model)."""
+
+    label: str
+    score: float
+    runner_up: str | None
+    runner_up_score: float | None
+
+
+@dataclass
+class Predictor:
+    """One model, loaded once onto its device; never moved again."""
+
+    model_dir: str  # realpath it was loaded from
+    sha256: str  # content digest (ftctl.manifest.model_digest), as deploy names releases
+    labels: list[str]
+    model: object
+    tokenizer: object
+    max_length: int = 64
+    device: str = "cpu"
+    batch_size: int = 64  # texts per forward pass
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """Top-2 labels of every text, in input order: length-sorted forward passes of at most
+        ``batch_size`` texts under ``torch.inference_mode()`` (little padding per pass).
+
+        Not thread-safe (a fast tokenizer is not): the service calls it from one thread."""
+        import torch
+
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Prediction | None] = [None] * len(texts)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                enc = self.tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                probs = self.model(**enc).logits.float().softmax(-1)
+                top = probs.topk(min(2, probs.shape[-1]), dim=-1)
+                best = zip(idx, top.values.tolist(), top.indices.tolist(), strict=True)
+                for i, vals, ids in best:
+                    second = len(ids) > 1
+                    out[i] = Prediction(
+                        self.labels[ids[0]],
+                        vals[0],
+                        self.labels[ids[1]] if second else None,
+                        vals[1] if second else None,
+                    )
+        return out  # type: ignore[return-value]
+
+
+def load_predictor(
+    model_dir: str | Path, *, max_length: int = 64, device: str = "cpu", batch_size: int = 64
+) -> Predictor:
+    """Resolve the link now and load what it points at (cheap checks first, then the weights),
+    then run one warm-up pass so that the first request does not pay for lazy set-up."""
+    from ftctl.model import load_classifier, resolve_device
+
+    real = os.path.realpath(model_dir)
+    check_supported(real)
+    labels = read_labels(real)
+    digest = model_digest(real)
+    device = resolve_device(device)
+    model, tokenizer = load_classifier(real, device=device)
+    p = Predictor(real, digest, labels, model, tokenizer, max_length, device, batch_size)
+    p.predict([WARMUP_TEXT])
+    return p
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class ModelHolder:
+    """The live predictor. ``reload()`` swaps in a new one only once it has loaded;
+    ``request_reload()`` (what SIGHUP calls) runs it in a background thread, and a request
+    that comes while one runs starts another one right after it (the link may have moved)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_length: int = 64,
+        device: str = "cpu",
+        batch_size: int = 64,
+        log: Callable[[dict], None] = lambda event: None,
+    ) -> None:
+        self.model_dir = str(model_dir)
+        self._load_args = {"max_length": max_length, "device": device, "batch_size": batch_size}
+        self.log = log
+        self.current = load_predictor(model_dir, **self._load_args)
+        self.started = _now()
+        self.reload_attempts = 0  # reloads started
+        self.reloads = 0  # reloads that swapped a new model in
+        self.reload_failures = 0
+        self.last_error: str | None = None
+        self.last_reload: dict | None = None  # the latest attempt: see health()
+        self._reload_lock = threading.Lock()  # one load at a time
+        self._state_lock = threading.Lock()  # the request_reload bookkeeping
+        self._worker: threading.Thread | None = None
+        self._again = False
+
+    def reload(self) -> bool:
+        """Load what the link points at now; swap it in if it loaded. Never raises."""
+        with self._reload_lock:
+            self.reload_attempts += 1
+            target = os.path.realpath(self.model_dir)
+            attempt = {"state": "loading", "model_dir": target, "started": _now()}
+            self.last_reload = attempt
+            t0 = time.monotonic()
+            try:
+                new = load_predictor(self.model_dir, **self._load_args)
+            except Exception as exc:  # any failure keeps the old model serving
+                self.reload_failures += 1
+                self.last_error = str(getattr(exc, "message", exc))
+                self.last_reload = attempt | {
+                    "state": "failed",
+                    "error": self.last_error,
+                    "seconds": round(time.monotonic() - t0, 2),
+                }
+                self.log({"event": "reload_failed", "serving": self.current.sha256[:8],
+                          "model_dir": target, "error": self.last_error})  # fmt: skip
+                return False
+            old, self.current = self.current, new
+            self.reloads += 1
+            self.last_error = None
+            self.last_reload = attempt | {
+                "state": "ok",
+                "model_dir": new.model_dir,
+                "sha256": new.sha256,
+                "seconds": round(time.monotonic() - t0, 2),
+            }
+            self.log(
+                {
+                    "event": "reloaded",
+                    "old": old.sha256[:8],
+                    "new": new.sha256[:8],
+                    "model_dir": new.model_dir,
+                    "seconds": self.last_reload["seconds"],
+                }
+            )
+            return True
+
+    def request_reload(self) -> None:
+        """Reload in the background; if one is running, run one more after it."""
+        with self._state_lock:
+            if self._worker is not None:
+                self._again = True
+                return
+            self._worker = threading.Thread(target=self._reload_loop, name="ftctl-reload")
+            self._worker.daemon = True
+            self._worker.start()
+
+    def _reload_loop(self) -> None:
+        while True:
+            self.reload()
+            with self._state_lock:
+                if not self._again:
+                    self._worker = None
+                    return
+                self._again = False
+
+    def wait_reloads(self, timeout: float | None = None) -> None:
+        """Block until no background reload runs (tests and shutdown)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._state_lock:
+                worker = self._worker
+            if worker is None:
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            worker.join(left)
+
+    def health(self) -> dict:
+        p = self.current
+        return {
+            "status": "ok",
+            "sha256": p.sha256,
+            "labels": p.labels,
+            "model_dir": p.model_dir,
+            "device": p.device,
+            "max_length": p.max_length,
+            "pid": os.getpid(),
+            "started": self.started,
+            "reload_attempts": self.reload_attempts,
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+            "reloading": self._worker is not None or self._reload_lock.locked(),
+            "reload": self.last_reload,
+            "last_reload_error": self.last_error,
+        }

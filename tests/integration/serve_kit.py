@@ -1,0 +1,200 @@
+"""Driving a real `ftctl serve` process: start it, talk raw HTTP to it, load it, stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ftctl.localserver import free_port
+
+FTCTL = str(Path(sys.executable).parent / "ftctl")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def http(url: str, payload=None, *, data: bytes | None = None, timeout: float = 30):
+    """(status, JSON body) of one request on a fresh connection."""
+    if payload is not None:
+        data = json.dumps(payload, ensure_ascii=False).encode()
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return m is not None and len(body) >= int(m.group(1))
+
+
+def raw(port: int, request: bytes, *, timeout: float = 5, after=None) -> bytes:
+    """Send bytes on a fresh TCP connection; read one whole response (or until the server
+    closes, or ``timeout``). ``after(sock)`` runs between sending and reading."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        if after is not None:
+            after(s)
+        data = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while not _complete(data) and (chunk := s.recv(65536)):
+                data += chunk
+        return data
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+
+
+def json_of(response: bytes) -> dict:
+    return json.loads(response.split(b"\r\n\r\n", 1)[1])
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def point(link: Path, target: Path) -> None:
+    """Swap ``link`` to ``target`` atomically (as deploy does)."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+class ServeProcess:
+    """`ftctl serve` as a child process on a free port; its stderr (JSON lines) in a file."""
+
+    def __init__(self, workdir: Path, model_dir: Path, *args: str, config: str | None = None,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.workdir = workdir
+        self.env = {**ENV, **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = workdir / f"serve-{self.port}.log"
+        cmd = [FTCTL]
+        if config is not None:
+            cfg = workdir / f"ftctl-{self.port}.toml"
+            cfg.write_text(config, encoding="utf-8")
+            cmd += ["--config", str(cfg)]
+        cmd += ["serve", "--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1"]
+        self.cmd = cmd + list(args)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *, wait: bool = True) -> ServeProcess:
+        self._err = open(self.stderr_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.DEVNULL, stdout=self._err, stderr=self._err, env=self.env
+        )
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"ftctl serve exited {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError, ValueError):
+                code, body = http(self.url + "/health", timeout=2)
+                if code == 200:
+                    return body
+            time.sleep(0.1)
+        raise AssertionError(f"ftctl serve not healthy after {timeout}s:\n{self.log()}")
+
+    def health(self) -> dict:
+        return http(self.url + "/health")[1]
+
+    def predict(self, text: str) -> dict:
+        code, body = http(self.url + "/predict", {"text": text})
+        assert code == 200, body
+        return body
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+        return self.proc.returncode
+
+
+class RequestLoop:
+    """``threads`` clients POSTing /predict on fresh connections until stopped; every failure
+    (no answer, or an answer that is not 200) is kept with its reason."""
+
+    def __init__(self, url: str, threads: int = 2, *, timeout: float = 60) -> None:
+        self.url = url + "/predict"
+        self.timeout = timeout
+        self.ok = 0
+        self.digests: set[str] = set()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                code, body = http(self.url, {"text": "查看在产批次"}, timeout=self.timeout)
+            except Exception as exc:  # a reset, a refusal, a timeout: all failures
+                code, body = 0, {"error": f"{type(exc).__name__}: {exc}"}
+            with self._lock:
+                if code == 200:
+                    self.ok += 1
+                    self.digests.add(body["sha256"])
+                else:
+                    self.failures.append(f"{code}: {body}")
+
+    def __enter__(self) -> RequestLoop:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 5)
