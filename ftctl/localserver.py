@@ -237,18 +237,33 @@ serverurl=unix://{self.sock}
         self.close()
 
 
-class _LocalSFTP:
-    """The two calls of paramiko's SFTPClient that deploy uses, on the local filesystem."""
+class _LocalFile:
+    """A local file with the SFTP file calls deploy uses."""
 
-    def put(self, localpath: str, remotepath: str, callback=None) -> None:
-        total = os.path.getsize(localpath)
-        done = 0
-        with open(localpath, "rb") as src, open(remotepath, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-                done += len(chunk)
-                if callback:
-                    callback(done, total)
+    def __init__(self, path: str, mode: str) -> None:
+        self._fh = open(path, mode)  # noqa: SIM115 - closed by __exit__/close
+
+    def set_pipelined(self, pipelined: bool = True) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _LocalFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _LocalSFTP:
+    """The calls of paramiko's SFTPClient that deploy uses, on the local filesystem."""
+
+    def open(self, path: str, mode: str = "rb") -> _LocalFile:
+        return _LocalFile(path, mode)
 
     def close(self) -> None:
         pass
@@ -262,6 +277,7 @@ def local_connection():
     class LocalConnection(Context):
         host, user, port = "localhost", os.environ.get("USER", "root"), 0
         is_connected = True
+        local = True  # deploy runs its commands and pipes as local processes
         _sftp = None
 
         def sftp(self) -> _LocalSFTP:

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.deploy import Hooks, deploy, remote_lock, rollback
+from ftctl.deploy import Hooks, deploy, rollback
 from ftctl.errors import DeployError, ExitCode, HostKeyError, LockHeld, RollbackFailed
 from ftctl.fsutil import atomic_write_text, sha256_tree
 from ftctl.manifest import model_digest
@@ -119,8 +119,9 @@ def test_retention_keeps_n_and_the_live_and_previous(deploy_target, deploy_model
     cfg = t.with_(keep_releases=2)
     rels = [_deploy(t, deploy_models[m], cfg).hosts[0] for m in "bca"]
     assert all(h.ok for h in rels)
-    assert t.releases() == sorted([rels[1].release, rels[2].release])
-    assert rels[2].pruned and not any(r.endswith("-original") for r in t.releases())
+    original = rels[0].backup
+    assert t.releases() == sorted([original, rels[1].release, rels[2].release])
+    assert rels[2].pruned == [rels[0].release]  # *-original, live and previous are kept
     t.wait_serving(model_digest(deploy_models["a"]))
 
 
