@@ -277,7 +277,7 @@ def local_connection():
     class LocalConnection(Context):
         host, user, port = "localhost", os.environ.get("USER", "root"), 0
         is_connected = True
-        local = True  # deploy runs its commands and pipes as local processes
+        ftctl_local = True  # deploy runs its commands and pipes as local processes
         _sftp = None
 
         def sftp(self) -> _LocalSFTP:

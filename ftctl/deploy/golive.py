@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -67,9 +68,14 @@ def bounded(text: str, limit: int = OUTPUT_MAX) -> str:
     return text if len(text) <= limit else "[...cut...]" + text[-limit:]
 
 
+_EMIT = threading.Lock()
+
+
 def emit(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    line = json.dumps(obj, ensure_ascii=False) + "\n"
+    with _EMIT:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def fsync_path(path: str) -> None:
@@ -251,7 +257,7 @@ def sample_offsets(size: int, count: int) -> list[int]:
     return [int(i * step) for i in range(count)]
 
 
-def cmd_probe(req: dict) -> int:
+def cmd_probe(req: dict) -> tuple[int, dict]:
     """Everything the client needs to plan, in one answer. Changes nothing."""
     d, link = req["remote_dir"], req["link"]
     tools = req.get("tools", [])
@@ -290,8 +296,7 @@ def cmd_probe(req: dict) -> int:
                 "size": os.path.getsize(path),
                 "hashes": sample_hashes(path, size, req.get("sample_count", 32)),
             }
-    emit(st)
-    return 0
+    return 0, st
 
 
 # --------------------------------------------------------------------------- the lock
@@ -386,12 +391,36 @@ def cmd_hold(req: dict) -> int:
             word, _, rest = line.partition(" ")
             if word == "hb":
                 emit({"hb": time.time()})
+            elif word == "call":  # a subcommand, run here: no new process per step
+                sub, _, arg = rest.partition(" ")
+                _serve_call(sub, json.loads(arg))
             elif word == "release":
                 release_lock(d, token)
                 emit({"released": True})
                 return 0
             elif word == "golive":
-                return _hand_over(d, token, json.loads(rest))
+                job = json.loads(rest)
+                if _hand_over(d, token, job) != 0:
+                    return 1
+                return cmd_follow({"remote_dir": d, "id": job["id"], "timeout": job["follow_s"]})
+
+
+def _serve_call(sub: str, req: dict) -> None:
+    """Run a subcommand for the client; tick every 2 s while it works (the link is alive)."""
+    done = threading.Event()
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["rc"], result["reply"] = HANDLERS[sub](req)
+        except Exception as exc:  # reported to the client, which raises a DeployError
+            result["rc"], result["reply"] = 1, {"error": f"{type(exc).__name__}: {exc}"}
+        done.set()
+
+    threading.Thread(target=work, daemon=True).start()
+    while not done.wait(2.0):
+        emit({"tick": time.time()})
+    emit({"reply": result["reply"], "rc": result["rc"]})
 
 
 def _hand_over(remote_dir: str, token: str, job: dict) -> int:
@@ -456,9 +485,10 @@ def hash_file(path: str, fsync: bool = True) -> str:
     return h.hexdigest()
 
 
-def backup_original(remote_dir: str, link: str) -> dict:
+def backup_original(remote_dir: str, link: str, hash_rels: set[str]) -> dict:
     """A real ``final/`` becomes ``releases/<ts>-original/`` and ``final`` a link to it, with no
-    moment where ``final`` is missing: a hard-linked copy, then one exchange of the two names."""
+    moment where ``final`` is missing: a hard-linked copy, then one exchange of the two names.
+    The files in ``hash_rels`` (those a new release would link) are hashed, once, for its index."""
     name = f"{utc_stamp()}-original"
     final = os.path.join(remote_dir, link)
     rel_dir = os.path.join(remote_dir, "releases")
@@ -466,11 +496,10 @@ def backup_original(remote_dir: str, link: str) -> dict:
     dest = os.path.join(rel_dir, name)
     subprocess.run(["cp", "-al", "--", final, dest], check=True, capture_output=True)
     files = {}
-    for dirpath, _dirs, names in os.walk(dest):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            rel = os.path.relpath(p, dest)
-            files[rel] = [hash_file(p), os.path.getsize(p)]
+    for rel in sorted(hash_rels):
+        p = os.path.join(dest, rel)
+        if os.path.isfile(p):
+            files[rel] = [hash_file(p, fsync=False), os.path.getsize(p)]
     os.makedirs(os.path.dirname(index_path(remote_dir, name)), exist_ok=True)
     atomic_write(index_path(remote_dir, name), json.dumps(files))
     tmp = os.path.join(remote_dir, f".{link}.tmp-{os.getpid()}")
@@ -485,7 +514,7 @@ def backup_original(remote_dir: str, link: str) -> dict:
     return {"backup": name, "atomic": atomic}
 
 
-def cmd_prepare(req: dict) -> int:
+def cmd_prepare(req: dict) -> tuple[int, dict]:
     """Under the lock: clean leftovers, back up a real final/, make the upload directory with
     hard links of the unchanged files (and the bases of the delta transfers)."""
     d, link = req["remote_dir"], req["link"]
@@ -496,13 +525,14 @@ def cmd_prepare(req: dict) -> int:
     kind, _live = link_state(d, link)
     checked: dict[str, list] = {}
     if kind == "dir":
-        out.update(backup_original(d, link))
+        links = req.get("links", {}).values()
+        from_final = {src[len(link) + 1 :] for src in links if src.startswith(link + "/")}
+        out.update(backup_original(d, link, from_final))
         checked = release_index(d, out["backup"])  # hashed just now: trust it, not the manifest
     out["link"], out["live"] = link_state(d, link)
     out["unlinked"] = []
     if not req.get("incoming"):  # reusing a release: nothing to upload into
-        emit(out)
-        return 0
+        return 0, out
     incoming = os.path.join(d, req["incoming"])
     os.makedirs(incoming)
     shas = req.get("shas", {})
@@ -523,11 +553,86 @@ def cmd_prepare(req: dict) -> int:
     for rel in req.get("dirs", []):
         os.makedirs(os.path.join(incoming, rel), exist_ok=True)
     out["link"], out["live"] = link_state(d, link)
-    emit(out)
-    return 0
+    return 0, out
 
 
-def cmd_verify(req: dict) -> int:
+class Watcher(threading.Thread):
+    """Hash (and flush to disk) a file while rsync writes it: rsync writes ``.<name>.XXXXXX``
+    sequentially beside the final name and renames it at the end. Whatever does not go that
+    way (a retry, another name) is simply hashed again by ``verify``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.result: tuple[int, int, str] | None = None  # (inode, size, sha256)
+        self.stop = threading.Event()
+
+    def _find(self) -> int | None:
+        parent, base = os.path.split(self.path)
+        with contextlib.suppress(OSError):
+            for name in os.listdir(parent):
+                if name.startswith(f".{base}."):
+                    return os.open(os.path.join(parent, name), os.O_RDONLY)
+        return None
+
+    def run(self) -> None:
+        fd = None
+        while fd is None and not self.stop.wait(0.01):
+            fd = self._find()
+        if fd is None:
+            return
+        try:
+            self._follow(fd)
+        finally:
+            os.close(fd)
+
+    def _follow(self, fd: int) -> None:
+        ino, h, pos, synced = os.fstat(fd).st_ino, hashlib.sha256(), 0, 0
+        while True:
+            size = os.fstat(fd).st_size
+            if size > pos:
+                data = os.pread(fd, min(size - pos, 4 << 20), pos)
+                h.update(data)
+                pos += len(data)
+                if pos - synced >= 64 << 20:  # start the writeback early, not all at the end
+                    os.fdatasync(fd)
+                    synced = pos
+                continue
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == ino:  # renamed into place: complete
+                    os.fsync(fd)
+                    self.result = (ino, pos, h.hexdigest())
+                    return
+            if self.stop.wait(0.005):
+                return
+
+
+WATCHES: dict[str, Watcher] = {}
+
+
+def cmd_watch(req: dict) -> tuple[int, dict]:
+    """Start hashing the given files of an upload while they arrive."""
+    incoming = os.path.join(req["remote_dir"], req["incoming"])
+    for rel in req["files"]:
+        w = Watcher(os.path.join(incoming, rel))
+        WATCHES[w.path] = w
+        w.start()
+    return 0, {"watching": len(req["files"])}
+
+
+def _received_sha(path: str) -> str:
+    """The sha256 of a received file: the watcher's, if it saw this very file, else now."""
+    w = WATCHES.pop(path, None)
+    if w is not None:
+        w.stop.set()
+        w.join(timeout=5)
+        st = os.stat(path)
+        if w.result and w.result[0] == st.st_ino and w.result[1] == st.st_size:
+            return w.result[2]
+    return hash_file(path)
+
+
+def cmd_verify(req: dict) -> tuple[int, dict]:
     """Hash each received file once (fsyncing it on the way), check the linked ones' sizes;
     all good: index it and rename the upload into releases/."""
     d = req["remote_dir"]
@@ -537,7 +642,7 @@ def cmd_verify(req: dict) -> int:
         path = os.path.join(incoming, rel)
         try:
             got_size = os.path.getsize(path)
-            got = hash_file(path) if rel in req["received"] else sha
+            got = _received_sha(path) if rel in req["received"] else sha
         except OSError:
             bad.append(rel)
             continue
@@ -546,8 +651,7 @@ def cmd_verify(req: dict) -> int:
         index[rel] = [sha, size]
     if bad:
         shutil.rmtree(incoming, ignore_errors=True)
-        emit({"bad": bad})
-        return 1
+        return 1, {"bad": bad}
     for dirpath, _dirs, _files in os.walk(incoming):
         fsync_path(dirpath)
     os.makedirs(os.path.dirname(index_path(d, req["release"])), exist_ok=True)
@@ -555,8 +659,7 @@ def cmd_verify(req: dict) -> int:
     os.makedirs(os.path.join(d, "releases"), exist_ok=True)
     os.rename(incoming, os.path.join(d, "releases", req["release"]))
     fsync_path(os.path.join(d, "releases"))
-    emit({"release": req["release"]})
-    return 0
+    return 0, {"release": req["release"]}
 
 
 # --------------------------------------------------------------------------- the go-live
@@ -879,6 +982,9 @@ def cmd_follow(req: dict) -> int:
     return 1
 
 
+HANDLERS = {"probe": cmd_probe, "prepare": cmd_prepare, "verify": cmd_verify, "watch": cmd_watch}
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         sys.stderr.write(__doc__ or "")
@@ -887,17 +993,16 @@ def main(argv: list[str]) -> int:
     if cmd == "run":
         return cmd_run(args[0])
     req = json.loads(args[0]) if args else {}
-    handlers = {
-        "probe": cmd_probe,
-        "hold": cmd_hold,
-        "prepare": cmd_prepare,
-        "verify": cmd_verify,
-        "follow": cmd_follow,
-    }
-    if cmd not in handlers:
+    if cmd == "hold":
+        return cmd_hold(req)
+    if cmd == "follow":
+        return cmd_follow(req)
+    if cmd not in HANDLERS:
         sys.stderr.write(f"unknown command {cmd}\n")
         return 2
-    return handlers[cmd](req)
+    rc, out = HANDLERS[cmd](req)
+    emit(out)
+    return rc
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def _prepare(session: Session, plan: Plan, incoming: str | None) -> dict:
         "link": cfg.link_name,
         "incoming": incoming,
         "links": plan.links,
-        "shas": {},
+        "shas": plan.shas,
         "bases": plan.bases,
         "dirs": sorted({os.path.dirname(s.rel) for s in plan.steps} - {""}),
     }
@@ -183,7 +183,7 @@ def _prepare(session: Session, plan: Plan, incoming: str | None) -> dict:
     for rel in ans.get("unlinked", []):  # the old final/'s manifest did not match its files
         for i, s in enumerate(plan.steps):
             if s.rel == rel:
-                plan.steps[i] = FileStep(rel, s.size, "send", expect=s.size)
+                plan.steps[i] = FileStep(rel, s.size, "send", expect=s.size, sha=s.sha)
     return ans
 
 
@@ -238,6 +238,7 @@ def job_for(s: Staged, action: str, deploy_id: str, release: str, previous: str 
         "predict_url": predict_url(cfg),
         "smoke": [list(x) for x in cfg.smoke] if action == "deploy" else [],
         "keep_releases": cfg.keep_releases,
+        "follow_s": cfg.command_timeout + 2 * cfg.health_timeout + 60,
         "log": {
             "by": lock_owner(),
             "host": hr.host,
@@ -271,10 +272,9 @@ def publish(s: Staged, action: str, deploy_id: str, reporter: Reporter = NULL) -
         return
     job = job_for(s, action, deploy_id, s.release, s.previous)
     reporter.stage(f"{session.host}: go live on the server ({s.release})")
-    session.reopen()
-    s.lock.hand_over(job)  # the go-live owns the lock now
+    pipe = s.lock.hand_over(job)  # the go-live owns the lock now
     s.lock = None
-    doc = follow(session, deploy_id, reporter)
+    doc = follow(session, pipe, reporter)
     _record_outcome(hr, doc)
     hr.seconds = time.monotonic() - s.started
     if doc["state"] == "ok":
@@ -301,14 +301,10 @@ def _record_outcome(hr: HostResult, doc: dict) -> None:
     hr.pruned = doc.get("pruned", [])
 
 
-def follow(session: Session, deploy_id: str, reporter: Reporter = NULL) -> dict:
+def follow(session: Session, pipe, reporter: Reporter = NULL) -> dict:
     """The go-live's status, line by line, until it ends. A lost link is an error that says
     the server goes on without us."""
     cfg = session.cfg
-    budget = cfg.command_timeout + 2 * cfg.health_timeout + 60
-    pipe = session.pipe(
-        "follow", {"remote_dir": cfg.remote_dir, "id": deploy_id, "timeout": budget}
-    )
     step = None
     try:
         while True:

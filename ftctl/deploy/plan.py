@@ -84,6 +84,7 @@ class FileStep:
     source: str | None = None  # link source / delta basis, relative to remote_dir
     expect: int = 0  # bytes of file data expected on the wire
     similar: float | None = None  # share of sampled blocks equal to the basis
+    sha: str = ""  # what the file must hash to
 
 
 @dataclass
@@ -100,6 +101,10 @@ class Plan:
     @property
     def links(self) -> dict[str, str]:
         return {s.rel: s.source for s in self.steps if s.action == "link" and s.source}
+
+    @property
+    def shas(self) -> dict[str, str]:
+        return {s.rel: s.sha for s in self.steps}
 
     @property
     def bases(self) -> dict[str, str]:
@@ -168,9 +173,9 @@ def make_plan(model: LocalModel, st: RemoteState, cfg: DeployConfig, local_conn:
         size, sha = model.sizes[rel], model.expected[rel]
         src = by_content.get((sha, size))
         if src is not None:
-            plan.steps.append(FileStep(rel, size, "link", src))
+            plan.steps.append(FileStep(rel, size, "link", src, sha=sha))
             continue
-        step = FileStep(rel, size, "send", expect=size)
+        step = FileStep(rel, size, "send", expect=size, sha=sha)
         remote = st.samples.get(rel)
         if method == "rsync" and basis_dir and remote:
             mine = local_samples(model, rel)

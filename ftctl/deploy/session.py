@@ -50,7 +50,7 @@ class Pipe:
     def __init__(self, conn: Any, cmd: str) -> None:
         self._buf = b""
         self._lines: queue.Queue[str | None] = queue.Queue()
-        if getattr(conn, "local", False):
+        if getattr(conn, "ftctl_local", False):
             self._proc: subprocess.Popen | None = subprocess.Popen(
                 cmd, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
@@ -84,7 +84,9 @@ class Pipe:
         self._lines.put(None)
 
     def send(self, line: str) -> None:
-        data = (line + "\n").encode()
+        self.send_bytes((line + "\n").encode())
+
+    def send_bytes(self, data: bytes) -> None:
         if self._proc is not None:
             assert self._proc.stdin
             self._proc.stdin.write(data)
@@ -128,10 +130,11 @@ class Session:
         self.state_dir = f"{cfg.remote_dir}/.ftctl"
         self.program = f"{self.state_dir}/golive-{PROGRAM_SHA8}.py"
         self.dead: str | None = None  # why the link counts as dead
+        self.agent: Lock | None = None  # the lock holder, which also runs subcommands
 
     @property
     def local(self) -> bool:
-        return bool(getattr(self.conn, "local", False))
+        return bool(getattr(self.conn, "ftctl_local", False))
 
     # ------------------------------------------------------------------ commands
 
@@ -206,29 +209,40 @@ class Session:
             chan.close()
 
     def call(self, sub: str, req: dict, *, what: str, ok_codes: tuple[int, ...] = (0,)) -> dict:
-        """Run a go-live subcommand (program on stdin), return its JSON answer."""
-        cmd = f"python3 - {sub} {q(json.dumps(req, ensure_ascii=False))}"
-        rc, out, err = self.run(cmd, check=False, what=what, stdin=PROGRAM)
-        lines = [x for x in out.splitlines() if x.startswith("{")]
-        if rc not in ok_codes or not lines:
+        """Run a go-live subcommand, return its JSON answer: through the lock holder while one
+        is held (no new process), else as ``python3 -`` with the program on stdin."""
+        if self.agent is not None:
+            ans = self.agent.call(sub, req, what)
+            rc, text = ans["rc"], str(ans.get("error", ans))
+        else:
+            cmd = f"python3 - {sub} {q(json.dumps(req, ensure_ascii=False))}"
+            rc, out, err = self.run(cmd, check=False, what=what, stdin=PROGRAM)
+            lines = [x for x in out.splitlines() if x.startswith("{")]
+            ans = {"rc": rc, **json.loads(lines[-1])} if lines else {"rc": rc}
+            text = (err or out).strip()
+        if rc not in ok_codes or len(ans) == 1:
             raise DeployError(
-                f"{self.host}: {what} exited {rc}: {(err or out).strip()[-500:]}",
+                f"{self.host}: {what} exited {rc}: {text[-500:]}",
                 hint="the server needs python3 >= 3.8; fix the problem named above and rerun",
             )
-        return {"rc": rc, **json.loads(lines[-1])}
+        return ans
 
-    def install(self) -> None:
-        """The go-live program as a file (the lock holder and the detached run need one)."""
-        prog, d = q(self.program), q(self.state_dir)
-        cmd = (
-            f"mkdir -p {d} && (test -f {prog} || (cat > {prog}.tmp.$$ && mv {prog}.tmp.$$ {prog}))"
-        )
-        self.run(cmd, what="install the go-live program", stdin=PROGRAM)
-
-    def pipe(self, sub: str, req: dict) -> Pipe:
+    def pipe(self, sub: str, req: dict, *, install: bool = False) -> Pipe:
+        """The go-live program's ``sub`` as a process with line-wise stdin/stdout. With
+        ``install``, the program is first read from stdin (exactly its size) and kept as a
+        file if that version is not there yet: one round trip, not two."""
         cmd = f"exec python3 {q(self.program)} {sub} {q(json.dumps(req, ensure_ascii=False))}"
+        if install:
+            prog, d, n = q(self.program), q(self.state_dir), len(PROGRAM)
+            cmd = (
+                f"mkdir -p {d} && if test -f {prog}; then head -c {n} >/dev/null; else "
+                f"head -c {n} > {prog}.tmp.$$ && mv {prog}.tmp.$$ {prog}; fi && {cmd}"
+            )
         try:
-            return Pipe(self.conn, cmd)
+            pipe = Pipe(self.conn, cmd)
+            if install:
+                pipe.send_bytes(PROGRAM)
+            return pipe
         except Exception as exc:
             raise self.fail(sub, exc) from None
 
@@ -265,12 +279,9 @@ class Lock:
 
     def acquire(self) -> Lock:
         s = self.session
-        s.install()
         link_timeout = s.cfg.link_timeout
-        self._pipe = s.pipe(
-            "hold",
-            {"remote_dir": s.cfg.remote_dir, "lock": self.info, "heartbeat": 2 * link_timeout},
-        )
+        req = {"remote_dir": s.cfg.remote_dir, "lock": self.info, "heartbeat": 2 * link_timeout}
+        self._pipe = s.pipe("hold", req, install=True)
         try:
             ans = self._pipe.recv(max(link_timeout, s.cfg.connect_timeout))
         except TimeoutError:
@@ -280,6 +291,7 @@ class Lock:
             self._pipe = None
             raise _lock_error(s, ans)
         self.broke = ans.get("broke")
+        s.agent = self
         self._thread = threading.Thread(target=self._beat, name="ftctl-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -309,8 +321,35 @@ class Lock:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.session.cfg.link_timeout + 5)
 
-    def hand_over(self, job: dict) -> int:
-        """Start the detached go-live with ``job``; it owns the lock from now on."""
+    def _answer(self, what: str, timeout: float | None = None) -> dict:
+        """The next line that is not a tick; the link counts as dead after ``link_timeout``."""
+        s = self.session
+        while True:
+            try:
+                ans = self._pipe.recv(timeout or s.cfg.link_timeout)
+            except TimeoutError:
+                s.kill_link(f"no answer from {s.host} for {s.cfg.link_timeout:.0f}s")
+                raise s.fail(what, TimeoutError()) from None
+            if ans is None:
+                raise s.fail(what, ConnectionError("the SSH session ended"))
+            if "tick" not in ans and "hb" not in ans:
+                return ans
+
+    def call(self, sub: str, req: dict, what: str) -> dict:
+        """A subcommand run by the holder on the server (it ticks while it works)."""
+        with self._mutex:
+            if self._pipe is None or self.session.dead:
+                raise self.session.fail(what, ConnectionError("the lock is gone"))
+            try:
+                self._pipe.send(f"call {sub} {json.dumps(req, ensure_ascii=False)}")
+            except Exception as exc:
+                raise self.session.fail(what, exc) from None
+            ans = self._answer(what)
+        return {"rc": ans.get("rc", 1), **(ans.get("reply") or {})}
+
+    def hand_over(self, job: dict) -> Pipe:
+        """Start the detached go-live with ``job``; it owns the lock from now on. Returns the
+        pipe on which the holder now streams the go-live's status."""
         self._stop_beat()
         s = self.session
         with self._mutex:
@@ -318,22 +357,23 @@ class Lock:
                 raise s.fail("start the go-live", ConnectionError("lock lost"))
             try:
                 self._pipe.send("golive " + json.dumps(job, ensure_ascii=False))
-                ans = self._pipe.recv(max(30.0, s.cfg.link_timeout))
             except Exception as exc:
                 raise s.fail("start the go-live", exc) from None
-            finally:
-                self._pipe.close()
-                self._pipe = None
-        if not ans or "started" not in ans:
+            ans = self._answer("start the go-live", max(30.0, s.cfg.link_timeout))
+            pipe, self._pipe = self._pipe, None
+        s.agent = None
+        if "started" not in ans:
+            pipe.close()
             raise DeployError(
-                f"{s.host}: the go-live program did not start: {(ans or {}).get('error', ans)}",
+                f"{s.host}: the go-live program did not start: {ans.get('error', ans)}",
                 hint=f"see {s.state_dir}/golive.out on the server",
             )
-        return int(ans["started"])
+        return pipe
 
     def release(self) -> None:
         """Give the lock back (EOF does it too, if this fails)."""
         self._stop_beat()
+        self.session.agent = None
         with self._mutex:
             if self._pipe is None:
                 return

@@ -275,7 +275,7 @@ def sftp_send(
 
 
 def _open_sftp(conn):
-    if getattr(conn, "local", False):
+    if getattr(conn, "ftctl_local", False):
         return conn.sftp()
     import paramiko
 
@@ -301,6 +301,10 @@ def send(
     if not files:
         out = Sent(plan.method)
     elif plan.method == "rsync" and master is not None:
+        big = [r for r in files if model.sizes[r] >= 1 << 20]
+        if big and session.agent is not None:  # the server hashes them as they arrive
+            req = {"remote_dir": session.cfg.remote_dir, "incoming": incoming.rsplit("/", 1)[-1]}
+            session.call("watch", {**req, "files": big}, what="watch the upload")
         master.wait()
         out = rsync_send(session, model, files, incoming, master, reporter, bar)
     else:
