@@ -564,7 +564,7 @@ class Watcher(threading.Thread):
     def __init__(self, path: str) -> None:
         super().__init__(daemon=True)
         self.path = path
-        self.result: tuple[int, int, str] | None = None  # (inode, size, sha256)
+        self.result: tuple[tuple, str] | None = None  # (what the file was, its sha256)
         self.stop = threading.Event()
 
     def _find(self) -> int | None:
@@ -601,7 +601,7 @@ class Watcher(threading.Thread):
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == ino:  # renamed into place: complete
                     os.fsync(fd)
-                    self.result = (ino, pos, h.hexdigest())
+                    self.result = (_identity(os.fstat(fd)), h.hexdigest())
                     return
             if self.stop.wait(0.005):
                 return
@@ -626,10 +626,13 @@ def _received_sha(path: str) -> str:
     if w is not None:
         w.stop.set()
         w.join(timeout=5)
-        st = os.stat(path)
-        if w.result and w.result[0] == st.st_ino and w.result[1] == st.st_size:
-            return w.result[2]
+        if w.result and w.result[0] == _identity(os.stat(path)):  # not touched since
+            return w.result[1]
     return hash_file(path)
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def cmd_verify(req: dict) -> tuple[int, dict]:
@@ -773,10 +776,12 @@ def wait_healthy(job: dict, release: str, before: dict | None) -> tuple[str, str
                 return "healthy", "health_cmd exited 0"
             last = f"health_cmd exited {rc}: {out[-300:]}"
         else:
-            status, body = http(url)
-            body = body if isinstance(body, dict) else {}
+            status, raw = http(url)
+            body = raw if isinstance(raw, dict) else {}
             sha = str(body.get("sha256") or "")
             serving = not sha or (sha == want if want else (not tag or sha[:8] == tag))
+            if isinstance((before or {}).get("reloads"), int):  # the reload must have happened
+                serving = serving and int(body.get("reloads") or 0) > before["reloads"]
             if status == 200 and serving:
                 return "healthy", f"{url} answered 200" + (f", serving {sha[:8]}" if sha else "")
             if status == 200 and before is not None:
@@ -786,7 +791,7 @@ def wait_healthy(job: dict, release: str, before: dict | None) -> tuple[str, str
             last = (
                 f"serving {sha[:8]}, expected {tag or want}"
                 if status == 200
-                else (f"HTTP {status}" if status else str(body or "no answer"))
+                else (f"HTTP {status}" if status else str(raw or "no answer"))
             )
         if time.monotonic() >= deadline:
             raise Failure(f"service not healthy after {float(job['health_timeout']):.0f}s: {last}")

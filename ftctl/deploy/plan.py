@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 TOOLS = ("ln", "mv", "mkdir", "rm", "cat", "cp", "python3")
 SAMPLES = 32  # blocks compared per file to choose delta or whole
-SAMPLE_MIN_BYTES = 4 << 20  # smaller files are sent whole
+SAMPLE_MIN_BYTES = 1 << 20  # smaller files are sent whole
 MIN_SIMILAR = 0.05  # share of equal sampled blocks from which a delta pays
 
 

@@ -162,7 +162,9 @@ def test_plan_reuses_a_release_with_the_same_content(tiny_model_dir):
     st = _state(live="20261129051200-0badc0de", releases=[rel], index={rel: index})
     plan = make_plan(model, st, DeployConfig(), local_conn=False)
     assert plan.method == "reuse" and plan.reuse == rel and plan.expected_bytes == 0
-    live = make_plan(model, _state(live=rel, releases=[rel], index={rel: index}), DeployConfig(), False)
+    live = make_plan(
+        model, _state(live=rel, releases=[rel], index={rel: index}), DeployConfig(), False
+    )
     assert live.method == "live"
 
 
