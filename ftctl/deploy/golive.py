@@ -980,6 +980,10 @@ def cmd_follow(req: dict) -> int:
                         return 0
                     tick = time.monotonic()
         if time.monotonic() - tick > 2:
+            lock = read_lock(req["remote_dir"]) or {}
+            if lock.get("holder") == "golive" and holder_alive(lock) is False:
+                emit({"state": "failed", "error": "the go-live died; see .ftctl/golive.out"})
+                return 1
             emit({"tick": time.time()})
             tick = time.monotonic()
         time.sleep(0.05)
