@@ -402,7 +402,7 @@ def cmd_hold(req: dict) -> int:
                 job = json.loads(rest)
                 if _hand_over(d, token, job) != 0:
                     return 1
-                return cmd_follow({"remote_dir": d, "id": job["id"], "timeout": job["follow_s"]})
+                return cmd_follow({"remote_dir": d, "run": job["run"], "timeout": job["follow_s"]})
 
 
 def _serve_call(sub: str, req: dict) -> None:
@@ -426,7 +426,7 @@ def _serve_call(sub: str, req: dict) -> None:
 def _hand_over(remote_dir: str, token: str, job: dict) -> int:
     """Start the detached go-live and wait until it holds the lock (or died without it)."""
     state = os.path.join(remote_dir, STATE_DIR)
-    job_file = os.path.join(state, f"job-{job['id']}.json")
+    job_file = os.path.join(state, f"job-{job['run']}.json")
     atomic_write(job_file, json.dumps(job, ensure_ascii=False))
     with open(os.path.join(state, "golive.out"), "ab") as out:
         proc = subprocess.Popen(
@@ -679,6 +679,7 @@ class Status:
         self.path = os.path.join(remote_dir, STATE_DIR, STATUS)
         self.doc = {
             "id": job["id"],
+            "run": job["run"],
             "action": job["action"],
             "host": job.get("host"),
             "release": job["release"],
@@ -962,8 +963,8 @@ def _log_checks(out: dict) -> dict:
 
 
 def cmd_follow(req: dict) -> int:
-    """Print the status file each time it changes (and a tick every 2 s) until the run with
-    ``id`` ends or ``timeout`` passes."""
+    """Print the status file each time it changes (and a tick every 2 s) until the go-live
+    ``run`` ends or ``timeout`` passes."""
     path = os.path.join(req["remote_dir"], STATE_DIR, STATUS)
     deadline = time.monotonic() + float(req.get("timeout", 3600))
     last, tick = None, time.monotonic()
@@ -974,7 +975,7 @@ def cmd_follow(req: dict) -> int:
             if raw != last:
                 last = raw
                 doc = json.loads(raw)
-                if req.get("id") in (None, doc.get("id")):
+                if req.get("run") in (None, doc.get("run")):
                     emit(doc)
                     if doc.get("state") in FINAL_STATES:
                         return 0

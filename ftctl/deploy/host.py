@@ -220,7 +220,8 @@ def job_for(s: Staged, action: str, deploy_id: str, release: str, previous: str 
     cfg = s.session.cfg
     hr = s.hr
     return {
-        "id": deploy_id,
+        "id": deploy_id,  # the deploy's, shared by the fleet and a revert
+        "run": os.urandom(6).hex(),  # this go-live's
         "action": action,
         "host": hr.host,
         "remote_dir": cfg.remote_dir,

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ftctl.deploy.golive import SAMPLE_BLOCK, release_tag, sample_offsets
+from ftctl.deploy.golive import SAMPLE_BLOCK, release_key, release_tag, sample_offsets
 from ftctl.deploy.local import LocalModel
 from ftctl.errors import DeployError
 
@@ -151,7 +151,8 @@ def _sources(st: RemoteState) -> list[tuple[str, dict[str, list]]]:
     out = []
     if st.link == "dir":
         out.append(("final", st.final_index))
-    order = sorted(st.releases, key=lambda r: (r != st.live, [-ord(c) for c in r]))
+    newest_first = sorted(st.releases, key=release_key, reverse=True)
+    order = sorted(newest_first, key=lambda r: r != st.live)  # stable: live, then newest
     out += [(f"releases/{r}", st.index.get(r, {})) for r in order]
     return out
 

@@ -394,3 +394,22 @@ def test_systemctl_restart_is_checked_with_is_active(deploy_target, deploy_model
     state = subprocess.run(f"{systemctl_cmd} is-active ftctl-deploy-svc", shell=True,
                            capture_output=True, text=True).stdout.strip()  # fmt: skip
     assert state == "active" and (remote / "final" / "ok-to-start").is_file()
+
+
+def test_status_shows_the_last_go_live_from_any_machine(deploy_target, deploy_models):
+    t = deploy_target
+    plan = _deploy(t, deploy_models["b"], dry_run=True).hosts[0]
+    assert plan.method == "rsync" and plan.expected_bytes > 0
+    assert any(line.startswith("expect ~") for line in plan.plan)
+    res = _deploy(t, deploy_models["b"])
+    assert res.ok, res.error
+    args = ["status", "--host", t.host, "--identity", str(t.cfg.identity), "--known-hosts",
+            str(t.cfg.known_hosts), "--remote-dir", t.cfg.remote_dir]  # fmt: skip
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.stdout)["hosts"][t.host]
+    assert st["live"] == res.hosts[0].release and st["lock"] is None
+    assert st["status"]["id"] == res.id and st["status"]["state"] == "ok"
+    assert st["log"][-1]["id"] == res.id
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and f"-> {res.hosts[0].release}: ok" in r.output

@@ -40,7 +40,7 @@ sys.exit(0 if tag == "original" or body["sha256"][:8] == tag else 1)
 
 
 class Server:
-    def __init__(self, root: Path, seen_at: Path, model: Path) -> None:
+    def __init__(self, root: Path, seen_at: Path, model: Path, key: Path | None = None) -> None:
         self.root = root  # its real directory
         self.seen_at = seen_at  # where its own sessions see it (A's path)
         self.port = free_port()
@@ -52,10 +52,13 @@ class Server:
         cmd = [ftctl, "serve", "--model-dir", str(final), "--port", str(self.port)]
         self.sup = Supervisor(root / "sup", cmd, env={"OMP_NUM_THREADS": "1"}).start()
         self.sshd = LocalSSHD(root.parent / f"sshd-{root.name}")
+        if key is not None:  # one deploy key for the fleet, as in one [deploy.<profile>]
+            for suffix in ("", ".pub"):
+                shutil.copy(f"{key}{suffix}", f"{self.sshd.client_key}{suffix}")
         if root != seen_at:
             self.sshd.prefix = [
                 "unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'mount --bind "$0" "$1" && shift 2 && exec "$@"', str(root), str(seen_at),
+                'mount --bind "$0" "$1" && shift && exec "$@"', str(root), str(seen_at),
             ]  # fmt: skip
         self.sshd.start()
         assert wait_http(f"http://127.0.0.1:{self.port}/health", 120)
@@ -103,7 +106,8 @@ def fleet(tmp_path_factory, deploy_models):
     a_dir, b_dir = root / "hostA", root / "hostB"
     a_dir.mkdir()
     b_dir.mkdir()
-    servers = [Server(a_dir, a_dir, deploy_models["a"]), Server(b_dir, a_dir, deploy_models["a"])]
+    a = Server(a_dir, a_dir, deploy_models["a"])
+    servers = [a, Server(b_dir, a_dir, deploy_models["a"], key=a.sshd.client_key)]
     yield servers
     for s in servers:
         s.close()
@@ -114,7 +118,7 @@ def _cfg(servers) -> tuple[DeployConfig, list]:
     known = a.root.parent / "known_hosts"
     known.write_text("".join(s.sshd.host_key_line() for s in servers))
     cfg = DeployConfig(
-        identity=None,
+        identity=a.sshd.client_key,
         known_hosts=known,
         remote_dir=str(a.seen_at / "srv" / "model"),
         restart_cmd=a.sup.restart_cmd,  # each server's own supervisor, at the same path
@@ -127,8 +131,7 @@ def _cfg(servers) -> tuple[DeployConfig, list]:
 
 
 def _connect(servers, cfg):
-    keys = {s.sshd.port: s.sshd.client_key for s in servers}
-    return lambda spec: connect(spec, DeployConfig(**{**cfg.__dict__, "identity": keys[spec.port]}))
+    return lambda spec: connect(spec, cfg)
 
 
 def _reset(servers, model) -> None:
@@ -166,14 +169,11 @@ def test_canary_then_the_rest_and_releases_shows_each_live(fleet, deploy_models)
     assert all(h.method == "rsync" and h.uploaded_bytes > 0 for h in res.hosts)
     for s in fleet:
         s.wait_serving(model_digest(deploy_models["b"]))
-    with pytest.MonkeyPatch.context() as mp:
-        import ftctl.cli.deploy as cli_deploy
-
-        mp.setattr(cli_deploy, "_connector", lambda c, *_: _connect(fleet, c))
-        args = ["releases", "--known-hosts", str(cfg.known_hosts), "--remote-dir", cfg.remote_dir]
-        for h in hosts:
-            args += ["--host", str(h)]
-        r = CliRunner().invoke(app, args)
+    args = ["releases", "--known-hosts", str(cfg.known_hosts), "--remote-dir", cfg.remote_dir,
+            "--identity", str(cfg.identity)]  # fmt: skip
+    for h in hosts:
+        args += ["--host", str(h)]
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "live per host:" in r.output
     assert r.output.count(res.hosts[0].release[:14]) >= 2  # both hosts, same content
