@@ -41,8 +41,22 @@ def _cli_target_args(t) -> list[str]:
 def test_first_deploy_backs_up_real_final_and_swaps(deploy_target, deploy_models):
     t = deploy_target
     cfg = t.with_(reload_cmd=None)  # the restart path (supervisorctl restart python-services)
-    res = _deploy(t, deploy_models["b"], cfg)
+    final, missing, stop = t.remote_dir / "final" / "config.json", [], threading.Event()
+
+    def watch() -> None:  # `final` must resolve at every moment, the backup's included
+        while not stop.is_set():
+            if not final.exists():
+                missing.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = _deploy(t, deploy_models["b"], cfg)
+    finally:
+        stop.set()
+        watcher.join()
     assert res.ok, res.error
+    assert missing == []
     (h,) = res.hosts
     originals = [r for r in t.releases() if r.endswith("-original")]
     assert len(originals) == 1 and h.backup == originals[0]
