@@ -167,8 +167,13 @@ def main() -> int:
                 res = deploy(tuned, cfg, [parse_host(sshd.host)], lambda s: connect(s, cfg))
                 res.raise_for_error()
                 h = res.hosts[0]
+                import json
+
+                steps = json.loads((remote_dir / ".ftctl" / "status.json").read_text())["steps"]
                 return {"method": h.method, "file_bytes": h.uploaded_bytes,
-                        "rsync_sent": h.wire_bytes, "linked_files": h.linked_files}  # fmt: skip
+                        "rsync_sent": h.wire_bytes, "linked_files": h.linked_files,
+                        "seconds": round(h.seconds, 2),
+                        "go_live_steps_s": {x["step"]: x["t"] for x in steps}}  # fmt: skip
 
             runs = {}
             for name, fn in (("seed scp -r + restart", seed), ("ftctl deploy", ftctl_deploy)):
