@@ -176,8 +176,13 @@ def rsync_send(
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
-        with reporter.task("rsync", total=total, unit="B") if bar else _no_bar() as advance:
-            _pump(proc, output, advance, session)
+        try:
+            with reporter.task("rsync", total=total, unit="B") if bar else _no_bar() as advance:
+                _pump(proc, output, advance, session)
+        except BaseException:  # Ctrl-C, SIGTERM: rsync stops with us
+            proc.terminate()
+            proc.wait(10)
+            raise
         rc = proc.wait()
     finally:
         os.unlink(listing_path)
