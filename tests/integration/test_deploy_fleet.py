@@ -60,8 +60,12 @@ class Server:
                 "unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount --bind "$0" "$1" && shift && exec "$@"', str(root), str(seen_at),
             ]  # fmt: skip
-        self.sshd.start()
-        assert wait_http(f"http://127.0.0.1:{self.port}/health", 120)
+        try:
+            self.sshd.start()
+            assert wait_http(f"http://127.0.0.1:{self.port}/health", 120), "no service"
+        except BaseException:
+            self.close()
+            raise
 
     def reset(self, model: Path) -> None:
         srv = self.root / "srv" / "model"
@@ -107,7 +111,11 @@ def fleet(tmp_path_factory, deploy_models):
     a_dir.mkdir()
     b_dir.mkdir()
     a = Server(a_dir, a_dir, deploy_models["a"])
-    servers = [a, Server(b_dir, a_dir, deploy_models["a"], key=a.sshd.client_key)]
+    try:
+        servers = [a, Server(b_dir, a_dir, deploy_models["a"], key=a.sshd.client_key)]
+    except BaseException:
+        a.close()
+        raise
     yield servers
     for s in servers:
         s.close()
