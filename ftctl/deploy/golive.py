@@ -16,8 +16,8 @@ Standard library only (the server has python3, not ftctl). The client copies thi
              ``.ftctl/status.json``
 ``follow``   print each new version of the status file (one JSON line) until the run ends
 
-History (what was live before) is read from ``deploys.log``; the client imports the same
-functions, so both sides agree on "previous" and on what retention keeps.
+What was live before and what retention removes are decided by the client
+(:mod:`ftctl.deploy.history`) from the probe's answer and passed in the job.
 """
 
 from __future__ import annotations
@@ -149,31 +149,6 @@ def read_log(remote_dir: str) -> list[dict]:
     return out
 
 
-def previous_release(entries: list[dict], live: str | None, releases: list[str]) -> str | None:
-    """The release that was live before ``live``: from the newest successful log entry that
-    made ``live`` live; without one, the newest release older than ``live``."""
-    for entry in reversed(entries):
-        if entry.get("ok") and entry.get("release") == live and not entry.get("rolled_back"):
-            prev = entry.get("previous")
-            if prev in releases and prev != live:
-                return prev
-            break
-    older = [
-        r for r in sorted(releases, key=release_key) if live and release_key(r) < release_key(live)
-    ]
-    return older[-1] if older else None
-
-
-def retention(releases: list[str], keep: int, live: str | None, previous: str | None) -> list[str]:
-    """Releases to remove: all but the newest ``keep``, never the live one, the previous one
-    or a ``*-original`` backup."""
-    ordered = sorted(releases, key=release_key)
-    kept = set(ordered[-keep:]) if keep > 0 else set()
-    kept |= {r for r in (live, previous) if r}
-    kept |= {r for r in ordered if r.endswith("-original")}
-    return [r for r in ordered if r not in kept]
-
-
 # --------------------------------------------------------------------------- state
 
 
@@ -261,15 +236,9 @@ def cmd_probe(req: dict) -> tuple[int, dict]:
     """Everything the client needs to plan, in one answer. Changes nothing."""
     d, link = req["remote_dir"], req["link"]
     tools = req.get("tools", [])
-    st: dict = {"exists": os.path.isdir(d)}
-    st["link"], st["live"] = link_state(d, link) if st["exists"] else ("missing", None)
+    st: dict = {"lock": read_lock(d) if os.path.isdir(d) else None}
+    st["link"], st["live"] = link_state(d, link) if os.path.isdir(d) else ("missing", None)
     st["releases"] = list_releases(d)
-    st["incoming"] = sorted(
-        n for n in (os.listdir(d) if st["exists"] else []) if n.startswith(".incoming-")
-    )
-    st["lock"] = read_lock(d) if st["exists"] else None
-    if st["lock"] is not None:
-        st["lock_alive"] = holder_alive(st["lock"])
     st["missing_tools"] = [t for t in tools if shutil.which(t) is None]
     st["has_rsync"] = shutil.which("rsync") is not None
     probe_dir = d
@@ -280,9 +249,8 @@ def cmd_probe(req: dict) -> tuple[int, dict]:
     st["index"] = {r: release_index(d, r) for r in st["releases"]}
     if st["link"] == "dir":
         st["final_index"] = manifest_index(os.path.join(d, link))
-    entries = read_log(d)
-    st["previous"] = previous_release(entries, st["live"], st["releases"])
-    st["history"] = entries[-20:]
+    keys = ("action", "ok", "release", "previous", "rolled_back")
+    st["log"] = [{k: e.get(k) for k in keys} for e in read_log(d)[-500:]]
     basis = st["live"] or (st["releases"][-1] if st["releases"] else None)
     if st["link"] == "dir":  # first deploy: the real final/ is the basis
         basis_root = os.path.join(d, link)
@@ -864,7 +832,7 @@ def go_live(job: dict, st: Status) -> dict:
     out = {"state": "ok", "ok": True, "checks": checks, "health": checks["health"]}
     if job["action"] == "deploy":
         st.step("retention")
-        out["pruned"] = prune(d, job, release, previous)
+        out["pruned"] = prune(d, job.get("prune", []), {release, previous})
     return out
 
 
@@ -890,8 +858,9 @@ def _swap_back(job: dict, st: Status, previous: str | None, why: str) -> dict:
     return {**out, "state": "rolled_back", "rolled_back": True, "checks_after_swap_back": checks}
 
 
-def prune(remote_dir: str, job: dict, live: str, previous: str | None) -> list[str]:
-    doomed = retention(list_releases(remote_dir), int(job.get("keep_releases", 5)), live, previous)
+def prune(remote_dir: str, names: list[str], keep: set) -> list[str]:
+    """Remove the releases the client chose (never the live one, the previous or a backup)."""
+    doomed = [n for n in names if n not in keep and not n.endswith("-original")]
     for name in doomed:
         shutil.rmtree(os.path.join(remote_dir, "releases", name), ignore_errors=True)
         with contextlib.suppress(OSError):

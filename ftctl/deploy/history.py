@@ -1,7 +1,5 @@
-"""What happened on a server: releases with their provenance, the deploy history, the last
-go-live's outcome. "Previous" and retention come from the go-live program
-(:func:`ftctl.deploy.golive.previous_release`, :func:`~ftctl.deploy.golive.retention`), so the
-client and the server agree."""
+"""What happened on a server: releases with their provenance, the deploy history (what was live
+before: rollback's default, retention's rule), the last go-live's outcome."""
 
 from __future__ import annotations
 
@@ -9,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from ftctl.deploy.golive import LOG, STATE_DIR, STATUS, release_tag
+from ftctl.deploy.golive import LOG, STATE_DIR, STATUS, release_key, release_tag
 from ftctl.deploy.local import EVAL_REPORT
 from ftctl.deploy.plan import RemoteState, probe_request
 from ftctl.deploy.session import Session, q
@@ -21,7 +19,34 @@ _MARK = "=====ftctl-release"
 def probe(session: Session, model=None) -> RemoteState:
     """Look at the server (one command); change nothing."""
     req = probe_request(session.cfg, model)
-    return RemoteState.from_probe(session.call("probe", req, what="probe"))
+    st = RemoteState.from_probe(session.call("probe", req, what="probe"))
+    st.previous = previous_release(st.log, st.live, st.releases)
+    return st
+
+
+def previous_release(entries: list[dict], live: str | None, releases: list[str]) -> str | None:
+    """The release that was live before ``live``: from the newest successful deploys.log entry
+    that made ``live`` live; without one, the newest release older than ``live``."""
+    for entry in reversed(entries):
+        if entry.get("ok") and entry.get("release") == live and not entry.get("rolled_back"):
+            prev = entry.get("previous")
+            if prev in releases and prev != live:
+                return prev
+            break
+    older = [
+        r for r in sorted(releases, key=release_key) if live and release_key(r) < release_key(live)
+    ]
+    return older[-1] if older else None
+
+
+def retention(releases: list[str], keep: int, live: str | None, previous: str | None) -> list[str]:
+    """Releases to remove: all but the newest ``keep``, never the live one, the previous one
+    or a ``*-original`` backup."""
+    ordered = sorted(releases, key=release_key)
+    kept = set(ordered[-keep:]) if keep > 0 else set()
+    kept |= {r for r in (live, previous) if r}
+    kept |= {r for r in ordered if r.endswith("-original")}
+    return [r for r in ordered if r not in kept]
 
 
 def release_time(name: str) -> str | None:

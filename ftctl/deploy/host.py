@@ -19,7 +19,7 @@ from typing import Any
 
 from ftctl import __version__
 from ftctl.deploy import golive
-from ftctl.deploy.history import probe
+from ftctl.deploy.history import probe, retention
 from ftctl.deploy.local import LocalModel
 from ftctl.deploy.plan import Plan, RemoteState, make_plan, plan_lines
 from ftctl.deploy.results import HostResult
@@ -41,6 +41,7 @@ class Staged:
     release: str | None  # None: nothing to do (already live)
     previous: str | None
     digest: str | None
+    prune: list[str] = field(default_factory=list)  # releases retention removes once live
     started: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
@@ -143,7 +144,8 @@ def stage(
         else:
             _upload(session, model, plan, incoming, name, hr, reporter, hooks, master, bar)
         hr.release = name
-        return Staged(session, hr, lock, name, hr.previous, model.digest)
+        doomed = retention({*st.releases, name}, cfg.keep_releases, name, hr.previous)
+        return Staged(session, hr, lock, name, hr.previous, model.digest, doomed)
     except BaseException as exc:
         if incoming:
             _discard(session, incoming)
@@ -238,7 +240,7 @@ def job_for(s: Staged, action: str, deploy_id: str, release: str, previous: str 
         "command_timeout": cfg.command_timeout,
         "predict_url": predict_url(cfg),
         "smoke": [list(x) for x in cfg.smoke] if action == "deploy" else [],
-        "keep_releases": cfg.keep_releases,
+        "prune": s.prune if action == "deploy" else [],
         "follow_s": cfg.command_timeout + 2 * cfg.health_timeout + 60,
         "log": {
             "by": lock_owner(),

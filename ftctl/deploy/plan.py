@@ -35,16 +35,14 @@ class RemoteState:
     link: str  # "link" | "dir" | "missing" | "other"
     live: str | None  # release name the link points at
     releases: list[str]
-    incoming: list[str] = field(default_factory=list)
     lock: dict | None = None
-    lock_alive: bool | None = None
     free_bytes: int = 0
     missing_tools: list[str] = field(default_factory=list)
     has_rsync: bool = False
     index: dict[str, dict[str, list]] = field(default_factory=dict)  # release -> rel -> [sha, size]
     final_index: dict[str, list] = field(default_factory=dict)  # a real final/ dir's manifest
-    previous: str | None = None  # the release live before the live one (deploys.log)
-    history: list[dict] = field(default_factory=list)
+    previous: str | None = None  # the release live before the live one (from ``log``)
+    log: list[dict] = field(default_factory=list)  # deploys.log, newest last (compact)
     samples: dict[str, dict] = field(default_factory=dict)
 
     @classmethod

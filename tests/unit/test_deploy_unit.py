@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from ftctl.cli.main import app
 from ftctl.config import DeployConfig, check
 from ftctl.deploy import golive, load_local_model
+from ftctl.deploy.history import previous_release, retention
 from ftctl.deploy.plan import RemoteState, make_plan, plan_lines
 from ftctl.deploy.session import describe_lock
 from ftctl.errors import ConfigError, ModelError
@@ -50,15 +51,15 @@ def test_previous_is_read_from_history_not_from_sort_order():
         {"ok": True, "action": "deploy", "release": R[1], "previous": R[3]},  # older redeployed
         {"ok": False, "action": "deploy", "release": R[5], "previous": R[1], "rolled_back": True},
     ]
-    assert golive.previous_release(log, R[1], R) == R[3]  # not R[0], the next older name
-    assert golive.previous_release([], R[2], R) == R[1]  # no history: the next older one
+    assert previous_release(log, R[1], R) == R[3]  # not R[0], the next older name
+    assert previous_release([], R[2], R) == R[1]  # no history: the next older one
     gone = [{"ok": True, "release": R[2], "previous": "20200101000000-deadbeef"}]
-    assert golive.previous_release(gone, R[2], R) == R[1]
+    assert previous_release(gone, R[2], R) == R[1]
 
 
 def test_retention_never_removes_live_previous_or_original():
     rels = ["20261129051259-original", *R]
-    doomed = golive.retention(rels, 2, live=R[1], previous=R[0])
+    doomed = retention(rels, 2, live=R[1], previous=R[0])
     assert doomed == R[2:4]  # keeps the original, previous, live and the newest two
 
 
