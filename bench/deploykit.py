@@ -7,6 +7,7 @@ The scripts that use it, one figure each:
     bench/bench_deploy_time.py      deploy wall time: ftctl vs the seed's scp -r + ssh restart
     bench/bench_deploy_downtime.py  failed requests during a deploy under load: ftctl vs seed
     bench/bench_redeploy_bytes.py   bytes sent to redeploy an unchanged model: ftctl vs scp -r
+    bench/bench_deploy_wan.py       a fine-tune over a 50 Mbit/s link (network namespace)
 """
 
 from __future__ import annotations
@@ -65,6 +66,49 @@ def build_base_size_model(out: Path, seed: int) -> Path:
     write_manifest(tmp, {"kind": "bench", "seed": seed})  # as `ftctl train` writes one
     os.replace(tmp, out)
     return out
+
+
+# A fine-tune with embeddings + 8 of 12 layers frozen changes these tensors only.
+FREEZE8_CHANGED = ("bert.encoder.layer.8.", "bert.encoder.layer.9.", "bert.encoder.layer.10.",
+                   "bert.encoder.layer.11.", "bert.pooler.", "classifier.")  # fmt: skip
+
+
+def build_freeze8_finetune(base: Path, out: Path, seed: int = 8) -> Path:
+    """What a freeze-8 fine-tune of ``base`` looks like on disk, made the cheap way: a copy
+    whose layers 8-11, pooler and classifier get a small random change, in place, in the same
+    safetensors layout (same header, same offsets); every other byte (embeddings, layers 0-7)
+    and the tokenizer files stay identical. Training it for real on CPU would take hours and
+    give the same byte picture. Once per cache."""
+    import numpy as np
+
+    from ftctl.manifest import write_manifest
+    from tests.helpers import patch_safetensors
+
+    if (out / "manifest.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    (tmp / "manifest.json").unlink()
+    rng = np.random.default_rng(seed)
+    patch_safetensors(
+        tmp / "model.safetensors",
+        lambda name: name.startswith(FREEZE8_CHANGED),
+        lambda arr: arr + rng.normal(0, 1e-3, arr.shape).astype(arr.dtype),
+    )
+    write_manifest(tmp, {"kind": "bench", "base": str(base), "freeze_layers": 8})
+    os.replace(tmp, out)
+    return out
+
+
+def identical_share(a: Path, b: Path, block: int = 1 << 16) -> float:
+    """Share of ``b``'s bytes equal to ``a``'s at the same offsets (64 KiB blocks)."""
+    same = total = 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while y := fb.read(block):
+            total += len(y)
+            same += len(y) if fa.read(block) == y else 0
+    return same / total if total else 0.0
 
 
 def lo_bytes() -> int:
@@ -164,12 +208,12 @@ def seed_deploy(sshd: LocalSSHD, model: Path, remote_dir: Path, restart_cmd: str
         "-o",
         "BatchMode=yes",
     ]
-    dest = f"{sshd.user}@127.0.0.1:{remote_dir}/"
+    dest = f"{sshd.user}@{sshd.address}:{remote_dir}/"
     subprocess.run(
         ["scp", "-q", "-r", "-P", str(sshd.port), *ssh_opts, str(model), dest], check=True
     )
     subprocess.run(
-        ["ssh", "-p", str(sshd.port), *ssh_opts, f"{sshd.user}@127.0.0.1", restart_cmd],
+        ["ssh", "-p", str(sshd.port), *ssh_opts, f"{sshd.user}@{sshd.address}", restart_cmd],
         check=True,
         capture_output=True,
     )
@@ -224,7 +268,8 @@ class Rig:
         def go() -> dict:
             res = deploy(self.new, cfg, specs, lambda s: connect(s, cfg))
             res.raise_for_error()
-            return {"uploaded_bytes": res.hosts[0].uploaded_bytes}
+            h = res.hosts[0]
+            return {"uploaded_bytes": h.uploaded_bytes, "method": h.method}
 
         return go
 

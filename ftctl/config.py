@@ -160,7 +160,7 @@ class ImageConfig:
 class DeployConfig:
     """``[deploy.<profile>]``: one target environment. Nothing secret belongs here."""
 
-    hosts: tuple[str, ...] = ()  # user@host[:port], deployed one at a time
+    hosts: tuple[str, ...] = ()  # user@host[:port]: uploaded in parallel, live one at a time
     user: str = "root"  # default login when a host names none
     port: int = 22  # default port when a host names none
     identity: Path | None = None  # private key file (or use ssh-agent)
@@ -177,7 +177,13 @@ class DeployConfig:
     keep_releases: int = 5  # retention; never deletes the live release or the one before it
     connect_timeout: float = 10.0  # SSH connect timeout, seconds
     command_timeout: float = 600.0  # one remote command, seconds
-    min_free_factor: float = 2.0  # preflight: free space >= factor x model size
+    min_free_factor: float = 2.0  # preflight: free space >= factor x the bytes to send
+    transfer: str = "auto"  # auto (rsync where both ends have it, else SFTP) | rsync | sftp
+    bwlimit_kbps: int = 0  # cap rsync's upload rate in KiB/s (0: no cap)
+    link_timeout: float = 20.0  # seconds without an answer after which the SSH link is dead
+    require_health: bool = False  # refuse a deploy whose new model nothing would check
+    canary: int = 0  # the first N hosts go live (health + smoke) before the rest
+    on_failure: str = "revert"  # revert: put switched hosts back | stop: leave them as they are
 
     def problems(self, where: str = "deploy") -> list[Problem]:
         out = []
@@ -194,6 +200,22 @@ class DeployConfig:
                 out.append(Problem("must be > 0 (seconds)", field=f"{where}.{name}"))
         if self.min_free_factor < 0:
             out.append(Problem("must be >= 0", field=f"{where}.min_free_factor"))
+        if self.transfer not in ("auto", "rsync", "sftp"):
+            out.append(Problem("must be auto, rsync or sftp", field=f"{where}.transfer"))
+        if self.on_failure not in ("revert", "stop"):
+            out.append(Problem("must be revert or stop", field=f"{where}.on_failure"))
+        if self.bwlimit_kbps < 0 or self.canary < 0:
+            out.append(Problem("must be >= 0", field=f"{where}.bwlimit_kbps/canary"))
+        if not 5 <= self.link_timeout <= 50:
+            out.append(Problem("must be 5..50 seconds", field=f"{where}.link_timeout"))
+        if self.require_health and not (self.health_url or self.health_cmd):
+            out.append(
+                Problem(
+                    "require_health is set but no health_url or health_cmd is configured: "
+                    "nothing would check the new model",
+                    field=f"{where}.require_health",
+                )
+            )
         return out
 
 

@@ -66,7 +66,14 @@ def _keygen(path: Path, comment: str) -> None:
 class LocalSSHD:
     """sshd on 127.0.0.1:<free port>, host and client keys made fresh in ``workdir``."""
 
-    def __init__(self, workdir: Path, *, user: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        user: str | None = None,
+        options: dict[str, str] | None = None,
+        address: str = "127.0.0.1",
+    ) -> None:
         if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
             raise EnvironmentProblem(
                 "OpenSSH server not installed (no /usr/sbin/sshd)",
@@ -75,20 +82,23 @@ class LocalSSHD:
         self.workdir = Path(workdir).resolve()  # daemons chdir: every path absolute
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.user = user or os.environ.get("USER") or "root"
+        self.address = address  # where it listens (a network namespace's address for the WAN bench)
         self.port = free_port()
         self.host_key = self.workdir / "ssh_host_ed25519_key"
         self.client_key = self.workdir / "id_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
         self.log = self.workdir / "sshd.log"
+        self.options = dict(options or {})  # extra sshd_config options (-o KEY=VALUE)
+        self.prefix: list[str] = []  # runs sshd under this command (e.g. unshare)
         self._proc: subprocess.Popen | None = None
 
     @property
     def host(self) -> str:
-        return f"{self.user}@127.0.0.1:{self.port}"
+        return f"{self.user}@{self.address}:{self.port}"
 
     def host_key_line(self) -> str:
         pub = (self.host_key.with_suffix(".pub")).read_text().split()
-        return f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n"
+        return f"[{self.address}]:{self.port} {pub[0]} {pub[1]}\n"
 
     def start(self, *, trust_host_key: bool = True) -> LocalSSHD:
         for key, comment in ((self.host_key, "ftctl-host"), (self.client_key, "ftctl-client")):
@@ -100,7 +110,7 @@ class LocalSSHD:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         cmd = [
             SSHD, "-D", "-p", str(self.port),
-            "-o", "ListenAddress=127.0.0.1",
+            "-o", f"ListenAddress={self.address}",
             "-h", str(self.host_key),
             "-o", f"AuthorizedKeysFile={authorized}",
             "-o", f"PidFile={self.workdir / 'sshd.pid'}",
@@ -109,11 +119,15 @@ class LocalSSHD:
             "-o", "UsePAM=no",
             "-E", str(self.log),
         ]  # fmt: skip
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
-        if not wait_port(self.port, 10):
+        for key, value in self.options.items():
+            cmd += ["-o", f"{key}={value}"]
+        self._proc = subprocess.Popen(
+            [*self.prefix, *cmd], stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        if not wait_port(self.port, 10, self.address):
             self.close()
             raise EnvironmentProblem(
-                f"sshd did not start on 127.0.0.1:{self.port}",
+                f"sshd did not start on {self.address}:{self.port}",
                 hint=f"see {self.log}",
             )
         return self
@@ -146,6 +160,7 @@ class Supervisor:
         self.env = env or {}
         self.conf = self.workdir / "supervisord.conf"
         self.sock = self.workdir / "supervisor.sock"
+        self.prefix: list[str] = []  # runs supervisord under this command (e.g. ip netns exec)
         self.pidfile = self.workdir / "supervisord.pid"
         bindir = Path(sys.executable).parent
         self.supervisord = str(bindir / "supervisord")
@@ -214,7 +229,9 @@ serverurl=unix://{self.sock}
 
     def start(self) -> Supervisor:
         self._write_conf()
-        subprocess.run([self.supervisord, "-c", str(self.conf)], check=True, capture_output=True)
+        subprocess.run(
+            [*self.prefix, self.supervisord, "-c", str(self.conf)], check=True, capture_output=True
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not self.sock.exists():
             time.sleep(0.1)
@@ -237,18 +254,33 @@ serverurl=unix://{self.sock}
         self.close()
 
 
-class _LocalSFTP:
-    """The two calls of paramiko's SFTPClient that deploy uses, on the local filesystem."""
+class _LocalFile:
+    """A local file with the SFTP file calls deploy uses."""
 
-    def put(self, localpath: str, remotepath: str, callback=None) -> None:
-        total = os.path.getsize(localpath)
-        done = 0
-        with open(localpath, "rb") as src, open(remotepath, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-                done += len(chunk)
-                if callback:
-                    callback(done, total)
+    def __init__(self, path: str, mode: str) -> None:
+        self._fh = open(path, mode)  # noqa: SIM115 - closed by __exit__/close
+
+    def set_pipelined(self, pipelined: bool = True) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _LocalFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _LocalSFTP:
+    """The calls of paramiko's SFTPClient that deploy uses, on the local filesystem."""
+
+    def open(self, path: str, mode: str = "rb") -> _LocalFile:
+        return _LocalFile(path, mode)
 
     def close(self) -> None:
         pass
@@ -262,6 +294,7 @@ def local_connection():
     class LocalConnection(Context):
         host, user, port = "localhost", os.environ.get("USER", "root"), 0
         is_connected = True
+        ftctl_local = True  # deploy runs its commands and pipes as local processes
         _sftp = None
 
         def sftp(self) -> _LocalSFTP:

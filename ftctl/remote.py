@@ -174,4 +174,5 @@ def connect(
             f"{spec}: cannot connect over SSH: {exc}",
             hint="check the host, port and network (and --connect-timeout in ftctl.toml)",
         ) from None
+    conn.transport.set_keepalive(5)  # keepalives; a dead link is detected by ftctl.deploy
     return conn

@@ -16,7 +16,10 @@ ProfileOpt = Annotated[
 ]
 HostOpt = Annotated[
     list[str] | None,
-    typer.Option("--host", help="user@host[:port]; repeat for several (one at a time)."),
+    typer.Option(
+        "--host",
+        help="user@host[:port]; repeat for several (upload in parallel, go live one at a time).",
+    ),
 ]
 IdentityOpt = Annotated[Path | None, typer.Option("--identity", "-i", help="SSH private key.")]
 KnownHostsOpt = Annotated[
@@ -46,6 +49,37 @@ SmokeOpt = Annotated[
 ]
 KeepOpt = Annotated[
     int | None, typer.Option("--keep-releases", help="Releases kept (live + previous always).")
+]
+TransferOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--transfer",
+        help="auto (rsync over OpenSSH where both ends have it, else SFTP) | rsync | sftp.",
+        show_default="auto",
+    ),
+]
+BwlimitOpt = Annotated[
+    int | None, typer.Option("--bwlimit", help="Cap rsync's upload rate, KiB/s (0: no cap).")
+]
+RequireHealthOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--require-health/--no-require-health",
+        help="Refuse a deploy whose new model nothing checks (no health URL or command).",
+        show_default="off",
+    ),
+]
+CanaryOpt = Annotated[
+    int | None,
+    typer.Option("--canary", help="The first N hosts go live (health + smoke) before the rest."),
+]
+OnFailureOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--on-failure",
+        help="revert: put hosts already switched back (the fleet never stays mixed) | stop.",
+        show_default="revert",
+    ),
 ]
 AcceptKeyOpt = Annotated[
     str | None,
@@ -93,6 +127,29 @@ def _connector(cfg: DeployConfig, accept_host_key: str | None, accept_new: bool)
     )
 
 
+def _sigterm_is_ctrl_c() -> None:
+    """A cancelled CI job sends SIGTERM: unwind like Ctrl-C (locks given back at once; a
+    go-live already started finishes on the server)."""
+    import signal
+
+    def handler(_sig, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _host_line(h) -> str:
+    what = f"{h.action}: {h.host} now serves {h.release}"
+    if h.reused or h.action != "deploy":
+        extra = " (nothing uploaded)"
+    else:
+        extra = (
+            f" ({h.method}: sent {h.uploaded_bytes} bytes of file data in {h.uploaded_files} "
+            f"files, {h.linked_files} files hard-linked)"
+        )
+    return what + extra + f" in {h.seconds:.1f}s; health: {h.health or 'n/a'}"
+
+
 def _finish(ctx: typer.Context, result, as_json: bool) -> None:
     if as_json:
         common.emit_json(ctx, result.to_dict())
@@ -103,15 +160,28 @@ def _finish(ctx: typer.Context, result, as_json: bool) -> None:
                 for line in h.plan:
                     common.out.print(f"  - {line}", markup=False)
             elif h.ok:
-                what = f"{h.action}: {h.host} now serves {h.release}"
-                extra = f" (uploaded {h.uploaded_bytes} bytes in {h.uploaded_files} files)"
-                if h.reused or h.action == "rollback":
-                    extra = " (nothing uploaded)"
-                common.out.print(what + extra + f" in {h.seconds:.1f}s", markup=False)
+                common.out.print(_host_line(h), markup=False)
                 if h.backup:
                     common.out.print(f"  original model kept as releases/{h.backup}", markup=False)
                 if h.pruned:
                     common.out.print(f"  removed old releases: {', '.join(h.pruned)}", markup=False)
+                if h.reverted:
+                    common.out.print(
+                        f"  reverted to {h.previous}: another host failed", markup=False
+                    )
+        if result.ok and not any(h.dry_run for h in result.hosts) and result.action == "deploy":
+            health = result.health or "n/a"
+            note = (
+                " (nothing checked the new model: set health_url or health_cmd, "
+                "--require-health makes this an error)"
+                if health == "unchecked"
+                else ""
+            )
+            common.out.print(
+                f"{result.action} {result.id}: ok on {len(result.hosts)} host(s); "
+                f"health: {health}{note}",
+                markup=False,
+            )
     if result.error is not None:
         exc: FtctlError = result.error
         common.print_error(exc)
@@ -135,18 +205,28 @@ def deploy_cmd(
     health_timeout: HealthTimeoutOpt = None,
     smoke: SmokeOpt = None,
     keep_releases: KeepOpt = None,
+    transfer: TransferOpt = None,
+    bwlimit: BwlimitOpt = None,
+    require_health: RequireHealthOpt = None,
+    canary: CanaryOpt = None,
+    on_failure: OnFailureOpt = None,
     accept_host_key: AcceptKeyOpt = None,
     accept_new_host_key: AcceptNewOpt = False,
     dry_run: common.DryRunOpt = False,
     json_out: common.JsonOpt = False,
 ) -> None:
-    """Ship a model: lock, upload, verify sha256, swap the link, restart, health, smoke.
+    """Ship a model: send what changed, then go live in one transaction on the server.
 
-    Any failure after the swap rolls back automatically (exit 5; exit 6 if that fails too).
-    The first deploy keeps a real final/ directory as releases/TIMESTAMP-original/.
+    Upload (rsync delta against the live release, or SFTP; unchanged files hard-linked),
+    verify sha256, then the server swaps the link, restarts or reloads, checks health and
+    smoke cases, swaps back on failure (exit 5; 6 if that fails too) and unlocks, even if this
+    command dies. The first deploy keeps a real final/ directory as releases/TS-original/.
 
     Example: `ftctl deploy --model models/incremental/final --host root@47.100.235.168
-    --health-url http://127.0.0.1:8000/health --smoke 帮我打卡=CLOCK_IN`
+    --health-url http://127.0.0.1:8000/health --smoke 帮我打卡=CLOCK_IN --require-health`
+
+    Example (two hosts, the first as canary): `ftctl deploy --profile prod --host root@a
+    --host root@b --canary 1 --on-failure revert`
     """
     from ftctl import deploy as core
 
@@ -155,8 +235,10 @@ def deploy_cmd(
         ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir,
         restart_cmd=restart_cmd, reload_cmd=reload_cmd, health_url=health_url,
         health_cmd=health_cmd, health_timeout=health_timeout, smoke=_smoke(smoke),
-        keep_releases=keep_releases,
+        keep_releases=keep_releases, transfer=transfer, bwlimit_kbps=bwlimit,
+        require_health=require_health, canary=canary, on_failure=on_failure,
     )  # fmt: skip
+    _sigterm_is_ctrl_c()
     result = core.deploy(
         model,
         cfg,
@@ -188,7 +270,8 @@ def rollback_cmd(
     dry_run: common.DryRunOpt = False,
     json_out: common.JsonOpt = False,
 ) -> None:
-    """Point the service back at an earlier release (no upload), restart, check health.
+    """Point the service back at the release that was live before (from deploys.log), or at
+    --to RELEASE; the server swaps, restarts, checks health, swaps back on failure.
 
     Example: `ftctl rollback --profile prod` or `ftctl rollback --to 20261129051300-1a2b3c4d`
     """
@@ -200,6 +283,7 @@ def rollback_cmd(
         restart_cmd=restart_cmd, reload_cmd=reload_cmd, health_url=health_url,
         health_cmd=health_cmd, health_timeout=health_timeout,
     )  # fmt: skip
+    _sigterm_is_ctrl_c()
     result = core.rollback(
         cfg,
         hosts,
@@ -233,13 +317,7 @@ def releases_cmd(
         ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir
     )
     connect = _connector(cfg, accept_host_key, accept_new_host_key)
-    listing = {}
-    for spec in hosts:
-        conn = connect(spec)
-        try:
-            listing[str(spec)] = core.list_releases(conn, cfg)
-        finally:
-            conn.close()
+    listing = core.per_host(cfg, hosts, connect, core.releases)
     if json_out:
         common.emit_json(ctx, {"ok": True, "hosts": listing})
         return
@@ -257,7 +335,64 @@ def releases_cmd(
             bits += [f"{k}={v}" for k, v in ev.items() if isinstance(v, int | float | str)][:3]
             line = f" {mark} {r['name']}  {r['time'] or ''}  {'  '.join(bits)}"
             common.out.print(line.rstrip(), markup=False)
-        common.out.print("  (* live, < previous)", markup=False)
+        common.out.print("  (* live, < previous: live before it, from deploys.log)", markup=False)
+    if len(listing) > 1:
+        common.out.print("live per host:", markup=False)
+        for host_name, rows in listing.items():
+            live = next((r["name"] for r in rows if r["live"]), "(none)")
+            common.out.print(f"  {host_name}  {live}", markup=False)
+
+
+def status_cmd(
+    ctx: typer.Context,
+    profile: ProfileOpt = None,
+    host: HostOpt = None,
+    identity: IdentityOpt = None,
+    known_hosts: KnownHostsOpt = None,
+    remote_dir: RemoteDirOpt = None,
+    accept_host_key: AcceptKeyOpt = None,
+    accept_new_host_key: AcceptNewOpt = False,
+    json_out: common.JsonOpt = False,
+) -> None:
+    """How the last deploy, rollback or revert ended on each server (from any machine).
+
+    Reads the go-live's status file, the lock and the newest lines of deploys.log; useful
+    when the deploying machine died or lost its link while the server went on.
+
+    Example: `ftctl status --profile prod` or `ftctl status --host root@47.100.235.168 --json`
+    """
+    from ftctl import deploy as core
+
+    common.state(ctx).json = json_out
+    cfg, hosts = _target(
+        ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir
+    )
+    listing = core.per_host(cfg, hosts, _connector(cfg, accept_host_key, accept_new_host_key),
+                            core.status)  # fmt: skip
+    if json_out:
+        common.emit_json(ctx, {"ok": True, "hosts": listing})
+        return
+    for host_name, st in listing.items():
+        doc = st.get("status") or {}
+        common.out.print(f"{host_name}  {cfg.remote_dir}", markup=False)
+        common.out.print(f"  live: {st.get('live') or st.get('link')}", markup=False)
+        if doc:
+            common.out.print(
+                f"  last: {doc.get('action')} {doc.get('id')} -> {doc.get('release')}: "
+                f"{doc.get('state')} (step {doc.get('step')}, health {doc.get('health')})"
+                + (f": {doc['error']}" if doc.get("error") else ""),
+                markup=False,
+            )
+        if st.get("lock"):
+            from ftctl.deploy.session import describe_lock
+
+            common.out.print(f"  lock: held by {describe_lock(st['lock'])}", markup=False)
+        for e in st.get("log", [])[-3:]:
+            common.out.print(
+                f"  log: {e.get('time')} {e.get('action')} {e.get('release')} "
+                f"ok={e.get('ok')} health={e.get('health')}",
+                markup=False,
+            )
 
 
 def register(app: typer.Typer) -> None:
@@ -265,3 +400,4 @@ def register(app: typer.Typer) -> None:
     app.command("deploy")(deploy_cmd)
     app.command("rollback")(rollback_cmd)
     app.command("releases")(releases_cmd)
+    app.command("status")(status_cmd)

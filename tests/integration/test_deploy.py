@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.deploy import Hooks, deploy, remote_lock, rollback
-from ftctl.errors import DeployError, ExitCode, HostKeyError, LockHeld, RollbackFailed
+from ftctl.deploy import Hooks, deploy, rollback
+from ftctl.errors import DeployError, ExitCode, HostKeyError, RollbackFailed
 from ftctl.fsutil import atomic_write_text, sha256_tree
 from ftctl.manifest import model_digest
 
@@ -39,8 +41,22 @@ def _cli_target_args(t) -> list[str]:
 def test_first_deploy_backs_up_real_final_and_swaps(deploy_target, deploy_models):
     t = deploy_target
     cfg = t.with_(reload_cmd=None)  # the restart path (supervisorctl restart python-services)
-    res = _deploy(t, deploy_models["b"], cfg)
+    final, missing, stop = t.remote_dir / "final" / "config.json", [], threading.Event()
+
+    def watch() -> None:  # `final` must resolve at every moment, the backup's included
+        while not stop.is_set():
+            if not final.exists():
+                missing.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = _deploy(t, deploy_models["b"], cfg)
+    finally:
+        stop.set()
+        watcher.join()
     assert res.ok, res.error
+    assert missing == []
     (h,) = res.hosts
     originals = [r for r in t.releases() if r.endswith("-original")]
     assert len(originals) == 1 and h.backup == originals[0]
@@ -119,8 +135,9 @@ def test_retention_keeps_n_and_the_live_and_previous(deploy_target, deploy_model
     cfg = t.with_(keep_releases=2)
     rels = [_deploy(t, deploy_models[m], cfg).hosts[0] for m in "bca"]
     assert all(h.ok for h in rels)
-    assert t.releases() == sorted([rels[1].release, rels[2].release])
-    assert rels[2].pruned and not any(r.endswith("-original") for r in t.releases())
+    original = rels[0].backup
+    assert t.releases() == sorted([original, rels[1].release, rels[2].release])
+    assert rels[2].pruned == [rels[0].release]  # *-original, live and previous are kept
     t.wait_serving(model_digest(deploy_models["a"]))
 
 
@@ -133,7 +150,8 @@ def test_connection_cut_mid_upload_keeps_live_model_and_next_deploy_works(
         if sent > 200_000:
             conn.client.get_transport().close()  # the SSH session dies mid-file
 
-    res = _deploy(t, deploy_models["b"], hooks=Hooks(on_upload_bytes=cut))
+    sftp = t.with_(transfer="sftp")  # the SFTP path (rsync's own cut: test_deploy_resilience)
+    res = _deploy(t, deploy_models["b"], sftp, hooks=Hooks(on_upload_bytes=cut))
     assert isinstance(res.error, DeployError) and "upload failed" in res.error.message
     assert t.health()["sha256"] == model_digest(deploy_models["a"])
     assert not any(r.endswith(model_digest(deploy_models["b"])[:8]) for r in t.releases())
@@ -165,7 +183,7 @@ def test_corrupted_upload_is_refused_by_checksum(deploy_target, deploy_models):
 
 def test_failing_health_after_restart_rolls_back(deploy_target, deploy_models):
     t = deploy_target
-    cfg = t.with_(reload_cmd=None, health_timeout=8.0)  # restart; broken config.json
+    cfg = t.with_(reload_cmd=None, health_timeout=25.0)  # restart; broken config.json
     res = _deploy(t, deploy_models["broken"], cfg)
     assert isinstance(res.error, DeployError) and not isinstance(res.error, RollbackFailed)
     assert res.error.exit_code == ExitCode.DEPLOY and "rolled back" in res.error.message
@@ -173,47 +191,6 @@ def test_failing_health_after_restart_rolls_back(deploy_target, deploy_models):
     t.wait_serving(model_digest(deploy_models["a"]), timeout=30)
     entry = t.log_lines()[-1]
     assert not entry["ok"] and entry["rolled_back"]
-
-
-def test_ctrl_c_after_the_swap_rolls_back(deploy_target, deploy_models, monkeypatch):
-    import ftctl.deploy as core
-
-    real_wait = core.wait_healthy
-    calls = []
-
-    def interrupted_once(*args, **kwargs):  # the user presses Ctrl-C while health is polled
-        calls.append(args)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return real_wait(*args, **kwargs)
-
-    monkeypatch.setattr(core, "wait_healthy", interrupted_once)
-    t = deploy_target
-    res = _deploy(t, deploy_models["b"], t.with_(reload_cmd=None))
-    assert isinstance(res.error, DeployError) and not isinstance(res.error, RollbackFailed)
-    assert "interrupted after the swap" in res.error.message
-    assert "rolled back" in res.error.message
-    assert t.link_target().endswith("-original")
-    t.wait_serving(model_digest(deploy_models["a"]), timeout=30)
-    assert not (t.remote_dir / ".deploy.lock").exists()
-
-
-def test_second_deploy_while_locked_is_refused_with_owner(deploy_target, deploy_models):
-    t = deploy_target
-    conn = t.connect()(t.specs()[0])
-    try:
-        with remote_lock(conn, t.cfg, "deploy") as info:
-            res = _deploy(t, deploy_models["b"])
-    finally:
-        conn.close()
-    assert isinstance(res.error, LockHeld)
-    assert info["owner"] in res.error.message and str(info["pid"]) in res.error.message
-    assert t.health()["sha256"] == model_digest(deploy_models["a"])
-    stale = {"owner": "ci@old-runner", "pid": 1, "time": "2020-01-01T00:00:00+00:00"}
-    atomic_write_text(t.remote_dir / ".deploy.lock", json.dumps(stale))
-    res = _deploy(t, deploy_models["b"])
-    assert isinstance(res.error, LockHeld) and "STALE" in res.error.message
-    assert "ci@old-runner" in res.error.message
 
 
 def test_too_little_disk_is_refused_in_preflight(deploy_target, deploy_models):
@@ -299,3 +276,154 @@ def test_reload_deploy_under_load_fails_zero_requests(deploy_target, deploy_mode
     assert failed == []
     assert ok[0] > 10
     assert shas == {model_digest(deploy_models["a"]), model_digest(deploy_models["b"])}
+
+
+def test_rollback_after_redeploying_an_older_release_returns_to_the_one_that_was_live(
+    deploy_target, deploy_models
+):
+    t = deploy_target
+    b = _deploy(t, deploy_models["b"]).hosts[0]
+    c = _deploy(t, deploy_models["c"]).hosts[0]
+    again = _deploy(t, deploy_models["b"]).hosts[0]  # the older release goes live again
+    assert again.reused and again.release == b.release and again.previous == c.release
+    res = rollback(t.cfg, t.specs(), t.connect())
+    assert res.ok, res.error
+    assert res.hosts[0].release == c.release  # not b's predecessor in name order (original)
+    assert t.link_target() == f"releases/{c.release}"
+    t.wait_serving(model_digest(deploy_models["c"]))
+
+
+def _fine_tune_of(src, out, seed: int = 7):
+    """A copy of ``src`` whose top layers and head changed (same header, same offsets), the
+    way a fine-tune with frozen embeddings and lower layers changes a model."""
+    import numpy as np
+
+    from ftctl.manifest import write_manifest
+    from tests.helpers import patch_safetensors
+
+    shutil.copytree(src, out)
+    (out / "manifest.json").unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
+    changed = patch_safetensors(
+        out / "model.safetensors",
+        lambda name: name.startswith(("bert.encoder.layer.11.", "classifier.", "bert.pooler.")),
+        lambda arr: arr + rng.normal(0, 1e-3, arr.shape).astype(arr.dtype),
+    )
+    write_manifest(out, {"kind": "test"})
+    return out, changed
+
+
+def test_a_delta_upload_sends_only_the_changed_bytes(deploy_target, deploy_models, tmp_path):
+    t = deploy_target
+    first = _deploy(t, deploy_models["b"]).hosts[0]
+    assert first.ok and first.method == "rsync"
+    model, changed = _fine_tune_of(deploy_models["b"], tmp_path / "ft" / "final")
+    size = (model / "model.safetensors").stat().st_size
+    res = _deploy(t, model)
+    assert res.ok, res.error
+    h = res.hosts[0]
+    assert h.method == "rsync" and h.linked_files >= 3  # tokenizer, vocab, ... hard-linked
+    assert any("delta model.safetensors" in line for line in h.plan)
+    assert h.uploaded_bytes < changed + 0.05 * size  # rsync's literal data
+    assert h.wire_bytes < changed + 0.10 * size + 50_000  # everything rsync sent
+    new = t.remote_dir / "releases" / h.release
+    old = t.remote_dir / "releases" / first.release
+    assert (new / "vocab.txt").stat().st_ino == (old / "vocab.txt").stat().st_ino
+    t.wait_serving(model_digest(model))
+
+
+def test_without_a_health_check_the_result_says_unchecked(deploy_target, deploy_models):
+    t = deploy_target
+    cfg = t.with_(reload_cmd=None, health_url=None)  # the seed's way: just the restart
+    r = runner.invoke(
+        app,
+        ["deploy", "--model", str(deploy_models["b"]), "--host", t.host, "--identity",
+         str(cfg.identity), "--known-hosts", str(cfg.known_hosts), "--remote-dir",
+         cfg.remote_dir, "--restart-cmd", cfg.restart_cmd],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    last = r.stdout.strip().splitlines()[-1]
+    assert "health: unchecked" in last
+    entry = t.log_lines()[-1]
+    assert entry["health"] == "unchecked" and entry["checks"]["exit"] == 0
+    t.wait_serving(model_digest(deploy_models["b"]))
+
+
+def test_a_failed_reload_is_a_failure_at_once(deploy_target, deploy_models):
+    t = deploy_target
+    cfg = t.with_(health_timeout=60.0)  # reload path; the broken model does not load
+    t0 = time.monotonic()
+    res = _deploy(t, deploy_models["broken"], cfg)
+    took = time.monotonic() - t0
+    assert isinstance(res.error, DeployError) and "failed reload" in res.error.message
+    assert took < 30, took  # not the 60 s health timeout
+    assert res.hosts[0].rolled_back
+    t.wait_serving(model_digest(deploy_models["a"]))
+
+
+UNIT = """[Unit]
+Description=ftctl deploy test service (starts only on a model that carries ok-to-start)
+[Service]
+Type=simple
+ExecStart=/bin/sh -c 'test -f {final}/ok-to-start && exec sleep 600'
+"""
+
+
+@pytest.fixture
+def systemctl(tmp_path):
+    """A real `systemctl` (docker-systemctl-replacement) over a unit file in its own root."""
+    import sys
+
+    binary = Path(sys.executable).parent / "systemctl3"
+    bindir, root = tmp_path / "bin", tmp_path / "sysroot"
+    bindir.mkdir()
+    (bindir / "systemctl").symlink_to(binary)
+    cmd = f"{bindir / 'systemctl'} --root={root}"
+    yield root, cmd
+    subprocess.run(f"{cmd} stop ftctl-deploy-svc", shell=True, capture_output=True)
+
+
+def test_systemctl_restart_is_checked_with_is_active(deploy_target, deploy_models, tmp_path,
+                                                     systemctl):  # fmt: skip
+    t = deploy_target
+    root, systemctl_cmd = systemctl
+    remote = tmp_path / "srv"
+    unit = root / "etc" / "systemd" / "system" / "ftctl-deploy-svc.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text(UNIT.format(final=remote / "final"))
+    good, bad = tmp_path / "good" / "final", tmp_path / "bad" / "final"
+    shutil.copytree(deploy_models["b"], good)
+    (good / "ok-to-start").write_text("1")
+    shutil.copytree(deploy_models["c"], bad)
+    cfg = t.with_(remote_dir=str(remote), restart_cmd=f"{systemctl_cmd} restart ftctl-deploy-svc",
+                  reload_cmd=None, health_url=None)  # fmt: skip
+    res = _deploy(t, good, cfg)
+    assert res.ok, res.error
+    h = res.hosts[0]
+    assert h.health == "unchecked" and res.health == "unchecked"
+    assert h.checks["is_active"]["state"] == "active"
+    assert "is-active ftctl-deploy-svc" in h.checks["is_active"]["command"]
+    res = _deploy(t, bad, cfg)  # the service does not start on this model
+    assert isinstance(res.error, DeployError) and res.hosts[0].rolled_back, res.error
+    state = subprocess.run(f"{systemctl_cmd} is-active ftctl-deploy-svc", shell=True,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert state == "active" and (remote / "final" / "ok-to-start").is_file()
+
+
+def test_status_shows_the_last_go_live_from_any_machine(deploy_target, deploy_models):
+    t = deploy_target
+    plan = _deploy(t, deploy_models["b"], dry_run=True).hosts[0]
+    assert plan.method == "rsync" and plan.expected_bytes > 0
+    assert any(line.startswith("expect ~") for line in plan.plan)
+    res = _deploy(t, deploy_models["b"])
+    assert res.ok, res.error
+    args = ["status", "--host", t.host, "--identity", str(t.cfg.identity), "--known-hosts",
+            str(t.cfg.known_hosts), "--remote-dir", t.cfg.remote_dir]  # fmt: skip
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.stdout)["hosts"][t.host]
+    assert st["live"] == res.hosts[0].release and st["lock"] is None
+    assert st["status"]["id"] == res.id and st["status"]["state"] == "ok"
+    assert st["log"][-1]["id"] == res.id
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and f"-> {res.hosts[0].release}: ok" in r.output

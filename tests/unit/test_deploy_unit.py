@@ -1,25 +1,19 @@
-"""Unit tests of deploy's own logic (parsing, ordering, retention, locks, digests)."""
+"""Unit tests of deploy's own logic (parsing, ordering, history, retention, plans, digests)."""
 
 from __future__ import annotations
 
 import json
-import os
-from types import SimpleNamespace
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.config import DeployConfig
-from ftctl.deploy import (
-    RemoteState,
-    describe_lock,
-    load_local_model,
-    lock_owner,
-    prune,
-    release_key,
-    release_tag,
-)
+from ftctl.config import DeployConfig, check
+from ftctl.deploy import golive, load_local_model
+from ftctl.deploy.history import previous_release, retention
+from ftctl.deploy.plan import RemoteState, make_plan, plan_lines
+from ftctl.deploy.session import describe_lock
 from ftctl.errors import ConfigError, ModelError
 from ftctl.fsutil import atomic_write_text, sha256_tree
 from ftctl.manifest import model_digest, tree_digest
@@ -39,51 +33,75 @@ def test_parse_host_fills_defaults_and_reads_port():
 
 def test_release_names_order_original_before_same_second_release():
     names = ["20261129051300-1a2b3c4d", "20261129051300-original", "20261129051259-ffffffff"]
-    assert sorted(names, key=release_key) == [
+    assert sorted(names, key=golive.release_key) == [
         "20261129051259-ffffffff",
         "20261129051300-original",
         "20261129051300-1a2b3c4d",
     ]
-    assert release_tag("20261129051300-1a2b3c4d") == "1a2b3c4d"
-    assert release_tag("20261129051300-original") is None
+    assert golive.release_tag("20261129051300-1a2b3c4d") == "1a2b3c4d"
+    assert golive.release_tag("20261129051300-original") is None
 
 
-class FakeConn:
-    host, user, port = "h", "root", 22
-
-    def __init__(self):
-        self.commands = []
-
-    def run(self, cmd, **kw):
-        self.commands.append(cmd)
-        return SimpleNamespace(failed=False, ok=True, stdout="", stderr="", exited=0)
+R = [f"2026112905130{i}-0000000{i}" for i in range(6)]
 
 
-def test_prune_never_deletes_live_or_previous_even_when_old():
-    rels = [f"2026112905130{i}-0000000{i}" for i in range(6)]
-    st = RemoteState("link", rels[1], list(rels), [], None, 0, [])  # live is an old one
-    conn = FakeConn()
-    doomed = prune(conn, DeployConfig(keep_releases=2), st)
-    assert doomed == rels[2:4]  # keeps 0 (previous), 1 (live), 4 and 5 (newest two)
-    assert all(r in conn.commands[0] for r in doomed)
+def test_previous_is_read_from_history_not_from_sort_order():
+    log = [
+        {"ok": True, "action": "deploy", "release": R[3], "previous": R[1]},
+        {"ok": True, "action": "deploy", "release": R[1], "previous": R[3]},  # older redeployed
+        {"ok": False, "action": "deploy", "release": R[5], "previous": R[1], "rolled_back": True},
+    ]
+    assert previous_release(log, R[1], R) == R[3]  # not R[0], the next older name
+    assert previous_release([], R[2], R) == R[1]  # no history: the next older one
+    gone = [{"ok": True, "release": R[2], "previous": "20200101000000-deadbeef"}]
+    assert previous_release(gone, R[2], R) == R[1]
 
 
-def test_describe_lock_flags_old_locks_as_stale():
-    text, stale = describe_lock({"owner": "a@b", "pid": 5, "time": "2020-01-01T00:00:00+00:00"})
-    assert stale and "a@b" in text and "pid 5" in text
-    dead = {"owner": lock_owner(), "pid": 2**22 + 7, "time": "2999-01-01T00:00:00+00:00"}
-    assert describe_lock(dead)[1]  # same machine, process gone
-    mine = {"owner": lock_owner(), "pid": os.getpid(), "time": "2999-01-01T00:00:00+00:00"}
-    assert not describe_lock(mine)[1]
+def test_retention_never_removes_live_previous_or_original():
+    rels = ["20261129051259-original", *R]
+    doomed = retention(rels, 2, live=R[1], previous=R[0])
+    assert doomed == R[2:4]  # keeps the original, previous, live and the newest two
+
+
+def test_systemctl_restart_is_recognised_and_checked_with_is_active():
+    m = golive.SYSTEMCTL_RE.match("systemctl restart python-services")
+    assert m and m["unit"] == "python-services" and m["prefix"] == "systemctl"
+    m = golive.SYSTEMCTL_RE.match("sudo systemctl --no-ask-password reload app.service")
+    assert m and m["unit"] == "app.service"
+    m = golive.SYSTEMCTL_RE.match("/opt/bin/systemctl --root=/x restart svc")
+    assert m and m["prefix"] == "/opt/bin/systemctl --root=/x"
+    assert golive.SYSTEMCTL_RE.match("supervisorctl restart python-services") is None
+    assert golive.SYSTEMCTL_RE.match("systemctl restart a && echo b") is None
+
+
+def test_a_failed_reload_is_read_at_once():
+    before = {"sha256": "a" * 64, "last_reload_error": None}
+    assert golive._reload_failed(before, {"last_reload_error": "bad config.json"})
+    assert not golive._reload_failed(before, {"last_reload_error": None})
+    old = {"last_reload_error": "old error"}
+    assert not golive._reload_failed(old, {"last_reload_error": "old error"})
+    assert golive._reload_failed({"reload_failures": 1}, {"reload_failures": 2})
+
+
+def test_output_kept_in_the_log_is_bounded():
+    text = "x" * 10_000 + "END"
+    cut = golive.bounded(text)
+    assert len(cut) <= golive.OUTPUT_MAX + 20 and cut.endswith("END")
+    checks = golive._log_checks({"checks": {"output": text, "smoke": [{"ok": True}]}})
+    assert len(checks["output"]) <= golive.OUTPUT_MAX + 20 and checks["smoke"] == "1/1 ok"
+
+
+def test_describe_lock_names_owner_pid_and_holder():
+    text = describe_lock({"owner": "a@b", "client_pid": 5, "time": "t", "holder": "golive"}, 3)
+    assert "a@b" in text and "pid 5" in text and "golive" in text and "3s ago" in text
 
 
 def test_digest_uses_the_manifest_map_and_matches_without_it(tiny_model_dir, tmp_path):
-    import shutil
-
     model = tmp_path / "final"
     shutil.copytree(tiny_model_dir, model)
     plain = model_digest(model)
     assert plain == tree_digest(sha256_tree(model))
+    assert not load_local_model(model).has_manifest
     atomic_write_text(model / "manifest.json", json.dumps({"files": sha256_tree(model)}))
     assert model_digest(model) == plain  # manifest.json itself is not content
     local = load_local_model(model)
@@ -92,8 +110,6 @@ def test_digest_uses_the_manifest_map_and_matches_without_it(tiny_model_dir, tmp
 
 
 def test_manifest_listing_a_missing_file_is_refused(tiny_model_dir, tmp_path):
-    import shutil
-
     model = tmp_path / "final"
     shutil.copytree(tiny_model_dir, model)
     files = sha256_tree(model)
@@ -101,6 +117,74 @@ def test_manifest_listing_a_missing_file_is_refused(tiny_model_dir, tmp_path):
     atomic_write_text(model / "manifest.json", json.dumps({"files": files}))
     with pytest.raises(ModelError, match=r"missing\.bin"):
         load_local_model(model)
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "./config.json", "a//b"])
+def test_manifest_paths_outside_the_directory_are_refused(tiny_model_dir, tmp_path, bad):
+    model = tmp_path / "final"
+    shutil.copytree(tiny_model_dir, model)
+    files = sha256_tree(model)
+    files[bad] = "0" * 64
+    atomic_write_text(model / "manifest.json", json.dumps({"files": files}))
+    with pytest.raises(ModelError, match="stay inside the model directory"):
+        load_local_model(model)
+
+
+def test_cli_deploy_refuses_a_manifest_with_dotdot_before_connecting(tiny_model_dir, tmp_path):
+    model = tmp_path / "final"
+    shutil.copytree(tiny_model_dir, model)
+    files = {**sha256_tree(model), "../x": "0" * 64}
+    atomic_write_text(model / "manifest.json", json.dumps({"files": files}))
+    r = CliRunner().invoke(app, ["deploy", "--model", str(model), "--host", "u@192.0.2.1"])
+    assert r.exit_code == 1 and "'../x'" in r.output and "nothing was sent" in r.output
+
+
+def _state(**kw) -> RemoteState:
+    return RemoteState(**{"link": "link", "live": None, "releases": [], **kw})
+
+
+def test_plan_links_unchanged_files_and_sends_the_rest(tiny_model_dir, tmp_path):
+    model = load_local_model(tiny_model_dir)
+    live = "20261129051300-0badc0de"
+    index = {rel: [sha, model.sizes[rel]] for rel, sha in model.expected.items()}
+    index["model.safetensors"] = ["f" * 64, model.sizes["model.safetensors"]]  # weights changed
+    st = _state(live=live, releases=[live], index={live: index})
+    plan = make_plan(model, st, DeployConfig(transfer="sftp"), local_conn=False)
+    assert plan.method == "sftp" and plan.to_send == ["model.safetensors"]
+    assert plan.links["config.json"] == f"releases/{live}/config.json"
+    assert plan.expected_bytes == model.sizes["model.safetensors"]
+    assert any("hard-link" in line for line in plan_lines(DeployConfig(), st, model, plan))
+
+
+def test_plan_reuses_a_release_with_the_same_content(tiny_model_dir):
+    model = load_local_model(tiny_model_dir)
+    rel = f"20261129051300-{model.sha8}"
+    index = {r: [sha, model.sizes[r]] for r, sha in model.expected.items()}
+    st = _state(live="20261129051200-0badc0de", releases=[rel], index={rel: index})
+    plan = make_plan(model, st, DeployConfig(), local_conn=False)
+    assert plan.method == "reuse" and plan.reuse == rel and plan.expected_bytes == 0
+    live = make_plan(
+        model, _state(live=rel, releases=[rel], index={rel: index}), DeployConfig(), False
+    )
+    assert live.method == "live"
+
+
+def test_forced_rsync_without_rsync_on_the_server_is_an_error(tiny_model_dir):
+    from ftctl.errors import DeployError
+
+    model = load_local_model(tiny_model_dir)
+    with pytest.raises(DeployError, match="no rsync on the server"):
+        make_plan(model, _state(has_rsync=False), DeployConfig(transfer="rsync"), False)
+    plan = make_plan(model, _state(has_rsync=False), DeployConfig(), False)
+    assert plan.method == "sftp" and "no rsync on the server" in plan.why
+
+
+def test_require_health_without_any_health_check_is_a_config_error():
+    with pytest.raises(ConfigError, match="require_health"):
+        check(DeployConfig(require_health=True))
+    check(DeployConfig(require_health=True, health_cmd="true"))
+    with pytest.raises(ConfigError, match="transfer"):
+        check(DeployConfig(transfer="scp"))
 
 
 def test_cli_without_host_is_a_usage_error(tmp_path):
@@ -113,7 +197,14 @@ def test_cli_bad_smoke_case_is_a_usage_error():
     assert r.exit_code == 2 and "TEXT=LABEL" in r.output
 
 
-def test_several_hosts_go_one_at_a_time_and_stop_at_the_first_failure(tiny_model_dir):
+def test_cli_require_health_without_health_is_a_usage_error(tiny_model_dir):
+    r = CliRunner().invoke(
+        app, ["deploy", "--model", str(tiny_model_dir), "--host", "h", "--require-health"]
+    )
+    assert r.exit_code == 2 and "require_health" in r.output
+
+
+def test_a_failure_to_reach_one_host_stops_before_anything_goes_live(tiny_model_dir):
     from ftctl.deploy import deploy
     from ftctl.errors import EnvironmentProblem
 
@@ -125,18 +216,6 @@ def test_several_hosts_go_one_at_a_time_and_stop_at_the_first_failure(tiny_model
 
     hosts = [parse_host("a"), parse_host("b")]
     res = deploy(tiny_model_dir, DeployConfig(), hosts, connect)
-    assert tried == ["root@a:22"]
+    assert sorted(tried) == ["root@a:22", "root@b:22"]  # staged in parallel
     assert not res.ok and isinstance(res.error, EnvironmentProblem)
-    assert [h.host for h in res.hosts] == ["root@a:22"] and res.hosts[0].error
-
-
-def test_a_final_that_is_a_file_or_a_foreign_link_is_refused():
-    from ftctl.deploy import check_link
-    from ftctl.errors import DeployError
-
-    cfg = DeployConfig(remote_dir="/srv/m")
-    with pytest.raises(DeployError, match="neither a directory nor a link"):
-        check_link(FakeConn(), cfg, RemoteState("other", None, [], [], None, 0, []))
-    with pytest.raises(DeployError, match="does not point into releases"):
-        check_link(FakeConn(), cfg, RemoteState("link", None, [], [], None, 0, []))
-    check_link(FakeConn(), cfg, RemoteState("dir", None, [], [], None, 0, []))  # backed up
+    assert all(h.error for h in res.hosts) and res.id

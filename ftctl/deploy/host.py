@@ -1,0 +1,426 @@
+"""One server's part of a deploy, in Capistrano's phases.
+
+``stage``  (check + updating): lock, probe, plan, prepare (backup, hard links), transfer,
+           verify, rename into releases/ -- the live model is untouched throughout;
+``publish`` (publishing + finishing): hand the lock to the go-live program on the server and
+           follow its status file until it ends (the server finishes without us).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftctl import __version__
+from ftctl.deploy import golive
+from ftctl.deploy.history import probe, retention
+from ftctl.deploy.local import LocalModel
+from ftctl.deploy.plan import Plan, RemoteState, make_plan, plan_lines
+from ftctl.deploy.results import HostResult
+from ftctl.deploy.session import LinkDead, Lock, Session, lock_info, lock_owner, q
+from ftctl.deploy.transfer import Hooks, Master, send, verify
+from ftctl.errors import DeployError, FtctlError, RollbackFailed
+from ftctl.progress import NULL, Reporter
+
+ConnectFn = Callable[[Any], Any]
+
+
+@dataclass
+class Staged:
+    """A host whose release is on the server, lock held, ready to go live."""
+
+    session: Session
+    hr: HostResult
+    lock: Lock | None
+    release: str | None  # None: nothing to do (already live)
+    previous: str | None
+    digest: str | None
+    prune: list[str] = field(default_factory=list)  # releases retention removes once live
+    started: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        with contextlib.suppress(Exception):
+            self.session.conn.close()
+
+
+def check_state(session: Session, st: RemoteState) -> None:
+    cfg, host = session.cfg, session.host
+    if st.missing_tools:
+        raise DeployError(
+            f"{host}: remote tools missing: {', '.join(st.missing_tools)}",
+            hint="install them on the server (coreutils, python3)",
+        )
+    path = f"{cfg.remote_dir}/{cfg.link_name}"
+    if st.link == "other":
+        raise DeployError(
+            f"{host}: {path} is neither a directory nor a link",
+            hint="move it away by hand, then rerun",
+        )
+    if st.link == "link" and st.live is None:
+        raise DeployError(
+            f"{host}: {path} is a link that does not point into releases/",
+            hint=f"replace it by the directory it points at (the first deploy backs that up), "
+            f"or point it at {cfg.remote_dir}/releases/<name>",
+        )
+
+
+def _check_space(session: Session, st: RemoteState, plan: Plan) -> None:
+    cfg = session.cfg
+    need = int(sum(s.size for s in plan.steps if s.action != "link") * cfg.min_free_factor)
+    if st.free_bytes < need:
+        raise DeployError(
+            f"{session.host}: {st.free_bytes / 1e6:.0f} MB free in {cfg.remote_dir}, need "
+            f"{need / 1e6:.0f} MB ({cfg.min_free_factor:g}x the files to send)",
+            hint="free space on the server (old releases: lower keep_releases) and rerun",
+        )
+
+
+def dry_run_host(conn, cfg, model: LocalModel, hr: HostResult) -> None:
+    session = Session(conn, cfg)
+    st = probe(session, model)
+    plan = make_plan(model, st, cfg, session.local)
+    _record_plan(hr, cfg, st, model, plan)
+    hr.ok = True
+
+
+def _record_plan(hr: HostResult, cfg, st: RemoteState, model: LocalModel, plan: Plan) -> None:
+    hr.plan = plan_lines(cfg, st, model, plan)
+    hr.method = plan.method
+    hr.expected_bytes = plan.expected_bytes
+    hr.linked_files = len(plan.links)
+
+
+def stage(
+    conn,
+    cfg,
+    model: LocalModel,
+    deploy_id: str,
+    hr: HostResult,
+    *,
+    reporter: Reporter = NULL,
+    hooks: Hooks | None = None,
+    bar: bool = True,
+) -> Staged:
+    """Upload ``model`` next to the live one; the live model is untouched. Raises DeployError."""
+    session = Session(conn, cfg)
+    hr.host = f"{conn.user}@{conn.host}:{conn.port}"
+    reporter.stage(f"{session.host}: lock and look")
+    lock = Lock(session, "deploy", lock_info("deploy", deploy_id)).acquire()
+    master = _maybe_master(session)
+    incoming = None
+    try:
+        if lock.broke:
+            hr.warnings.append(f"removed a dead deploy's lock ({json.dumps(lock.broke)[:200]})")
+            reporter.warn(f"{session.host}: {hr.warnings[-1]}")
+        st = probe(session, model)
+        check_state(session, st)
+        plan = make_plan(model, st, cfg, session.local)
+        _record_plan(hr, cfg, st, model, plan)
+        if plan.method != "rsync" and master is not None:
+            master.close()
+            master = None
+        hr.previous = st.live
+        if plan.method == "live":
+            reporter.info(f"{session.host}: {st.live} is already live; nothing to do")
+            hr.release, hr.reused = st.live, True
+            return Staged(session, hr, lock, None, st.live, model.digest)
+        _check_space(session, st, plan)
+        name = plan.reuse or f"{golive.utc_stamp()}-{model.sha8}"
+        incoming = None if plan.reuse else f".incoming-{os.urandom(6).hex()}"
+        prep = _prepare(session, plan, incoming)
+        hr.backup = prep.get("backup")
+        hr.previous = prep.get("live") or st.live
+        if plan.reuse:
+            hr.reused = True
+        else:
+            _upload(session, model, plan, incoming, name, hr, reporter, hooks, master, bar)
+        hr.release = name
+        doomed = retention({*st.releases, name}, cfg.keep_releases, name, hr.previous)
+        return Staged(session, hr, lock, name, hr.previous, model.digest, doomed)
+    except BaseException as exc:
+        if incoming:
+            _discard(session, incoming)
+        if isinstance(exc, FtctlError):
+            hr.error = exc.to_dict()
+            log_failure(session, hr, deploy_id, model.digest)
+        lock.release()
+        raise
+    finally:
+        if master is not None:
+            master.close()
+
+
+def _maybe_master(session: Session) -> Master | None:
+    """Start OpenSSH's connection early (it connects while the probe runs)."""
+    if session.local or session.cfg.transfer == "sftp":
+        return None
+    if not (shutil.which("rsync") and shutil.which("ssh")):
+        return None
+    return Master(session)
+
+
+def _prepare(session: Session, plan: Plan, incoming: str | None) -> dict:
+    from ftctl.deploy.plan import FileStep
+
+    cfg = session.cfg
+    req = {
+        "remote_dir": cfg.remote_dir,
+        "link": cfg.link_name,
+        "incoming": incoming,
+        "links": plan.links,
+        "shas": plan.shas,
+        "bases": plan.bases,
+        "dirs": sorted({os.path.dirname(s.rel) for s in plan.steps} - {""}),
+    }
+    ans = session.call("prepare", req, what="prepare the release directory")
+    for rel in ans.get("unlinked", []):  # the old final/'s manifest did not match its files
+        for i, s in enumerate(plan.steps):
+            if s.rel == rel:
+                plan.steps[i] = FileStep(rel, s.size, "send", expect=s.size, sha=s.sha)
+    return ans
+
+
+def _upload(session, model, plan, incoming, name, hr, reporter, hooks, master, bar) -> None:
+    remote_incoming = f"{session.cfg.remote_dir}/{incoming}"
+    n = len(plan.to_send)
+    reporter.stage(
+        f"{session.host}: {plan.method}: {n} files to send (~{plan.expected_bytes / 1e6:.1f} MB),"
+        f" {len(plan.links)} hard-linked"
+    )
+    sent = send(
+        session, model, plan, remote_incoming, master=master, reporter=reporter, hooks=hooks,
+        bar=bar,
+    )  # fmt: skip
+    hr.uploaded_files, hr.uploaded_bytes, hr.wire_bytes = (
+        sent.files,
+        sent.file_bytes,
+        sent.wire_bytes,
+    )
+    reporter.stage(f"{session.host}: verify sha256 of {n} received files")
+    verify(session, model, plan, remote_incoming, name)
+
+
+def _discard(session: Session, incoming: str) -> None:
+    session.reopen()
+    with contextlib.suppress(FtctlError):
+        session.run(f"rm -rf -- {q(session.cfg.remote_dir + '/' + incoming)}", what="discard")
+
+
+# --------------------------------------------------------------------------- go live
+
+
+def job_for(s: Staged, action: str, deploy_id: str, release: str, previous: str | None) -> dict:
+    cfg = s.session.cfg
+    hr = s.hr
+    return {
+        "id": deploy_id,  # the deploy's, shared by the fleet and a revert
+        "run": os.urandom(6).hex(),  # this go-live's
+        "action": action,
+        "host": hr.host,
+        "remote_dir": cfg.remote_dir,
+        "link": cfg.link_name,
+        "release": release,
+        "previous": previous,
+        "digest": s.digest if action == "deploy" else None,
+        "token": s.lock.info["token"] if s.lock else None,
+        "restart_cmd": cfg.restart_cmd,
+        "reload_cmd": cfg.reload_cmd,
+        "health_url": cfg.health_url,
+        "health_cmd": cfg.health_cmd,
+        "health_timeout": cfg.health_timeout,
+        "command_timeout": cfg.command_timeout,
+        "predict_url": predict_url(cfg),
+        "smoke": [list(x) for x in cfg.smoke] if action == "deploy" else [],
+        "prune": s.prune if action == "deploy" else [],
+        "follow_s": cfg.command_timeout + 2 * cfg.health_timeout + 60,
+        "log": {
+            "by": lock_owner(),
+            "host": hr.host,
+            "sha256": s.digest,
+            "method": hr.method,
+            "uploaded_bytes": hr.uploaded_bytes,
+            "wire_bytes": hr.wire_bytes,
+            "linked_files": hr.linked_files,
+            "backup": hr.backup,
+            "seconds": round(time.monotonic() - s.started, 2),
+            "ftctl": __version__,
+        },
+    }
+
+
+def predict_url(cfg) -> str | None:
+    if cfg.predict_url:
+        return cfg.predict_url
+    if cfg.health_url:
+        return cfg.health_url.rsplit("/", 1)[0] + "/predict"
+    return None
+
+
+def publish(s: Staged, action: str, deploy_id: str, reporter: Reporter = NULL) -> None:
+    """Go live on the server (detached) and follow it to the end. Raises on failure."""
+    hr, session = s.hr, s.session
+    if s.release is None or s.release == s.previous:
+        hr.ok = True
+        hr.release = s.previous
+        s.close()
+        return
+    job = job_for(s, action, deploy_id, s.release, s.previous)
+    reporter.stage(f"{session.host}: go live on the server ({s.release})")
+    pipe = s.lock.hand_over(job)  # the go-live owns the lock now
+    s.lock = None
+    doc = follow(session, pipe, reporter)
+    _record_outcome(hr, doc)
+    hr.seconds = time.monotonic() - s.started
+    if doc["state"] == "ok":
+        hr.ok = True
+        return
+    err = doc.get("error") or doc["state"]
+    if doc["state"] == "rolled_back":
+        raise DeployError(
+            f"{session.host}: {err}; rolled back to {s.previous}",
+            hint="the previous model is live again; see deploys.log on the server",
+        )
+    raise RollbackFailed(
+        f"{session.host}: {err}",
+        hint="the service may be down: look at the server now (`ftctl status`)",
+    )
+
+
+def _record_outcome(hr: HostResult, doc: dict) -> None:
+    hr.rolled_back = bool(doc.get("rolled_back"))
+    hr.health = doc.get("health")
+    checks = doc.get("checks") or {}
+    hr.smoke = checks.get("smoke", [])
+    hr.checks = {k: v for k, v in checks.items() if k != "smoke"}
+    hr.pruned = doc.get("pruned", [])
+
+
+def follow(session: Session, pipe, reporter: Reporter = NULL) -> dict:
+    """The go-live's status, line by line, until it ends. A lost link is an error that says
+    the server goes on without us."""
+    cfg = session.cfg
+    step = None
+    try:
+        while True:
+            try:
+                doc = pipe.recv(cfg.link_timeout)
+            except TimeoutError:
+                session.kill_link(f"no answer from {session.host} for {cfg.link_timeout:.0f}s")
+                doc = None
+            if doc is None or doc.get("timeout"):
+                raise LinkDead(
+                    f"{session.host}: lost the go-live's progress "
+                    f"({session.dead or 'the session ended'}); it goes on on the server",
+                    hint="run `ftctl status` with the same --host to see how it ended",
+                )
+            if "tick" in doc:
+                continue
+            if doc.get("step") != step:
+                step = doc.get("step")
+                detail = (doc.get("steps") or [{}])[-1].get("detail", "")
+                reporter.info(f"{session.host}: {step}" + (f" ({detail})" if detail else ""))
+            if doc.get("state") in golive.FINAL_STATES:
+                return doc
+    finally:
+        pipe.close()
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def stage_rollback(conn, cfg, to: str | None, deploy_id: str, hr: HostResult, action: str,
+                   dry_run: bool = False) -> Staged:  # fmt: skip
+    """Lock and choose the release to return to (default: the one live before, by history)."""
+    session = Session(conn, cfg)
+    hr.host = f"{conn.user}@{conn.host}:{conn.port}"
+    if dry_run:
+        st = probe(session)
+        target = rollback_target(session, st, to)
+        hr.release, hr.previous = target, st.live
+        hr.plan = _rollback_plan(cfg, st, target)
+        hr.ok = True
+        return Staged(session, hr, None, None, st.live, None)
+    lock = Lock(session, action, lock_info(action, deploy_id)).acquire()
+    try:
+        st = probe(session)
+        target = rollback_target(session, st, to)
+    except BaseException:
+        lock.release()
+        raise
+    hr.release, hr.previous = target, st.live
+    hr.plan = _rollback_plan(cfg, st, target)
+    return Staged(session, hr, lock, target, st.live, None)
+
+
+def _rollback_plan(cfg, st: RemoteState, target: str) -> list[str]:
+    from ftctl.deploy.plan import health_text
+
+    return [
+        f"swap {cfg.link_name} -> releases/{target} (was: {st.live}) on the server (detached)",
+        f"run: {cfg.reload_cmd or cfg.restart_cmd}",
+        f"health: {health_text(cfg)}",
+        f"on failure: swap back to {st.live}",
+    ]
+
+
+def rollback_target(session: Session, st: RemoteState, to: str | None) -> str:
+    host = session.host
+    if st.link != "link" or st.live is None:
+        raise DeployError(
+            f"{host}: nothing to roll back: the link is {st.link}",
+            hint="deploy at least once with `ftctl deploy` first",
+        )
+    if to is not None:
+        matches = [r for r in st.releases if r == to or r.endswith(f"-{to}")]
+        if not matches:
+            raise DeployError(
+                f"{host}: no release '{to}' (have: {', '.join(st.releases)})",
+                hint="see `ftctl releases`",
+            )
+        return matches[-1]
+    if st.previous is None:
+        raise DeployError(
+            f"{host}: no release was live before {st.live}",
+            hint="name one with --to RELEASE (see `ftctl releases`)",
+        )
+    return st.previous
+
+
+def log_failure(session: Session, hr: HostResult, deploy_id: str, digest: str | None) -> None:
+    """A line in deploys.log for a deploy that failed before going live (the go-live writes
+    its own)."""
+    from datetime import UTC, datetime
+
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "id": deploy_id,
+        "action": hr.action,
+        "ok": False,
+        "by": lock_owner(),
+        "host": hr.host,
+        "release": None,
+        "previous": hr.previous,
+        "sha256": digest,
+        "method": hr.method,
+        "uploaded_bytes": hr.uploaded_bytes,
+        "rolled_back": False,
+        "error": golive.bounded((hr.error or {}).get("message", ""), 500),
+        "ftctl": __version__,
+    }
+    line = q(json.dumps(entry, ensure_ascii=False, default=str))
+    session.reopen()
+    with contextlib.suppress(FtctlError):
+        session.run(
+            f"mkdir -p {q(session.cfg.remote_dir)} && printf '%s\\n' {line} >> "
+            f"{q(session.cfg.remote_dir)}/{golive.LOG}",
+            what="log",
+        )

@@ -1,0 +1,260 @@
+"""What a deploy will do on one server, decided before anything changes (``--dry-run`` prints it).
+
+The server answers one probe (link, releases with the sha256 and size of each file, lock,
+tools, sampled blocks of the files a new model would replace). From it: reuse a release that
+has this exact content; else, per file, hard-link it from a release that has it, send the
+difference against the live file (rsync, when sampled blocks match at the same offsets), or
+send it whole; and how many bytes that should put on the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ftctl.deploy.golive import SAMPLE_BLOCK, release_key, release_tag, sample_offsets
+from ftctl.deploy.local import LocalModel
+from ftctl.errors import DeployError
+
+if TYPE_CHECKING:
+    from ftctl.config import DeployConfig
+
+TOOLS = ("ln", "mv", "mkdir", "rm", "cat", "cp", "python3")
+SAMPLES = 32  # blocks compared per file to choose delta or whole
+SAMPLE_MIN_BYTES = 1 << 20  # smaller files are sent whole
+MIN_SIMILAR = 0.05  # share of equal sampled blocks from which a delta pays
+
+
+@dataclass
+class RemoteState:
+    """What is on the server now (the probe's answer)."""
+
+    link: str  # "link" | "dir" | "missing" | "other"
+    live: str | None  # release name the link points at
+    releases: list[str]
+    lock: dict | None = None
+    free_bytes: int = 0
+    missing_tools: list[str] = field(default_factory=list)
+    has_rsync: bool = False
+    index: dict[str, dict[str, list]] = field(default_factory=dict)  # release -> rel -> [sha, size]
+    final_index: dict[str, list] = field(default_factory=dict)  # a real final/ dir's manifest
+    previous: str | None = None  # the release live before the live one (from ``log``)
+    log: list[dict] = field(default_factory=list)  # deploys.log, newest last (compact)
+    samples: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def from_probe(cls, d: dict) -> RemoteState:
+        keys = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+
+def probe_request(cfg: DeployConfig, model: LocalModel | None) -> dict:
+    sample = {}
+    if model is not None:
+        sample = {r: s for r, s in model.sizes.items() if s >= SAMPLE_MIN_BYTES}
+    return {
+        "remote_dir": cfg.remote_dir,
+        "link": cfg.link_name,
+        "tools": list(TOOLS),
+        "sample": sample,
+        "sample_count": SAMPLES,
+    }
+
+
+def local_samples(model: LocalModel, rel: str) -> list[str]:
+    size = model.sizes[rel]
+    out = []
+    with open(model.path / rel, "rb") as fh:
+        for off in sample_offsets(size, SAMPLES):
+            fh.seek(off)
+            out.append(hashlib.sha1(fh.read(SAMPLE_BLOCK)).hexdigest())
+    return out
+
+
+@dataclass
+class FileStep:
+    rel: str
+    size: int
+    action: str  # "link" (hard link, nothing sent) | "delta" | "send"
+    source: str | None = None  # link source / delta basis, relative to remote_dir
+    expect: int = 0  # bytes of file data expected on the wire
+    similar: float | None = None  # share of sampled blocks equal to the basis
+    sha: str = ""  # what the file must hash to
+
+
+@dataclass
+class Plan:
+    method: str  # "reuse" | "live" (already serving it) | "rsync" | "sftp"
+    why: str
+    reuse: str | None = None
+    steps: list[FileStep] = field(default_factory=list)
+
+    @property
+    def expected_bytes(self) -> int:
+        return sum(s.expect for s in self.steps)
+
+    @property
+    def links(self) -> dict[str, str]:
+        return {s.rel: s.source for s in self.steps if s.action == "link" and s.source}
+
+    @property
+    def shas(self) -> dict[str, str]:
+        return {s.rel: s.sha for s in self.steps}
+
+    @property
+    def bases(self) -> dict[str, str]:
+        return {s.rel: s.source for s in self.steps if s.action == "delta" and s.source}
+
+    @property
+    def to_send(self) -> list[str]:
+        return [s.rel for s in self.steps if s.action in ("delta", "send")]
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "why": self.why,
+            "reuse": self.reuse,
+            "expected_bytes": self.expected_bytes,
+            "files": [s.__dict__ for s in self.steps],
+        }
+
+
+def choose_method(cfg: DeployConfig, st: RemoteState, local_conn: bool) -> tuple[str, str]:
+    """("rsync" | "sftp", why)."""
+    missing = []
+    if local_conn:
+        missing.append("a local target (no SSH)")
+    for tool in ("rsync", "ssh"):
+        if shutil.which(tool) is None:
+            missing.append(f"no {tool} here")
+    if not st.has_rsync:
+        missing.append("no rsync on the server")
+    if cfg.transfer == "sftp":
+        return "sftp", "transfer = sftp (configured)"
+    if not missing:
+        return "rsync", "rsync over OpenSSH on both ends"
+    if cfg.transfer == "rsync":
+        raise DeployError(
+            f"transfer = rsync, but: {', '.join(missing)}",
+            hint="install rsync on both ends (apt-get install rsync) or use --transfer auto",
+        )
+    return "sftp", f"SFTP fallback ({', '.join(missing)})"
+
+
+def _sources(st: RemoteState) -> list[tuple[str, dict[str, list]]]:
+    """Where unchanged files can be linked from: the live release first, then newest first."""
+    out = []
+    if st.link == "dir":
+        out.append(("final", st.final_index))
+    newest_first = sorted(st.releases, key=release_key, reverse=True)
+    order = sorted(newest_first, key=lambda r: r != st.live)  # stable: live, then newest
+    out += [(f"releases/{r}", st.index.get(r, {})) for r in order]
+    return out
+
+
+def make_plan(model: LocalModel, st: RemoteState, cfg: DeployConfig, local_conn: bool) -> Plan:
+    if st.live and release_tag(st.live) == model.sha8 and _same(st.index.get(st.live), model):
+        return Plan("live", f"{st.live} is already live")
+    for name in sorted(st.releases, reverse=True):
+        if release_tag(name) == model.sha8 and _same(st.index.get(name), model):
+            return Plan("reuse", f"{name} on the server has this exact content", reuse=name)
+    method, why = choose_method(cfg, st, local_conn)
+    by_content: dict[tuple[str, int], str] = {}
+    for prefix, index in reversed(_sources(st)):  # the live release wins (written last)
+        for rel, (sha, size) in index.items():
+            by_content[(sha, size)] = f"{prefix}/{rel}"
+    basis_dir = "final" if st.link in ("dir", "link") and (st.live or st.link == "dir") else None
+    plan = Plan(method, why)
+    for rel in sorted(model.expected):
+        size, sha = model.sizes[rel], model.expected[rel]
+        src = by_content.get((sha, size))
+        if src is not None:
+            plan.steps.append(FileStep(rel, size, "link", src, sha=sha))
+            continue
+        step = FileStep(rel, size, "send", expect=size, sha=sha)
+        remote = st.samples.get(rel)
+        if method == "rsync" and basis_dir and remote:
+            mine = local_samples(model, rel)
+            equal = sum(a == b for a, b in zip(mine, remote["hashes"], strict=False))
+            step.similar = equal / len(mine)
+            if step.similar >= MIN_SIMILAR:
+                step.action, step.source = "delta", f"{basis_dir}/{rel}"
+                step.expect = math.ceil((1 - step.similar) * size)
+        plan.steps.append(step)
+    return plan
+
+
+def _same(index: dict | None, model: LocalModel) -> bool:
+    if not index:
+        return False
+    return all(
+        rel in index and index[rel][0] == sha and index[rel][1] == model.sizes[rel]
+        for rel, sha in model.expected.items()
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def plan_lines(cfg: DeployConfig, st: RemoteState, model: LocalModel, plan: Plan) -> list[str]:
+    lines = []
+    if st.link == "dir":
+        lines.append(f"back up the real {cfg.link_name}/ to releases/<ts>-original/ (hard links)")
+    elif st.link == "other":
+        lines.append(f"REFUSE: {cfg.link_name} is neither a link nor a directory")
+    if plan.method == "live":
+        return [*lines, f"nothing to do: {plan.why}"]
+    if plan.method == "reuse":
+        lines.append(f"reuse release {plan.reuse} ({plan.why}); send nothing")
+    else:
+        linked = [s for s in plan.steps if s.action == "link"]
+        delta = [s for s in plan.steps if s.action == "delta"]
+        send = [s for s in plan.steps if s.action == "send"]
+        lines.append(f"transfer: {plan.method} ({plan.why})")
+        if linked:
+            lines.append(
+                f"hard-link {len(linked)} unchanged files ({_mb(sum(s.size for s in linked))}) "
+                "from the releases on the server"
+            )
+        for s in delta:
+            lines.append(
+                f"delta {s.rel} against {s.source}: {s.similar:.0%} of sampled blocks equal, "
+                f"~{_mb(s.expect)} of {_mb(s.size)} to send"
+            )
+        if send:
+            lines.append(f"send {len(send)} files whole ({_mb(sum(s.size for s in send))})")
+        lines.append(
+            f"expect ~{_mb(plan.expected_bytes)} of file data on the wire "
+            f"(the model is {_mb(model.total_bytes)}); the server hashes each received file once"
+        )
+        lines.append(f"rename into releases/<ts>-{model.sha8} once every sha256 matches")
+    lines.append(
+        f"go live on the server (detached): fsync, swap {cfg.link_name} -> that release "
+        f"(was: {st.live or st.link}), run: {cfg.reload_cmd or cfg.restart_cmd}"
+    )
+    lines.append(
+        f"health: {health_text(cfg)}" + (f"; smoke: {len(cfg.smoke)} cases" if cfg.smoke else "")
+    )
+    lines.append(f"on failure: swap back to {st.live or 'the backup'} and restart")
+    lines.append(
+        f"keep {cfg.keep_releases} releases (never the live one, the previous one or *-original)"
+    )
+    if st.lock:
+        from ftctl.deploy.session import describe_lock
+
+        lines.append(f"NOTE: lock held by {describe_lock(st.lock)}")
+    return lines
+
+
+def health_text(cfg: DeployConfig) -> str:
+    if cfg.health_cmd or cfg.health_url:
+        return str(cfg.health_cmd or cfg.health_url)
+    return (
+        "none configured: only the command's exit status (and `systemctl is-active` after "
+        "systemctl) -> health 'unchecked'"
+        + (" (refused: require_health)" if cfg.require_health else "")
+    )

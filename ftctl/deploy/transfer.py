@@ -1,0 +1,338 @@
+"""Bytes to the server: only what the plan says changed, into ``.incoming-<id>/``.
+
+The server first makes the upload directory with hard links of every unchanged file (and of the
+live file a delta is computed against). Then either
+
+* **rsync** over OpenSSH (same known_hosts with strict checking, identity, port and timeouts as
+  the Fabric connection; one ControlMaster connection that every rsync step goes through),
+  sending only the listed files: a file with a basis in place goes as a delta, the others
+  whole; or
+* **SFTP** (the fallback): the changed files whole, pipelined with large requests and a large
+  window.
+
+Then the server hashes each received file once (fsyncing it), checks the linked ones' sizes
+and renames the upload into ``releases/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftctl.deploy.local import LocalModel
+from ftctl.deploy.plan import Plan
+from ftctl.deploy.session import Session
+from ftctl.errors import DeployError, FtctlError
+from ftctl.progress import NULL, Reporter
+
+if TYPE_CHECKING:
+    from ftctl.config import DeployConfig
+
+SFTP_WINDOW = 64 << 20
+SFTP_REQUEST = 255 << 10  # OpenSSH's sftp-server takes writes up to 255 KiB
+
+
+@dataclass
+class Hooks:
+    """Test and bench hooks (fault injection); all optional."""
+
+    on_upload_bytes: Callable[[Any, int], None] | None = None  # SFTP: after each chunk
+    after_upload: Callable[[Any, str], None] | None = None  # (conn, incoming dir)
+
+
+@dataclass
+class Sent:
+    method: str
+    files: int = 0
+    file_bytes: int = 0  # file data sent (rsync: literal data)
+    wire_bytes: int = 0  # everything the transfer sent (rsync: "Total bytes sent")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Children (ssh, rsync) get SIGTERM when this process dies, kill -9 included."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def ssh_args(session: Session) -> list[str]:
+    """OpenSSH options matching the Fabric connection: port, identity, strict known_hosts."""
+    from ftctl.remote import known_hosts_path
+
+    cfg = session.cfg
+    args = [
+        "-p", str(session.conn.port),
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={known_hosts_path(cfg)}",
+        "-o", f"ConnectTimeout={int(cfg.connect_timeout)}",
+        "-o", "ServerAliveInterval=5",
+        "-o", f"ServerAliveCountMax={max(1, int(cfg.link_timeout // 5))}",
+        "-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+        "-o", "Compression=no",
+    ]  # fmt: skip
+    if cfg.identity:
+        args += ["-i", str(Path(cfg.identity).expanduser()), "-o", "IdentitiesOnly=yes"]
+    return args
+
+
+class Master:
+    """One OpenSSH ControlMaster connection; rsync's ssh runs through it."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.dir = tempfile.mkdtemp(prefix="ftctl-ssh-")
+        self.path = os.path.join(self.dir, "cm")
+        self.target = f"{session.conn.user}@{session.conn.host}"
+        cmd = ["ssh", "-M", "-N", "-S", self.path, *ssh_args(session), self.target]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + self.session.cfg.connect_timeout + 5
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode()[-500:]
+                raise DeployError(
+                    f"{self.session.host}: OpenSSH (for rsync) could not connect: {err.strip()}",
+                    hint="ssh must accept the same identity and known_hosts as ftctl; or use "
+                    "--transfer sftp",
+                )
+            if os.path.exists(self.path):
+                return
+            time.sleep(0.02)
+        raise DeployError(f"{self.session.host}: OpenSSH (for rsync) did not connect in time")
+
+    def ssh_e(self) -> str:
+        import shlex
+
+        return shlex.join(
+            ["ssh", "-S", self.path, "-o", "ControlMaster=no", *ssh_args(self.session)]
+        )
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_STAT_RE = {
+    "wire": re.compile(r"Total bytes sent:\s*([\d,.]+)"),
+    "literal": re.compile(r"Literal data:\s*([\d,.]+)"),
+}
+_PROGRESS_RE = re.compile(rb"^\s*([\d,]+)\s+\d+%")
+
+
+def _num(text: str) -> int:
+    return int(text.replace(",", "").replace(".", ""))
+
+
+def rsync_send(
+    session: Session,
+    model: LocalModel,
+    files: list[str],
+    incoming: str,
+    master: Master,
+    reporter: Reporter,
+    bar: bool,
+) -> Sent:
+    cfg = session.cfg
+    fd, listing_path = tempfile.mkstemp(prefix="ftctl-files-", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(files) + "\n")
+    cmd = [
+        "rsync", "--recursive", "--ignore-times", "--no-whole-file", "--stats",
+        "--info=progress2", f"--files-from={listing_path}", "-e", master.ssh_e(),
+        f"--timeout={int(max(30, 2 * cfg.link_timeout))}",
+    ]  # fmt: skip
+    if cfg.bwlimit_kbps:
+        cmd.append(f"--bwlimit={cfg.bwlimit_kbps}")
+    dest = f"{master.target}:{incoming}/"
+    cmd += [f"{model.path}/", dest]
+    total = sum(model.sizes[r] for r in files)
+    output = bytearray()
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+        try:
+            with reporter.task("rsync", total=total, unit="B") if bar else _no_bar() as advance:
+                _pump(proc, output, advance, session)
+        except BaseException:  # Ctrl-C, SIGTERM: rsync stops with us
+            proc.terminate()
+            proc.wait(10)
+            raise
+        rc = proc.wait()
+    finally:
+        os.unlink(listing_path)
+    text = output.decode("utf-8", "replace")
+    if session.dead:
+        raise session.fail("upload (rsync)", ConnectionError(session.dead))
+    if rc != 0:
+        raise DeployError(
+            f"{session.host}: upload failed: rsync exited {rc}: {text.strip()[-500:]}",
+            hint="the live model is untouched; rerun the deploy (leftovers are cleaned up)",
+        )
+    stats = {k: _num(m.group(1)) for k, r in _STAT_RE.items() if (m := r.search(text))}
+    return Sent("rsync", len(files), stats.get("literal", 0), stats.get("wire", 0))
+
+
+@contextlib.contextmanager
+def _no_bar():
+    yield lambda n=1, **fields: None
+
+
+def _pump(proc: subprocess.Popen, output: bytearray, advance, session: Session) -> None:
+    """Read rsync's output (progress lines end in \\r), move the bar; stop on a dead link."""
+    assert proc.stdout is not None
+    done = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            if session.dead and proc.poll() is None:
+                proc.terminate()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        pending = b""
+        while chunk := proc.stdout.read1(65536):
+            output += chunk
+            pending += chunk
+            *parts, pending = re.split(rb"[\r\n]", pending)
+            for part in parts:
+                m = _PROGRESS_RE.match(part)
+                if m:
+                    now = _num(m.group(1).decode())
+                    if now > done:
+                        advance(now - done)
+                        done = now
+            if len(output) > 1 << 20:  # keep the end (stats) only
+                del output[: len(output) - (64 << 10)]
+    finally:
+        stop.set()
+
+
+def sftp_send(
+    session: Session,
+    model: LocalModel,
+    files: list[str],
+    incoming: str,
+    reporter: Reporter,
+    hooks: Hooks,
+    bar: bool,
+) -> Sent:
+    """Each file whole, through one SFTP channel with a large window and large requests."""
+    conn = session.conn
+    total = sum(model.sizes[r] for r in files)
+    sent = 0
+    try:
+        sftp = _open_sftp(conn)
+        try:
+            with reporter.task("upload", total=total, unit="B") if bar else _no_bar() as advance:
+                for rel in files:
+                    with (
+                        open(model.path / rel, "rb") as src,
+                        sftp.open(f"{incoming}/{rel}", "wb") as dst,
+                    ):
+                        dst.set_pipelined(True)
+                        if hasattr(dst, "MAX_REQUEST_SIZE"):
+                            dst.MAX_REQUEST_SIZE = SFTP_REQUEST
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+                            sent += len(chunk)
+                            advance(len(chunk))
+                            if hooks.on_upload_bytes:
+                                hooks.on_upload_bytes(conn, sent)
+        finally:
+            sftp.close()
+    except FtctlError:
+        raise
+    except Exception as exc:
+        raise DeployError(
+            f"{session.host}: upload failed after {sent} bytes: "
+            f"{session.dead or f'{type(exc).__name__}: {exc}'}",
+            hint="the live model is untouched; rerun the deploy (leftovers are cleaned up)",
+        ) from None
+    return Sent("sftp", len(files), sent, sent)
+
+
+def _open_sftp(conn):
+    if getattr(conn, "ftctl_local", False):
+        return conn.sftp()
+    import paramiko
+
+    return paramiko.SFTPClient.from_transport(
+        conn.client.get_transport(), window_size=SFTP_WINDOW, max_packet_size=1 << 15
+    )
+
+
+def send(
+    session: Session,
+    model: LocalModel,
+    plan: Plan,
+    incoming: str,
+    *,
+    master: Master | None,
+    reporter: Reporter = NULL,
+    hooks: Hooks | None = None,
+    bar: bool = True,
+) -> Sent:
+    """Send the plan's changed files into ``incoming`` (already holding the linked ones)."""
+    hooks = hooks or Hooks()
+    files = plan.to_send
+    if not files:
+        out = Sent(plan.method)
+    elif plan.method == "rsync" and master is not None:
+        big = [r for r in files if model.sizes[r] >= 1 << 20]
+        if big and session.agent is not None:  # the server hashes them as they arrive
+            req = {"remote_dir": session.cfg.remote_dir, "incoming": incoming.rsplit("/", 1)[-1]}
+            session.call("watch", {**req, "files": big}, what="watch the upload")
+        master.wait()
+        out = rsync_send(session, model, files, incoming, master, reporter, bar)
+    else:
+        out = sftp_send(session, model, files, incoming, reporter, hooks, bar)
+    if hooks.after_upload:
+        hooks.after_upload(session.conn, incoming)
+    return out
+
+
+def verify(session: Session, model: LocalModel, plan: Plan, incoming: str, release: str) -> None:
+    """The server hashes what it received (once), then renames the upload into releases/."""
+    cfg: DeployConfig = session.cfg
+    req = {
+        "remote_dir": cfg.remote_dir,
+        "incoming": incoming.rsplit("/", 1)[-1],
+        "release": release,
+        "expected": {r: [model.expected[r], model.sizes[r]] for r in model.expected},
+        "received": plan.to_send,
+    }
+    ans = session.call("verify", req, what="verify sha256", ok_codes=(0, 1))
+    if ans.get("bad"):
+        raise DeployError(
+            f"{session.host}: uploaded files do not match their sha256: {', '.join(ans['bad'])}",
+            hint="the upload was corrupted and discarded; the live model is untouched. "
+            "Rerun; if it repeats, check the server's disk and network",
+        )
