@@ -759,7 +759,7 @@ def test_a_bad_doc_names_every_problem_with_file_line_and_what_is_accepted(doc_a
         "`ftctl data frobnicate`: no such command; ftctl data has: convert, generate, validate",
         "--json takes no value (`--json=yes`)",
         "`ftctl data convert` takes 2 argument(s), the docs give 3: a.jsonl b.csv c.csv",
-        "bench/bench_deploy.py: no such file in the repository; bench/ has: bench_deploy_time.py",
+        "bench/bench_deploy.py: no such file in the repository; bench/ has: ",
         "--hiden: not an option of bench/bench_eval.py; it takes: ",
         "python -m tests.integration.nowhere: no module tests/integration/nowhere.py",
         "data/missing.jsonl: no such file in the repository",
@@ -772,6 +772,7 @@ def test_a_bad_doc_names_every_problem_with_file_line_and_what_is_accepted(doc_a
     ]
     for part in expected:
         assert part in text, f"not reported: {part!r}\n--- got:\n{text}"
+    assert "bench_deploy_time.py" in text  # the near names are offered
     assert len(problems) == len(expected)
 
 
