@@ -56,7 +56,8 @@ def test_base_writes_a_12_layer_char_bert_with_manifest(built):
     assert (final / "vocab.txt").is_file()
     m = read_manifest(final)
     assert m["kind"] == "base" and verify_manifest(final) == []
-    assert len(m["metrics"]) == 8
+    assert [r["epoch"] for r in m["metrics"]] == list(range(9))  # 0: the random initial model
+    assert not (root / "base" / "checkpoints").exists()  # base has no --resume: none kept
 
 
 def test_base_learns_the_easy_synthetic_task(built):
