@@ -466,6 +466,11 @@ def train(
 
         # --- 1. inputs, 2. the model
         reporter.stage("checking inputs")
+        if (cfg.nproc > 1 or cfg.nnodes > 1) and world.size == 1:
+            warn(
+                f"nproc {cfg.nproc} / nnodes {cfg.nnodes} asked for, but this process was not "
+                "started by torchrun: training in one process (`ftctl train --nproc N` launches)"
+            )
         inputs = prepare_inputs(cfg, warn)
         precision = resolve_precision(cfg.precision, device)
         built = build_model(cfg, inputs, device, warn)

@@ -418,3 +418,12 @@ def test_shards_are_fixed_disjoint_and_equally_long():
     assert set(a) | set(b) == set(range(7)) and not set(a[:4]) & set(b[:3])
     assert shard_rows(lengths, 1, 2, pad=False) == b[:3]  # validation: no repeats
     assert shard_rows(lengths, 0, 1, pad=True) == list(range(7))
+
+
+def test_nproc_without_torchrun_trains_in_one_process_and_says_so(data, tiny_model_dir):
+    from ftctl.progress import NullReporter
+
+    rep = NullReporter()
+    result = train(cfg(data, tiny_model_dir, data / "nproc-lib", nproc=2, epochs=1), reporter=rep)
+    assert result.processes == 1
+    assert any("not started by torchrun" in w for w in rep.warnings)
