@@ -83,14 +83,17 @@ def wide_console(monkeypatch):
     monkeypatch.setattr(common.out, "width", 400)
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_model_dir) -> Path:
-    """Base model + new (4 intents x 10) + old (8 intents x 12) data files: a mix on which the
+def write_job(root: Path) -> Path:
+    """new (4 intents x 10) + old (8 intents x 12) data files in ``root``: a mix on which the
     tiny random base model (epoch 0) is beaten within two epochs."""
-    root = tmp_path_factory.mktemp("train")
     write_jsonl(root / "new.jsonl", synth(10, seed=1, labels=INTENTS[:4]))
     write_jsonl(root / "old.jsonl", synth(12, seed=2, labels=INTENTS[:8]))
     return root
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return write_job(tmp_path_factory.mktemp("train"))
 
 
 def cfg(work: Path, tiny_model_dir: Path, out: Path, **kw) -> TrainConfig:

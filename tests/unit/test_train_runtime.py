@@ -30,41 +30,21 @@ from ftctl.manifest import read_manifest
 from ftctl.model import load_classifier
 from ftctl.train import train
 from tests.helpers import INTENTS, write_jsonl
-from tests.unit.test_train import synth
+from tests.unit.test_train import cfg as train_cfg
+from tests.unit.test_train import one_thread, synth, write_job  # noqa: F401 (one_thread: autouse)
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runtime")
-    write_jsonl(root / "new.jsonl", synth(10, seed=1, labels=INTENTS[:4]))
-    write_jsonl(root / "old.jsonl", synth(12, seed=2, labels=INTENTS[:8]))
-    return root
+def job(tmp_path_factory) -> Path:
+    return write_job(tmp_path_factory.mktemp("runtime"))
 
 
-def cfg(data: Path, model: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        new_data=data / "new.jsonl",
-        old_data=data / "old.jsonl",
-        model_path=model,
-        output_path=out,
-        epochs=3,
-        batch_size=8,
-        lr=3e-3,
-        patience=0,
-        device="cpu",
-    )
-    return TrainConfig(**(base | kw))
+def cfg(root: Path, model: Path, out: Path, **kw) -> TrainConfig:
+    """test_train's job, 3 epochs at lr 3e-3 (the tiny model beats its epoch 0 there)."""
+    return train_cfg(root, model, out, **({"epochs": 3, "lr": 3e-3} | kw))
 
 
 def weights(out: Path) -> bytes:
@@ -72,10 +52,10 @@ def weights(out: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tiny_model_dir) -> Path:
+def reference(job, tiny_model_dir) -> Path:
     """An uninterrupted 3-epoch run."""
-    out = data / "reference"
-    train(cfg(data, tiny_model_dir, out))
+    out = job / "reference"
+    train(cfg(job, tiny_model_dir, out))
     return out
 
 
@@ -103,16 +83,16 @@ class StopAt:
 # ------------------------------------------------------------------ checkpoints + resume
 
 
-def test_stop_mid_epoch_then_resume_equals_uninterrupted(data, tiny_model_dir, reference):
-    out = data / "mid"
+def test_stop_mid_epoch_then_resume_equals_uninterrupted(job, tiny_model_dir, reference):
+    out = job / "mid"
     with pytest.raises(Interrupted) as info:
-        StopAt(epoch=1, batch=4).run(cfg(data, tiny_model_dir, out))
+        StopAt(epoch=1, batch=4).run(cfg(job, tiny_model_dir, out))
     assert (info.value.epoch, info.value.batch) == (1, 4)
     assert info.value.checkpoint == out / "checkpoints" / "last.pt"
     assert not (out / "final").exists()
     state = torch.load(info.value.checkpoint, map_location="cpu", weights_only=False)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 9 + 4)  # 9 steps an epoch
-    result = train(cfg(data, tiny_model_dir, out), resume=True)
+    result = train(cfg(job, tiny_model_dir, out), resume=True)
     assert (result.manifest["resumed_from_epoch"], result.manifest["resumed_at_batch"]) == (1, 4)
     assert weights(out) == weights(reference)
     figures = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "improved")
@@ -122,14 +102,14 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(data, tiny_model_dir, r
     ]
 
 
-def test_checkpoint_holds_only_what_resume_needs(data, tiny_model_dir):
-    out = data / "contents"
+def test_checkpoint_holds_only_what_resume_needs(job, tiny_model_dir):
+    out = job / "contents"
 
     def crash(record):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg(data, tiny_model_dir, out, freeze_layers=8), on_epoch_end=crash)
+        train(cfg(job, tiny_model_dir, out, freeze_layers=8), on_epoch_end=crash)
     path = out / "checkpoints" / "last.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     assert set(state) == {
@@ -145,13 +125,13 @@ def test_checkpoint_holds_only_what_resume_needs(data, tiny_model_dir):
     assert path.stat().st_size < model_bytes  # the frozen embeddings + 8 layers are not in it
 
 
-def test_rng_states_survive_a_map_location_to_another_device(data, tiny_model_dir):
+def test_rng_states_survive_a_map_location_to_another_device(job, tiny_model_dir):
     """The bug this guards against: a checkpoint loaded with map_location='cuda' put the RNG
     states on the GPU, and torch.set_rng_state refused them. Here the other device is 'meta'
     (the one every torch has): every tensor moves there, the RNG states are bytes and do not."""
-    out = data / "maploc"
+    out = job / "maploc"
     with pytest.raises(Interrupted):
-        StopAt(epoch=1, batch=2).run(cfg(data, tiny_model_dir, out))
+        StopAt(epoch=1, batch=2).run(cfg(job, tiny_model_dir, out))
     path = out / "checkpoints" / "last.pt"
     moved = torch.load(path, map_location="meta", weights_only=False)
     assert all(t.device.type == "meta" for t in moved["trainable"].values())
@@ -161,25 +141,25 @@ def test_rng_states_survive_a_map_location_to_another_device(data, tiny_model_di
     a = torch.rand(4)
     ckpt.set_rng_state(on_cpu["rng"][0], "cpu")
     assert torch.equal(a, torch.rand(4))
-    result = train(cfg(data, tiny_model_dir, out), resume=True)
+    result = train(cfg(job, tiny_model_dir, out), resume=True)
     assert result.manifest["resumed_at_batch"] == 2
 
 
-def test_checkpoint_none_keeps_nothing_and_refuses_resume(data, tiny_model_dir, tmp_path):
+def test_checkpoint_none_keeps_nothing_and_refuses_resume(job, tiny_model_dir, tmp_path):
     out = tmp_path / "none"
     seen = []
     train(
-        cfg(data, tiny_model_dir, out, checkpoint="none", epochs=2),
+        cfg(job, tiny_model_dir, out, checkpoint="none", epochs=2),
         on_epoch_end=lambda r: seen.append((out / "checkpoints").exists()),
     )
     assert seen == [False, False]
     with pytest.raises(Interrupted) as info:
-        StopAt(epoch=1, batch=2).run(cfg(data, tiny_model_dir, out, checkpoint="none"))
+        StopAt(epoch=1, batch=2).run(cfg(job, tiny_model_dir, out, checkpoint="none"))
     assert info.value.checkpoint is None
     res = runner.invoke(
         app,
         [
-            *("train", "--new-data", str(data / "new.jsonl"), "--model-path", str(tiny_model_dir)),
+            *("train", "--new-data", str(job / "new.jsonl"), "--model-path", str(tiny_model_dir)),
             *("--output-path", str(out), "--checkpoint", "none", "--resume"),
         ],
     )
@@ -197,10 +177,10 @@ def test_an_old_format_checkpoint_is_refused_with_a_hint(tmp_path):
 # ------------------------------------------------------------------ precision
 
 
-def test_bf16_on_cpu_trains_keeps_fp32_weights_and_is_deterministic(data, tiny_model_dir):
-    a, b = data / "bf16a", data / "bf16b"
-    result = train(cfg(data, tiny_model_dir, a, precision="bf16", freeze_layers=8))
-    train(cfg(data, tiny_model_dir, b, precision="bf16", freeze_layers=8))
+def test_bf16_on_cpu_trains_keeps_fp32_weights_and_is_deterministic(job, tiny_model_dir):
+    a, b = job / "bf16a", job / "bf16b"
+    result = train(cfg(job, tiny_model_dir, a, precision="bf16", freeze_layers=8))
+    train(cfg(job, tiny_model_dir, b, precision="bf16", freeze_layers=8))
     m = read_manifest(a / "final")
     assert m["precision"] == {"requested": "bf16", "used": "bf16", "tf32": False}
     assert result.best_epoch > 0
@@ -213,7 +193,7 @@ def test_bf16_on_cpu_trains_keeps_fp32_weights_and_is_deterministic(data, tiny_m
     load_classifier(a / "final")
 
 
-def test_precision_auto_is_fp32_on_cpu_and_bad_values_are_refused(data, tiny_model_dir):
+def test_precision_auto_is_fp32_on_cpu_and_bad_values_are_refused(job, tiny_model_dir):
     from ftctl.fit import resolve_precision
 
     assert resolve_precision("auto", "cpu").name == "fp32"
@@ -252,9 +232,9 @@ def test_a_stopped_task_says_so_without_a_terminal():
 # ------------------------------------------------------------------ real signals
 
 
-def _cli_args(data: Path, model: Path, out: Path, epochs: int) -> list[str]:
+def _cli_args(job: Path, model: Path, out: Path, epochs: int) -> list[str]:
     return [
-        *("train", "--new-data", str(data / "new.jsonl"), "--old-data", str(data / "old.jsonl")),
+        *("train", "--new-data", str(job / "new.jsonl"), "--old-data", str(job / "old.jsonl")),
         *("--model-path", str(model), "--output-path", str(out), "--epochs", str(epochs)),
         *("--batch-size", "8", "--lr", "3e-3", "--patience", "0", "--device", "cpu"),
     ]
@@ -288,10 +268,10 @@ def _signal_after_epoch_1(proc: subprocess.Popen, sig: int) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_checkpoints_and_resume_finishes_the_same_run(sig, data, tiny_model_dir):
+def test_a_signal_checkpoints_and_resume_finishes_the_same_run(sig, job, tiny_model_dir):
     epochs = 15
-    out = data / f"signal-{sig}"
-    proc = _ftctl(_cli_args(data, tiny_model_dir, out, epochs))
+    out = job / f"signal-{sig}"
+    proc = _ftctl(_cli_args(job, tiny_model_dir, out, epochs))
     _, err = _signal_after_epoch_1(proc, sig)
     assert proc.returncode == 130, err
     assert "checkpoint kept" in err and "run the same command with --resume" in err, err
@@ -301,18 +281,18 @@ def test_a_signal_checkpoints_and_resume_finishes_the_same_run(sig, data, tiny_m
     assert not (out / "final").exists()
     if sig != signal.SIGINT:
         return  # one resume comparison is enough
-    resumed = _ftctl([*_cli_args(data, tiny_model_dir, out, epochs), "--resume", "--json"])
+    resumed = _ftctl([*_cli_args(job, tiny_model_dir, out, epochs), "--resume", "--json"])
     doc, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert json.loads(doc)["epochs_run"] == epochs
-    reference = data / "signal-reference"
-    train(cfg(data, tiny_model_dir, reference, epochs=epochs))
+    reference = job / "signal-reference"
+    train(cfg(job, tiny_model_dir, reference, epochs=epochs))
     assert weights(out) == weights(reference)
 
 
-def test_a_signal_with_checkpoint_none_says_nothing_was_kept(data, tiny_model_dir):
-    out = data / "signal-none"
-    proc = _ftctl([*_cli_args(data, tiny_model_dir, out, 15), "--checkpoint", "none"])
+def test_a_signal_with_checkpoint_none_says_nothing_was_kept(job, tiny_model_dir):
+    out = job / "signal-none"
+    proc = _ftctl([*_cli_args(job, tiny_model_dir, out, 15), "--checkpoint", "none"])
     _, err = _signal_after_epoch_1(proc, signal.SIGINT)
     assert proc.returncode == 130, err
     assert "nothing was kept" in err
@@ -325,22 +305,11 @@ def test_a_signal_with_checkpoint_none_says_nothing_was_kept(data, tiny_model_di
 @pytest.fixture(scope="module")
 def trained_base(tmp_path_factory) -> Path:
     """A small base classifier that knows its 6 intents (so accuracies mean something)."""
-    from ftctl.base import BaseConfig, build_base
+    from tests.unit.test_base import build_small_base
 
     root = tmp_path_factory.mktemp("nproc")
-    old = write_jsonl(root / "old.jsonl", synth(15, seed=9, labels=INTENTS[:6]))
+    build_small_base(root)
     write_jsonl(root / "new.jsonl", synth(30, seed=21, labels=INTENTS[:6]))
-    build_base(
-        BaseConfig(
-            data=old,
-            output_path=root / "base",
-            epochs=8,
-            hidden_size=32,
-            batch_size=8,
-            lr=3e-3,
-            device="cpu",
-        )
-    )
     return root
 
 
@@ -348,7 +317,7 @@ def trained_base(tmp_path_factory) -> Path:
 def test_nproc_2_on_cpu_matches_one_process(trained_base):
     root = trained_base
     base = root / "base" / "final"
-    common = dict(new_data=root / "new.jsonl", old_data=root / "old.jsonl", model_path=base)
+    common = dict(new_data=root / "new.jsonl", old_data=root / "orig.jsonl", model_path=base)
     one = train(
         TrainConfig(
             **common,
@@ -367,7 +336,7 @@ def test_nproc_2_on_cpu_matches_one_process(trained_base):
                 "--new-data",
                 str(root / "new.jsonl"),
                 "--old-data",
-                str(root / "old.jsonl"),
+                str(root / "orig.jsonl"),
             ),
             *("--model-path", str(base), "--output-path", str(root / "two"), "--lr", "1e-3"),
             *("--epochs", "2", "--patience", "0", "--val-ratio", "0.3", "--device", "cpu"),
@@ -420,10 +389,10 @@ def test_shards_are_fixed_disjoint_and_equally_long():
     assert shard_rows(lengths, 0, 1, pad=True) == list(range(7))
 
 
-def test_nproc_without_torchrun_trains_in_one_process_and_says_so(data, tiny_model_dir):
+def test_nproc_without_torchrun_trains_in_one_process_and_says_so(job, tiny_model_dir):
     from ftctl.progress import NullReporter
 
     rep = NullReporter()
-    result = train(cfg(data, tiny_model_dir, data / "nproc-lib", nproc=2, epochs=1), reporter=rep)
+    result = train(cfg(job, tiny_model_dir, job / "nproc-lib", nproc=2, epochs=1), reporter=rep)
     assert result.processes == 1
     assert any("not started by torchrun" in w for w in rep.warnings)
