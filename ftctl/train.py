@@ -515,8 +515,7 @@ def train(
             result = fit(model, train_feats, val_feats, cfg, n_frozen=n_frozen, setup=setup)
 
         # --- the frozen part did not move, bit for bit; the base model was beaten (or not)
-        frozen_after = frozen_digest(model, built.frozen_names)
-        if frozen_after != built.frozen_sha256:
+        if frozen_digest(model, built.frozen_names) != built.frozen_sha256:
             raise TrainError("frozen parameters changed during training (a bug in ftctl)")
         _no_improvement(result, cfg, inputs.out_dir, warn)
 
@@ -525,53 +524,10 @@ def train(
         if world.is_main:
             reporter.stage("writing the model")
             model.to("cpu").eval()
-            payload = {
-                "kind": "incremental",
-                "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "base_model": {
-                    "path": str(inputs.model_path),
-                    "sha256": digests["base_model_sha256"],
-                },
-                "data": {
-                    "new": {"path": str(inputs.new_path), "sha256": digests["new_data_sha256"]},
-                    "old": (
-                        {"path": str(cfg.old_data), "sha256": digests["old_data_sha256"]}
-                        if cfg.old_data
-                        else None
-                    ),
-                },
-                "hyperparameters": hyperparameters(cfg),
-                "seed": cfg.seed,
-                "labels": [model.config.id2label[i] for i in range(model.config.num_labels)],
-                "added_labels": built.added,
-                "label_counts": {
-                    "train": dict(sorted(Counter(ex.label for ex in mix.train).items())),
-                    "val": dict(sorted(Counter(ex.label for ex in mix.val).items())),
-                },
-                "replay": mix.counts(),
-                "frozen": {
-                    "layers": cfg.freeze_layers,
-                    "of": n_layers,
-                    "embeddings": cfg.freeze_layers > 0,
-                    "params": len(built.frozen_names),
-                    "sha256": frozen_after,
-                    "verified_unchanged": True,
-                },
-                "plan": result.plan,
-                "metrics": result.history,
-                "best": result.best,
-                "improved_on_base": result.best_epoch > 0,
-                "stopped_early": result.stopped_early,
-                "resumed_from_epoch": result.resumed_from_epoch,
-                "resumed_at_batch": result.resumed_at_batch,
-                "device": device.split(":")[0],
-                "precision": precision.record(cfg.precision),
-                "distributed": _distributed_record(world, device),
-                "determinism": det,
-                "packages": package_versions(),
-                "git_commit": git_commit(),
-                "image_id": image_id,
-            }
+            payload = manifest_payload(
+                cfg, inputs, built, mix, result, setup=setup, det=det, digests=digests,
+                image_id=image_id,
+            )  # fmt: skip
             final, manifest = write_final(inputs.out_dir, model, inputs.tokenizer, payload)
         world.barrier()  # every process ends once final/ is complete
     return TrainResult(
@@ -591,6 +547,66 @@ def train(
         precision=precision.name,
         processes=world.size,
     )
+
+
+def manifest_payload(
+    cfg: TrainConfig,
+    inputs: Inputs,
+    built: Built,
+    mix: Mix,
+    result: FitResult,
+    *,
+    setup: Setup,
+    det: dict[str, Any],
+    digests: dict[str, Any],
+    image_id: str | None,
+) -> dict[str, Any]:
+    """What manifest.json records of an incremental run (beside the files' sha256)."""
+    model = built.model
+    return {
+        "kind": "incremental",
+        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "base_model": {"path": str(inputs.model_path), "sha256": digests["base_model_sha256"]},
+        "data": {
+            "new": {"path": str(inputs.new_path), "sha256": digests["new_data_sha256"]},
+            "old": (
+                {"path": str(cfg.old_data), "sha256": digests["old_data_sha256"]}
+                if cfg.old_data
+                else None
+            ),
+        },
+        "hyperparameters": hyperparameters(cfg),
+        "seed": cfg.seed,
+        "labels": [model.config.id2label[i] for i in range(model.config.num_labels)],
+        "added_labels": built.added,
+        "label_counts": {
+            "train": dict(sorted(Counter(ex.label for ex in mix.train).items())),
+            "val": dict(sorted(Counter(ex.label for ex in mix.val).items())),
+        },
+        "replay": mix.counts(),
+        "frozen": {
+            "layers": cfg.freeze_layers,
+            "of": inputs.n_layers,
+            "embeddings": cfg.freeze_layers > 0,
+            "params": len(built.frozen_names),
+            "sha256": built.frozen_sha256,
+            "verified_unchanged": True,
+        },
+        "plan": result.plan,
+        "metrics": result.history,
+        "best": result.best,
+        "improved_on_base": result.best_epoch > 0,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "resumed_at_batch": result.resumed_at_batch,
+        "device": setup.device.split(":")[0],
+        "precision": setup.precision.record(cfg.precision),
+        "distributed": _distributed_record(setup.world, setup.device),
+        "determinism": det,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "image_id": image_id,
+    }
 
 
 def _distributed_record(world: distributed.World, device: str) -> dict[str, Any]:

@@ -52,11 +52,17 @@ def weights(out: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def reference(job, tiny_model_dir) -> Path:
-    """An uninterrupted 3-epoch run."""
-    out = job / "reference"
-    train(cfg(job, tiny_model_dir, out))
-    return out
+def reference(job, tiny_model_dir):
+    """reference(precision): the output directory of an uninterrupted 3-epoch run."""
+    made: dict[str, Path] = {}
+
+    def get(precision: str) -> Path:
+        if precision not in made:
+            made[precision] = job / f"reference-{precision}"
+            train(cfg(job, tiny_model_dir, made[precision], precision=precision))
+        return made[precision]
+
+    return get
 
 
 class StopAt:
@@ -83,20 +89,21 @@ class StopAt:
 # ------------------------------------------------------------------ checkpoints + resume
 
 
-def test_stop_mid_epoch_then_resume_equals_uninterrupted(job, tiny_model_dir, reference):
-    out = job / "mid"
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stop_mid_epoch_then_resume_equals_uninterrupted(precision, job, tiny_model_dir, reference):
+    out = job / f"mid-{precision}"
     with pytest.raises(Interrupted) as info:
-        StopAt(epoch=1, batch=4).run(cfg(job, tiny_model_dir, out))
+        StopAt(epoch=1, batch=4).run(cfg(job, tiny_model_dir, out, precision=precision))
     assert (info.value.epoch, info.value.batch) == (1, 4)
     assert info.value.checkpoint == out / "checkpoints" / "last.pt"
     assert not (out / "final").exists()
     state = torch.load(info.value.checkpoint, map_location="cpu", weights_only=False)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 9 + 4)  # 9 steps an epoch
-    result = train(cfg(job, tiny_model_dir, out), resume=True)
+    result = train(cfg(job, tiny_model_dir, out, precision=precision), resume=True)
     assert (result.manifest["resumed_from_epoch"], result.manifest["resumed_at_batch"]) == (1, 4)
-    assert weights(out) == weights(reference)
+    assert weights(out) == weights(reference(precision))
     figures = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "improved")
-    expected = read_manifest(reference / "final")["metrics"]
+    expected = read_manifest(reference(precision) / "final")["metrics"]
     assert [[r[k] for k in figures] for r in result.history] == [
         [r[k] for k in figures] for r in expected
     ]
