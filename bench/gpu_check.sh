@@ -15,8 +15,8 @@
 #   2. the real shape (hidden 768, 12 layers, vocab 21128, random weights), the seed's job
 #      (1,200 new rows + 1,200 replayed, 2 epochs, batch 8, 8 layers frozen) trained by HF
 #      Trainer and by ftctl, both in fp32 and both in bf16: samples/s, the ratio, the floor;
-#   3. resume on CUDA: `ftctl train` stopped by SIGINT after epoch 1 (checkpoint kept, exit
-#      130), then `--resume`; compared with an uninterrupted run (sha256 of the weights);
+#   3. resume on CUDA: `ftctl train` stopped by SIGINT in epoch 2 (checkpoint kept, exit 130),
+#      then `--resume`; compared with an uninterrupted run (sha256 of the weights);
 #   4. `--nproc 2` (nccl) if two GPUs are there: accuracy and speed against one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,9 +42,9 @@ say() { printf '\n=== %s (%ss)\n' "$*" "$(( $(date +%s) - STARTED ))"; }
 ftctl() { "$PY" -m ftctl "$@"; }
 
 if [ "$MODE" = gpu ]; then
-  DEV=cuda SHAPE=(--real-shape) NEW_ROWS=0 RESUME_ROWS=400 EPOCHS=2
+  DEV=cuda SHAPE=(--real-shape) NEW_ROWS=0 RESUME_ROWS=400 EPOCHS=2 RESUME_LR=5e-5
 else
-  DEV=cpu SHAPE=(--random-hidden 64) NEW_ROWS=60 RESUME_ROWS=60 EPOCHS=2
+  DEV=cpu SHAPE=(--random-hidden 64) NEW_ROWS=60 RESUME_ROWS=60 EPOCHS=2 RESUME_LR=1e-3
 fi
 
 # ------------------------------------------------------------------ 1. environment
@@ -104,17 +104,20 @@ done
 
 # ------------------------------------------------------------------ 3. resume
 COMMON=(train --new-data "$WORK/resume_new.jsonl" --old-data data/original_training_data.jsonl
-        --model-path "$MODEL" --epochs 3 --batch-size 8 --lr 5e-5 --patience 0 --device "$DEV")
+        --model-path "$MODEL" --epochs 4 --batch-size 8 --lr "$RESUME_LR" --patience 0 --device "$DEV")
 say "3. resume on $DEV: an uninterrupted run, then one stopped by SIGINT and resumed"
 ftctl "${COMMON[@]}" --output-path "$WORK/straight" --json > "$OUT/straight.json"
 # not through the ftctl function: $! must be the Python process, the one SIGINT is for
 "$PY" -m ftctl "${COMMON[@]}" --output-path "$WORK/resumed" > "$WORK/first.out" 2> "$WORK/first.err" &
 pid=$!
 for _ in $(seq 1200); do
-  grep -qE '^epoch 1/3: .* in ' "$WORK/first.err" && break
+  grep -qE '^epoch 1/4: .* in ' "$WORK/first.err" && break
   kill -0 "$pid" 2>/dev/null || break
   sleep 0.25
 done
+# a third of an epoch later, so that the stop falls in the middle of epoch 2
+took=$(sed -nE 's|^epoch 1/4: .* in ([0-9.]+) s.*|\1|p' "$WORK/first.err" | head -1)
+sleep "$("$PY" -c "print(min(float('${took:-3}') / 3, 5))")"
 kill -INT "$pid" 2>/dev/null || true
 set +e; wait "$pid"; code=$?; set -e
 cat "$WORK/first.err" > "$OUT/interrupted.log"
@@ -129,11 +132,16 @@ from ftctl.manifest import read_manifest
 work = Path(sys.argv[1])
 sha = {k: hashlib.sha256((work / k / "final" / "model.safetensors").read_bytes()).hexdigest()
        for k in ("straight", "resumed")}
-m = read_manifest(work / "resumed" / "final")
+m = {k: read_manifest(work / k / "final") for k in sha}
+figures = {k: [(r["train_loss"], r["val_loss"]) for r in m[k]["metrics"]] for k in sha}
 print(json.dumps({
-    "resumed_from_epoch": m["resumed_from_epoch"], "resumed_at_batch": m["resumed_at_batch"],
-    "precision": m["precision"], "identical_to_uninterrupted": sha["straight"] == sha["resumed"],
-    "val_acc": {k: read_manifest(work / k / "final")["best"]["val_accuracy"] for k in sha},
+    "resumed_from_epoch": m["resumed"]["resumed_from_epoch"],
+    "resumed_at_batch": m["resumed"]["resumed_at_batch"],
+    "precision": m["resumed"]["precision"],
+    "identical_to_uninterrupted": sha["straight"] == sha["resumed"],
+    "same_losses_every_epoch": figures["straight"] == figures["resumed"],
+    "best_epoch": {k: m[k]["best"]["epoch"] for k in sha},
+    "val_acc": {k: m[k]["best"]["val_accuracy"] for k in sha},
 }))
 EOF
 
@@ -172,7 +180,10 @@ for prec in ("fp32", "bf16"):
         line += (f", HF Trainer {b['hf_trainer']['samples_per_s']} samples/s: "
                  f"{b['speedup']}x; val acc {b['ftctl']['val_acc']} / {b['hf_trainer']['val_acc']}")
     print(line, file=sys.stderr)
-doc["resume"] = json.loads((out / "resume.json").read_text())
+doc["resume"] = r = json.loads((out / "resume.json").read_text())
+print(f"resume after SIGINT at epoch {r['resumed_from_epoch']} + {r['resumed_at_batch']} "
+      f"batches: weights identical {r['identical_to_uninterrupted']}, losses identical "
+      f"{r['same_losses_every_epoch']}", file=sys.stderr)
 if (out / "nproc.json").is_file():
     doc["nproc2"] = json.loads((out / "nproc.json").read_text())
 print(json.dumps(doc, indent=1))
