@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,18 +19,12 @@ from ftctl import model as M
 from ftctl.config import TrainConfig
 from ftctl.data import load_examples
 from ftctl.errors import ConfigError, Problem
+from ftctl.features import encode
+from ftctl.fit import Setup, fit, numerics
 from ftctl.fsutil import sha256_file
 from ftctl.manifest import git_commit, package_versions
 from ftctl.progress import NULL, Reporter
-from ftctl.train import (
-    TrainResult,
-    determinism,
-    encode,
-    fit,
-    hyperparameters,
-    mix_data,
-    write_final,
-)
+from ftctl.train import TrainResult, hyperparameters, mix_data, write_final
 
 LAYERS = 12
 
@@ -67,10 +62,11 @@ class BaseConfig:
         return out
 
 
-def build_base(cfg: BaseConfig, *, reporter: Reporter = NULL) -> TrainResult:
-    """Train the stand-in base classifier on ``cfg.data``; write ``cfg.output_path``/final/."""
-    import torch
-
+def build_base(
+    cfg: BaseConfig, *, reporter: Reporter = NULL, stop: Callable[[], bool] | None = None
+) -> TrainResult:
+    """Train the stand-in base classifier on ``cfg.data``; write ``cfg.output_path``/final/.
+    ``stop``: as for :func:`ftctl.train.train`."""
     started = time.perf_counter()
     reporter.stage("checking inputs")
     if cfg.data is None or cfg.output_path is None:
@@ -109,24 +105,16 @@ def build_base(cfg: BaseConfig, *, reporter: Reporter = NULL) -> TrainResult:
         weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio,
         device=device,
+        precision="fp32",
     )
     out_dir = Path(cfg.output_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with determinism(device) as det:
+    with numerics(device) as det:
         reporter.stage("training")
-        torch.manual_seed(cfg.seed)
         train_feats = encode(tokenizer, mix.train, label2id, cfg.max_length)
         val_feats = encode(tokenizer, mix.val, label2id, cfg.max_length)
-        result = fit(
-            model,
-            train_feats,
-            val_feats,
-            tcfg,
-            n_frozen=0,
-            device=device,
-            out_dir=out_dir,
-            reporter=reporter,
-        )
+        setup = Setup(device, out_dir, checkpoints=False, reporter=reporter, stop=stop)
+        result = fit(model, train_feats, val_feats, tcfg, n_frozen=0, setup=setup)
 
     reporter.stage("writing the model")
     model.to("cpu").eval()

@@ -70,12 +70,24 @@ class TrainConfig:
     add_labels: bool = False  # grow the head for labels the base model lacks
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_ratio: float = 0.1  # linear warmup share of the steps
+    precision: str = "auto"  # auto (bf16 autocast on a CUDA GPU with bf16, else fp32) | fp32 | bf16
+    checkpoint: str = "epoch"  # epoch: OUTPUT/checkpoints/ after every epoch (for --resume) | none
+    require_improvement: bool = False  # no epoch beating the base model (epoch 0) is an error
+    nproc: int = 1  # processes on this machine (torchrun; one GPU each on CUDA)
+    nnodes: int = 1  # machines, each running the same command (needs rdzv_endpoint)
+    rdzv_endpoint: str | None = None  # HOST:PORT all machines reach (torchrun's c10d rendezvous)
 
     def problems(self) -> list[Problem]:
         out = []
-        for name in ("epochs", "batch_size", "max_length"):
+        for name in ("epochs", "batch_size", "max_length", "nproc", "nnodes"):
             if getattr(self, name) < 1:
                 out.append(Problem("must be >= 1", field=f"train.{name}"))
+        if self.precision not in ("auto", "fp32", "bf16"):
+            out.append(Problem("must be auto, fp32 or bf16", field="train.precision"))
+        if self.checkpoint not in ("epoch", "none"):
+            out.append(Problem("must be epoch or none", field="train.checkpoint"))
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            out.append(Problem("needs rdzv_endpoint (HOST:PORT)", field="train.nnodes"))
         if not self.lr > 0:
             out.append(Problem("must be > 0", field="train.lr"))
         if not 0 <= self.replay_ratio < 1:

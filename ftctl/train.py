@@ -1,9 +1,17 @@
-"""Incremental fine-tuning (the seed's incremental_finetune.py), one loop read top to bottom.
+"""Incremental fine-tuning (the seed's incremental_finetune.py) as steps read in order.
 
-``train(cfg)``: load the base classifier and the data, mix in replay data, split off a
-stratified validation set, freeze the embeddings + the first N layers, cache the frozen prefix's
-output once, train the top layers with early stopping and checkpoints, and write
-OUTPUT/final/ (a plain HF directory + manifest.json) only when complete.
+``train(cfg)``:
+
+1. ``prepare_inputs``: check the model directory, the data and the labels (nothing written);
+2. ``build_model``: load the classifier (fp32), grow its head if asked, freeze the embeddings +
+   the first N layers;
+3. ``mix_data`` + ``prepare_features``: replay mix, stratified validation split, tokenize, this
+   process's share of the rows, the frozen prefix's output cached once per text;
+4. ``fit`` (ftctl.fit): train the top layers with early stopping and checkpoints;
+5. ``write_final``: OUTPUT/final/ (a plain HF directory + manifest.json), only when complete.
+
+With several processes (``ftctl train --nproc N``: torchrun), every process runs the same
+steps on its share of the rows; only rank 0 reports and writes.
 
 Anti-forgetting measures (seed): low LR, replay of old data, frozen early layers, few epochs,
 small batches, early stopping. Speed: the frozen prefix runs once per text (no autograd, no
@@ -12,40 +20,29 @@ dropout there), batches are length-bucketed and padded per batch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
-import math
-import os
 import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ftctl import distributed
 from ftctl import model as M
 from ftctl.config import TrainConfig
 from ftctl.data import Example, load_examples
 from ftctl.errors import ConfigError, DataError, Problem, TrainError
-from ftctl.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text, sha256_file
+from ftctl.features import Features, cache_prefix, encode, informative, shard
+from ftctl.fit import EpochHook, FitResult, Setup, fit, numerics, resolve_precision
+from ftctl.fsutil import atomic_dir, sha256_file
 from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
 from ftctl.progress import NULL, Reporter
-
-CHECKPOINT = "last.pt"
-METRICS = "metrics.jsonl"
-BUCKET_BATCHES = 16  # length bucketing: sort within windows of this many batches
-PREFIX_BATCH = 64  # texts per forward pass when caching the frozen prefix
-EVAL_BATCH = 64
-MAX_GRAD_NORM = 1.0  # as the HF Trainer default
-
-EpochHook = Callable[[dict[str, Any]], None]
-
 
 # ============================================================================ data mixing
 
@@ -159,356 +156,7 @@ def mix_data(
     )
 
 
-# ============================================================================ features
-
-
-@dataclass
-class Features:
-    """Tokenized texts + labels; ``prefix`` holds the frozen prefix's output per text when
-    layers are frozen (computed once), else the input ids are embedded at every step."""
-
-    ids: list[list[int]]
-    labels: list[int]
-    prefix: list[Any] | None = None  # [L_i, H] tensors on the training device
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def encode(tokenizer, examples: Sequence[Example], label2id: dict[str, int], max_length: int):
-    if not examples:
-        return Features([], [])
-    enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_length)
-    return Features(list(enc["input_ids"]), [label2id[ex.label] for ex in examples])
-
-
-def informative(tokenizer, examples: Sequence[Example]) -> tuple[list[Example], list[Example]]:
-    """(kept, dropped): texts that tokenize to nothing but [UNK] carry no signal."""
-    if not examples:
-        return [], []
-    unk = tokenizer.unk_token_id
-    special = set(tokenizer.all_special_ids) - {unk}
-    kept, dropped = [], []
-    ids = tokenizer([ex.text for ex in examples], add_special_tokens=False)["input_ids"]
-    for ex, row in zip(examples, ids, strict=True):
-        useful = [i for i in row if i != unk and i not in special]
-        (kept if useful else dropped).append(ex)
-    return kept, dropped
-
-
-def cache_prefix(
-    model, feats: Features, n_frozen: int, device, reporter: Reporter = NULL, what: str = "texts"
-) -> None:
-    """Run embeddings + the frozen layers once per text (grouped by exact length: no padding)."""
-    import torch
-
-    by_len: dict[int, list[int]] = {}
-    for i, row in enumerate(feats.ids):
-        by_len.setdefault(len(row), []).append(i)
-    out: list[Any] = [None] * len(feats)
-    with (
-        torch.no_grad(),
-        reporter.task(f"frozen layers, {what}", total=len(feats), unit="text") as advance,
-    ):
-        for _length, idx in sorted(by_len.items()):
-            for s in range(0, len(idx), PREFIX_BATCH):
-                chunk = idx[s : s + PREFIX_BATCH]
-                ids = torch.tensor([feats.ids[i] for i in chunk], device=device)
-                hidden = M.prefix_forward(model, ids, n_frozen)
-                for j, i in enumerate(chunk):
-                    out[i] = hidden[j]
-                advance(len(chunk))
-    feats.prefix = out
-
-
-def batches(feats: Features, batch_size: int, seed: int | None) -> list[list[int]]:
-    """Index batches. Training (seed given): shuffled, then sorted by length within windows of
-    BUCKET_BATCHES batches, batch order shuffled. Eval (seed None): sorted by length."""
-    import torch
-
-    n = len(feats)
-    if seed is None:
-        order = sorted(range(n), key=lambda i: len(feats.ids[i]))
-        return [order[s : s + batch_size] for s in range(0, n, batch_size)]
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen).tolist()
-    window = batch_size * BUCKET_BATCHES
-    out: list[list[int]] = []
-    for w in range(0, n, window):
-        chunk = sorted(perm[w : w + window], key=lambda i: len(feats.ids[i]))
-        out += [chunk[s : s + batch_size] for s in range(0, len(chunk), batch_size)]
-    shuffled = torch.randperm(len(out), generator=gen).tolist()
-    return [out[i] for i in shuffled]
-
-
-def logits_for(model, feats: Features, idx: list[int], n_frozen: int, device):
-    """Forward one batch: cached prefix (padded per batch) + trainable layers + head."""
-    import torch
-
-    length = max(len(feats.ids[i]) for i in idx)
-    mask = torch.zeros(len(idx), length, dtype=torch.long)
-    for j, i in enumerate(idx):
-        mask[j, : len(feats.ids[i])] = 1
-    mask = mask.to(device)
-    if feats.prefix is not None:
-        width = feats.prefix[idx[0]].shape[-1]
-        hidden = torch.zeros(len(idx), length, width, device=device)
-        for j, i in enumerate(idx):
-            hidden[j, : feats.prefix[i].shape[0]] = feats.prefix[i]
-        return M.head_forward(model, hidden, mask, n_frozen, cls_only=True)
-    ids = torch.zeros(len(idx), length, dtype=torch.long)
-    for j, i in enumerate(idx):
-        ids[j, : len(feats.ids[i])] = torch.tensor(feats.ids[i])
-    hidden = M.prefix_forward(model, ids.to(device), 0)
-    return M.head_forward(model, hidden, mask, 0, cls_only=True)
-
-
-def evaluate(model, feats: Features, n_frozen: int, device) -> tuple[float, float]:
-    """(mean loss, accuracy) on ``feats`` in eval mode."""
-    import torch
-    import torch.nn.functional as F
-
-    if not len(feats):
-        return float("nan"), float("nan")
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    with torch.no_grad():
-        for idx in batches(feats, EVAL_BATCH, None):
-            logits = logits_for(model, feats, idx, n_frozen, device)
-            target = torch.tensor([feats.labels[i] for i in idx], device=device)
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += (logits.argmax(-1) == target).sum().item()
-    return loss_sum / len(feats), correct / len(feats)
-
-
-# ============================================================================ checkpoints
-
-
-def _trainable(model) -> dict[str, Any]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _load_trainable(model, weights: dict[str, Any]) -> None:
-    import torch
-
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-
-
-def _rng_state() -> dict[str, Any]:
-    import torch
-
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: Path, fingerprint: str, device) -> dict[str, Any]:
-    import torch
-
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:
-        raise TrainError(
-            f"{path}: unreadable checkpoint: {exc}",
-            hint="delete OUTPUT/checkpoints/ and train again without --resume",
-        ) from None
-    if state.get("fingerprint") != fingerprint:
-        raise TrainError(
-            f"{path}: the checkpoint belongs to a run with other inputs or hyperparameters",
-            hint="resume with exactly the same flags and data, or drop --resume to start over",
-        )
-    return state
-
-
-# ============================================================================ the loop
-
-
-@dataclass
-class FitResult:
-    history: list[dict[str, Any]]
-    best_epoch: int
-    best: dict[str, Any]
-    stopped_early: bool
-    resumed_from_epoch: int | None
-    steps: int
-
-
-def fit(
-    model,
-    train_feats: Features,
-    val_feats: Features,
-    cfg: TrainConfig,
-    *,
-    n_frozen: int,
-    device,
-    out_dir: Path,
-    resume: bool = False,
-    fingerprint: str = "",
-    reporter: Reporter = NULL,
-    on_epoch_end: EpochHook | None = None,
-) -> FitResult:
-    """Train the unfrozen part of ``model`` on ``train_feats``; evaluate on ``val_feats`` every
-    epoch (OUT/metrics.jsonl), checkpoint every epoch (OUT/checkpoints/), stop early after
-    ``cfg.patience`` epochs without improvement (0: never), and leave the best weights loaded.
-    Best = highest val accuracy, ties broken by lower val loss."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import get_linear_schedule_with_warmup
-
-    ckpt_path = out_dir / "checkpoints" / CHECKPOINT
-    metrics_path = out_dir / METRICS
-
-    # --- optimizer + schedule (AdamW; no decay on biases and LayerNorm, as HF Trainer)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        fused=True,  # one kernel for all parameters: ~1/3 faster on CPU, deterministic
-    )
-    steps_per_epoch = math.ceil(len(train_feats) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, round(total_steps * cfg.warmup_ratio), total_steps
-    )
-
-    # --- state (fresh, or from the checkpoint)
-    torch.manual_seed(cfg.seed)
-    history: list[dict[str, Any]] = []
-    start_epoch, step, bad_evals, stopped = 0, 0, 0, False
-    best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "val_loss": math.inf}
-    best_weights = _trainable(model)
-    resumed_from = None
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, fingerprint, device)
-        _load_trainable(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
-        bad_evals, stopped = state["bad_evals"], state["stopped"]
-        best, best_weights, history = state["best"], state["best_weights"], state["history"]
-        resumed_from = start_epoch
-        reporter.info(f"resuming after epoch {start_epoch} (step {step})")
-    elif resume:
-        reporter.warn(f"--resume: no checkpoint at {ckpt_path}; starting from the beginning")
-
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if stopped:
-            break
-        # --- train one epoch
-        M.set_train_mode(model, n_frozen)
-        loss_sum, seen = 0.0, 0
-        plan = batches(train_feats, cfg.batch_size, cfg.seed * 1000 + epoch)
-        with reporter.task(f"epoch {epoch}/{cfg.epochs}", total=len(plan), unit="batch") as adv:
-            for idx in plan:
-                logits = logits_for(model, train_feats, idx, n_frozen, device)
-                target = torch.tensor([train_feats.labels[i] for i in idx], device=device)
-                loss = F.cross_entropy(logits, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], MAX_GRAD_NORM
-                )
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_sum += loss.item() * len(idx)
-                seen += len(idx)
-                adv(1, loss=loss_sum / seen)
-
-        # --- evaluate, keep the best, decide on early stopping
-        val_loss, val_acc = evaluate(model, val_feats, n_frozen, device)
-        improved = (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]) or not len(
-            val_feats
-        )
-        if improved:
-            best = {"epoch": epoch, "val_accuracy": val_acc, "val_loss": val_loss}
-            best_weights = _trainable(model)
-            bad_evals = 0
-        else:
-            bad_evals += 1
-        stopped = cfg.patience > 0 and bad_evals >= cfg.patience and epoch < cfg.epochs
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": loss_sum / max(seen, 1),
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "lr": scheduler.get_last_lr()[0],
-            "improved": improved,
-            "elapsed_s": round(time.perf_counter() - t0, 3),
-        }
-        history.append(record)
-        atomic_write_text(
-            metrics_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in history)
-        )
-        reporter.info(
-            f"epoch {epoch}: train_loss {record['train_loss']:.4f}  val_loss {val_loss:.4f}  "
-            f"val_acc {val_acc:.4f}" + ("  (best)" if improved else "")
-        )
-
-        # --- checkpoint (everything needed to continue exactly here)
-        save_checkpoint(
-            ckpt_path,
-            {
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "step": step,
-                "trainable": _trainable(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "best": best,
-                "best_weights": best_weights,
-                "bad_evals": bad_evals,
-                "stopped": stopped,
-                "history": history,
-            },
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-        if stopped:
-            reporter.info(f"early stop: no improvement for {bad_evals} epoch(s)")
-
-    _load_trainable(model, best_weights)
-    return FitResult(
-        history=history,
-        best_epoch=best["epoch"],
-        best=best,
-        stopped_early=stopped,
-        resumed_from_epoch=resumed_from,
-        steps=step,
-    )
-
-
-# ============================================================================ the command
+# ============================================================================ the result
 
 
 @dataclass
@@ -516,8 +164,8 @@ class TrainResult:
     """What ``ftctl train`` / ``ftctl base`` report."""
 
     final_dir: Path
-    manifest: dict[str, Any]
-    history: list[dict[str, Any]]
+    manifest: dict[str, Any]  # empty on processes other than rank 0 (they write nothing)
+    history: list[dict[str, Any]]  # epoch 0 (the model before training) first
     best_epoch: int
     val_accuracy: float
     val_loss: float
@@ -528,49 +176,46 @@ class TrainResult:
     device: str
     elapsed_s: float
     warnings: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    processes: int = 1
 
     def summary(self) -> dict[str, Any]:
         return {
             "ok": True,
             "final_dir": str(self.final_dir),
             "best_epoch": self.best_epoch,
+            "improved_on_base": self.best_epoch > 0,
             "val_accuracy": self.val_accuracy,
             "val_loss": self.val_loss,
             "stopped_early": self.stopped_early,
-            "epochs_run": len(self.history),
+            "epochs_run": sum(1 for r in self.history if r["epoch"] > 0),
             "replay": self.replay,
             "frozen_layers": self.frozen_layers,
             "added_labels": self.added_labels,
             "device": self.device,
+            "precision": self.precision,
+            "processes": self.processes,
             "elapsed_s": round(self.elapsed_s, 3),
             "history": self.history,
             "warnings": self.warnings,
         }
 
 
-@contextlib.contextmanager
-def determinism(device: str) -> Iterator[dict[str, Any]]:
-    """Deterministic kernels for the duration (restored after); yields what was set."""
-    import torch
+# ============================================================================ step 1: inputs
 
-    if device == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_before = torch.is_deterministic_algorithms_warn_only_enabled()
-    cudnn_before = torch.backends.cudnn.benchmark
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield {
-            "torch_deterministic_algorithms": True,
-            "warn_only": True,
-            "cudnn_benchmark": False,
-            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-            "torch_num_threads": torch.get_num_threads(),
-        }
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_before)
-        torch.backends.cudnn.benchmark = cudnn_before
+
+@dataclass
+class Inputs:
+    """Every input, checked: what ``prepare_inputs`` gives the later steps."""
+
+    model_path: Path
+    new_path: Path
+    out_dir: Path
+    tokenizer: Any
+    new: list[Example]
+    old: list[Example]
+    unknown: dict[str, Example]  # labels the base model lacks (grown with --add-labels)
+    n_layers: int
 
 
 def _require(value: Path | None, flag: str) -> Path:
@@ -594,61 +239,15 @@ def _unknown_label_error(missing: dict[str, Example], n_known: int) -> DataError
     )
 
 
-def _fingerprint(cfg: TrainConfig, inputs: dict[str, Any]) -> str:
-    hp = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("device",)}
-    blob = json.dumps({"hp": hp, "inputs": inputs}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _tensor_sha(tensors: list[Any]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any]):
-    """OUTPUT/final/ (weights, tokenizer, manifest) built beside and renamed, so it appears only
-    when complete; the checkpoints are dropped once it exists. Returns (final, manifest)."""
-    final = out_dir / "final"
-    with atomic_dir(final, overwrite=True) as tmp:
-        M.save_classifier(model, tokenizer, tmp)
-        manifest = write_manifest(tmp, payload)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    return final, manifest
-
-
-def train(
-    cfg: TrainConfig,
-    *,
-    resume: bool = False,
-    image_id: str | None = None,
-    reporter: Reporter = NULL,
-    on_epoch_end: EpochHook | None = None,
-) -> TrainResult:
-    """Fine-tune ``cfg.model_path`` on ``cfg.new_data`` (+ replay of ``cfg.old_data``) and write
-    ``cfg.output_path``/final/. Every input is checked before anything is written."""
-    import torch
-
-    started = time.perf_counter()
-    warnings: list[str] = []
-
-    def warn(msg: str) -> None:
-        warnings.append(msg)
-        reporter.warn(msg)
-
-    # --- inputs: model, data, labels (nothing is written until all of them are good)
-    reporter.stage("checking inputs")
+def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
+    """Check the model directory (without loading its weights), the data and the labels;
+    nothing is written. Every problem is an FtctlError with a hint."""
     model_path = _require(cfg.model_path, "--model-path")
     new_path = _require(cfg.new_data, "--new-data")
     out_dir = Path(cfg.output_path)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-path {out_dir}: exists and is not a directory")
-    M.check_supported(model_path)
+    config = M.check_supported(model_path)
     if (out_dir / "final").resolve() == model_path.resolve():
         raise ConfigError(
             f"--output-path {out_dir} would replace the base model {model_path} itself",
@@ -665,20 +264,19 @@ def train(
             unknown[ex.label] = ex
     if unknown and not cfg.add_labels:
         raise _unknown_label_error(unknown, len(labels))
-    device = M.resolve_device(cfg.device)
-    model, tokenizer = M.load_classifier(model_path, device="cpu")
-    n_layers = M.layer_count(model)
+    n_layers = int(config.get("num_hidden_layers", 0))
     if cfg.freeze_layers > n_layers:
         raise ConfigError(
             f"--freeze-layers {cfg.freeze_layers}: {model_path} has only {n_layers} layers",
             hint=f"use --freeze-layers between 0 and {n_layers}",
         )
-    max_pos = getattr(model.config, "max_position_embeddings", 512)
+    max_pos = int(config.get("max_position_embeddings", 512))
     if cfg.max_length > max_pos:
         raise ConfigError(
             f"--max-length {cfg.max_length}: the model takes at most {max_pos} tokens",
             hint=f"use --max-length {max_pos} or less",
         )
+    tokenizer = M.load_tokenizer(model_path)
     new, dropped = informative(tokenizer, new)
     old, dropped_old = informative(tokenizer, old)
     if dropped or dropped_old:
@@ -697,104 +295,241 @@ def train(
             "no --old-data: training on the new data alone; forgetting protection is reduced "
             "(pass --old-data with the original training data to mix in replay)"
         )
+    return Inputs(model_path, new_path, out_dir, tokenizer, new, old, unknown, n_layers)
 
-    # --- the model: grow the head if asked, freeze the prefix
+
+# ============================================================================ step 2: the model
+
+
+@dataclass
+class Built:
+    """The model on its device, head grown, prefix frozen (and the frozen part's digest)."""
+
+    model: Any
+    added: list[str]
+    frozen_names: list[str]
+    frozen_sha256: str
+
+
+def _tensor_sha(tensors: list[Any]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def frozen_digest(model, names: list[str]) -> str:
+    params = dict(model.named_parameters())
+    return _tensor_sha([params[n] for n in names])
+
+
+def build_model(
+    cfg: TrainConfig, inputs: Inputs, device: str, warn: Callable[[str], None]
+) -> Built:
+    """Load the classifier in fp32 (whatever dtype it was stored in: lr 5e-6 updates would
+    round away in fp16), grow the head for ``inputs.unknown`` (seeded), move it to ``device``
+    and freeze the embeddings + the first ``cfg.freeze_layers`` layers."""
+    import torch
+
+    model, _ = M.load_classifier(inputs.model_path, device="cpu")
+    model.float()
     torch.manual_seed(cfg.seed)
     added: list[str] = []
-    if unknown:
-        added = M.grow_head(model, list(unknown))
+    if inputs.unknown:
+        added = M.grow_head(model, list(inputs.unknown))
         warn(f"--add-labels: classifier head grown by {len(added)}: {', '.join(added)}")
     model.to(device)
-    frozen_names = M.freeze(model, cfg.freeze_layers)
-    frozen_params = dict(model.named_parameters())
-    frozen_before = _tensor_sha([frozen_params[n] for n in frozen_names])
+    names = M.freeze(model, cfg.freeze_layers)
+    return Built(model, added, names, frozen_digest(model, names))
 
-    # --- data: replay mix, stratified split, tokenize, cache the frozen prefix
-    mix = mix_data(new, old, replay_ratio=cfg.replay_ratio, val_ratio=cfg.val_ratio, seed=cfg.seed)
-    reporter.info(
-        f"data: {mix.n_new} new + {mix.n_replay} replayed of {mix.n_old_available} old -> "
-        f"{len(mix.train)} train / {len(mix.val)} val; {cfg.freeze_layers}/{n_layers} layers "
-        f"frozen; device {device}"
-    )
+
+# ============================================================================ step 3: features
+
+
+def prepare_features(
+    cfg: TrainConfig, model, tokenizer, mix: Mix, setup: Setup
+) -> tuple[Features, Features]:
+    """(train, val) features of this process's share of the rows, tokenized, with the frozen
+    prefix's output cached once per text when layers are frozen."""
     label2id = {lab: int(i) for i, lab in model.config.id2label.items()}
-    inputs = {
-        "base_model_sha256": model_sha256(model_path),
-        "new_data_sha256": sha256_file(new_path),
-        "old_data_sha256": sha256_file(cfg.old_data) if cfg.old_data else None,
-    }
-    fingerprint = _fingerprint(cfg, inputs)
+    world = setup.world
+    train_all = encode(tokenizer, mix.train, label2id, cfg.max_length)
+    val_all = encode(tokenizer, mix.val, label2id, cfg.max_length)
+    if len(train_all) < world.size:
+        raise DataError(
+            f"{len(train_all)} training example(s) for {world.size} processes",
+            hint="use fewer processes (--nproc) or more data",
+        )
+    train_feats = shard(train_all, world.rank, world.size, pad=True)
+    val_feats = shard(val_all, world.rank, world.size, pad=False)
+    if cfg.freeze_layers > 0:
+        model.eval()
+        for feats, what in ((train_feats, "train"), (val_feats, "val")):
+            cache_prefix(
+                model,
+                feats,
+                cfg.freeze_layers,
+                setup.device,
+                setup.reporter,
+                what,
+                autocast=setup.precision.autocast,
+                check=setup.check_stop,
+            )
+    return train_feats, val_feats
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with determinism(device) as det:
-        reporter.stage("training")
-        train_feats = encode(tokenizer, mix.train, label2id, cfg.max_length)
-        val_feats = encode(tokenizer, mix.val, label2id, cfg.max_length)
-        if cfg.freeze_layers > 0:
-            model.eval()
-            cache_prefix(model, train_feats, cfg.freeze_layers, device, reporter, "train")
-            cache_prefix(model, val_feats, cfg.freeze_layers, device, reporter, "val")
-        result = fit(
-            model,
-            train_feats,
-            val_feats,
-            cfg,
-            n_frozen=cfg.freeze_layers,
-            device=device,
-            out_dir=out_dir,
-            resume=resume,
-            fingerprint=fingerprint,
-            reporter=reporter,
-            on_epoch_end=on_epoch_end,
+
+# ============================================================================ step 5: output
+
+
+def _fingerprint(cfg: TrainConfig, inputs: dict[str, Any]) -> str:
+    """Identity of a run for --resume: every hyperparameter that changes the arithmetic, the
+    inputs' digests and the number of processes."""
+    ignored = ("device", "checkpoint", "require_improvement", "nproc", "nnodes", "rdzv_endpoint")
+    hp = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
+    blob = json.dumps({"hp": hp, "inputs": inputs}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any]):
+    """OUTPUT/final/ (weights, tokenizer, manifest) built beside and renamed, so it appears only
+    when complete; the checkpoints are dropped once it exists. Returns (final, manifest)."""
+    final = out_dir / "final"
+    with atomic_dir(final, overwrite=True) as tmp:
+        M.save_classifier(model, tokenizer, tmp)
+        manifest = write_manifest(tmp, payload)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return final, manifest
+
+
+def _no_improvement(result: FitResult, cfg: TrainConfig, out_dir: Path, warn) -> None:
+    """Say plainly when no epoch beat the base model (epoch 0); an error if required."""
+    if result.best_epoch > 0:
+        return
+    base = result.history[0]
+    trained = [r for r in result.history if r["epoch"] > 0]
+    best = max(trained, key=lambda r: (r["val_accuracy"], -r["val_loss"]), default=None)
+    msg = (
+        f"no epoch beat the base model on the validation split (base: val acc "
+        f"{base['val_accuracy']:.4f}, val loss {base['val_loss']:.4f}"
+        + (
+            f"; best trained epoch {best['epoch']}: val acc {best['val_accuracy']:.4f}, "
+            f"val loss {best['val_loss']:.4f})"
+            if best
+            else ")"
+        )
+    )
+    if cfg.require_improvement:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        raise TrainError(
+            msg + ": nothing written (--require-improvement)",
+            hint="try more epochs, another --lr or more data; "
+            f"{out_dir / 'metrics.jsonl'} has every epoch's figures",
+        )
+    warn(f"{msg}: final/ holds the base model's weights (--require-improvement: an error)")
+
+
+# ============================================================================ the command
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    image_id: str | None = None,
+    reporter: Reporter = NULL,
+    on_epoch_end: EpochHook | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Fine-tune ``cfg.model_path`` on ``cfg.new_data`` (+ replay of ``cfg.old_data``) and write
+    ``cfg.output_path``/final/. Every input is checked before anything is written. ``stop`` is
+    polled between steps: when it returns True, the loop checkpoints and raises
+    :class:`ftctl.fit.Interrupted` (a KeyboardInterrupt)."""
+    started = time.perf_counter()
+    warnings: list[str] = []
+    if resume and cfg.checkpoint == "none":
+        raise ConfigError(
+            "--resume with --checkpoint none: there is no checkpoint to continue from",
+            hint="drop --resume, or train with --checkpoint epoch",
         )
 
-    # --- verify the frozen part did not move, bit for bit
-    frozen_after = _tensor_sha([frozen_params[n] for n in frozen_names])
-    if frozen_after != frozen_before:
-        raise TrainError("frozen parameters changed during training (a bug in ftctl)")
+    with distributed.session(M.resolve_device(cfg.device)) as (world, device):
+        if not world.is_main:
+            reporter = NULL  # rank 0 speaks for every process
 
-    # --- write OUTPUT/final/ (appears only when complete)
-    reporter.stage("writing the model")
-    model.to("cpu").eval()
-    payload = {
-        "kind": "incremental",
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "base_model": {"path": str(model_path), "sha256": inputs["base_model_sha256"]},
-        "data": {
-            "new": {"path": str(new_path), "sha256": inputs["new_data_sha256"]},
-            "old": (
-                {"path": str(cfg.old_data), "sha256": inputs["old_data_sha256"]}
-                if cfg.old_data
-                else None
-            ),
-        },
-        "hyperparameters": hyperparameters(cfg),
-        "seed": cfg.seed,
-        "labels": [model.config.id2label[i] for i in range(model.config.num_labels)],
-        "added_labels": added,
-        "label_counts": {
-            "train": dict(sorted(Counter(ex.label for ex in mix.train).items())),
-            "val": dict(sorted(Counter(ex.label for ex in mix.val).items())),
-        },
-        "replay": mix.counts(),
-        "frozen": {
-            "layers": cfg.freeze_layers,
-            "of": n_layers,
-            "embeddings": cfg.freeze_layers > 0,
-            "params": len(frozen_names),
-            "sha256": frozen_after,
-            "verified_unchanged": True,
-        },
-        "metrics": result.history,
-        "best": result.best,
-        "stopped_early": result.stopped_early,
-        "resumed_from_epoch": result.resumed_from_epoch,
-        "device": device,
-        "determinism": det,
-        "packages": package_versions(),
-        "git_commit": git_commit(),
-        "image_id": image_id,
-    }
-    final, manifest = write_final(out_dir, model, tokenizer, payload)
+        def warn(msg: str) -> None:
+            warnings.append(msg)
+            reporter.warn(msg)
+
+        # --- 1. inputs, 2. the model
+        reporter.stage("checking inputs")
+        if (cfg.nproc > 1 or cfg.nnodes > 1) and world.size == 1:
+            warn(
+                f"nproc {cfg.nproc} / nnodes {cfg.nnodes} asked for, but this process was not "
+                "started by torchrun: training in one process (`ftctl train --nproc N` launches)"
+            )
+        inputs = prepare_inputs(cfg, warn)
+        precision = resolve_precision(cfg.precision, device)
+        built = build_model(cfg, inputs, device, warn)
+        model, n_layers = built.model, inputs.n_layers
+
+        # --- 3. data: replay mix, stratified split
+        mix = mix_data(
+            inputs.new, inputs.old, replay_ratio=cfg.replay_ratio, val_ratio=cfg.val_ratio,
+            seed=cfg.seed,
+        )  # fmt: skip
+        reporter.info(
+            f"data: {mix.n_new} new + {mix.n_replay} replayed of {mix.n_old_available} old -> "
+            f"{len(mix.train)} train / {len(mix.val)} val; {cfg.freeze_layers}/{n_layers} "
+            f"layers frozen; device {device}, {precision.name}"
+            + (f"; {world.size} processes" if world.size > 1 else "")
+        )
+        digests = {
+            "base_model_sha256": model_sha256(inputs.model_path),
+            "new_data_sha256": sha256_file(inputs.new_path),
+            "old_data_sha256": sha256_file(cfg.old_data) if cfg.old_data else None,
+        }
+        setup = Setup(
+            device=device,
+            out_dir=inputs.out_dir,
+            world=world,
+            precision=precision,
+            fingerprint=_fingerprint(cfg, {**digests, "processes": world.size}),
+            resume=resume,
+            checkpoints=cfg.checkpoint == "epoch",
+            reporter=reporter,
+            on_epoch_end=on_epoch_end,
+            stop=stop,
+        )
+        if world.is_main:
+            inputs.out_dir.mkdir(parents=True, exist_ok=True)
+
+        # --- 3. features, 4. the loop
+        with numerics(device, precision) as det:
+            reporter.stage("training")
+            train_feats, val_feats = prepare_features(cfg, model, inputs.tokenizer, mix, setup)
+            n_frozen = cfg.freeze_layers
+            result = fit(model, train_feats, val_feats, cfg, n_frozen=n_frozen, setup=setup)
+
+        # --- the frozen part did not move, bit for bit; the base model was beaten (or not)
+        if frozen_digest(model, built.frozen_names) != built.frozen_sha256:
+            raise TrainError("frozen parameters changed during training (a bug in ftctl)")
+        _no_improvement(result, cfg, inputs.out_dir, warn)
+
+        # --- 5. OUTPUT/final/ (rank 0; appears only when complete)
+        final, manifest = inputs.out_dir / "final", {}
+        if world.is_main:
+            reporter.stage("writing the model")
+            model.to("cpu").eval()
+            payload = manifest_payload(
+                cfg, inputs, built, mix, result, setup=setup, det=det, digests=digests,
+                image_id=image_id,
+            )  # fmt: skip
+            final, manifest = write_final(inputs.out_dir, model, inputs.tokenizer, payload)
+        world.barrier()  # every process ends once final/ is complete
     return TrainResult(
         final_dir=final,
         manifest=manifest,
@@ -805,8 +540,80 @@ def train(
         stopped_early=result.stopped_early,
         replay=mix.counts(),
         frozen_layers=cfg.freeze_layers,
-        added_labels=added,
-        device=device,
+        added_labels=built.added,
+        device=device.split(":")[0],
         elapsed_s=time.perf_counter() - started,
         warnings=warnings,
+        precision=precision.name,
+        processes=world.size,
     )
+
+
+def manifest_payload(
+    cfg: TrainConfig,
+    inputs: Inputs,
+    built: Built,
+    mix: Mix,
+    result: FitResult,
+    *,
+    setup: Setup,
+    det: dict[str, Any],
+    digests: dict[str, Any],
+    image_id: str | None,
+) -> dict[str, Any]:
+    """What manifest.json records of an incremental run (beside the files' sha256)."""
+    model = built.model
+    return {
+        "kind": "incremental",
+        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "base_model": {"path": str(inputs.model_path), "sha256": digests["base_model_sha256"]},
+        "data": {
+            "new": {"path": str(inputs.new_path), "sha256": digests["new_data_sha256"]},
+            "old": (
+                {"path": str(cfg.old_data), "sha256": digests["old_data_sha256"]}
+                if cfg.old_data
+                else None
+            ),
+        },
+        "hyperparameters": hyperparameters(cfg),
+        "seed": cfg.seed,
+        "labels": [model.config.id2label[i] for i in range(model.config.num_labels)],
+        "added_labels": built.added,
+        "label_counts": {
+            "train": dict(sorted(Counter(ex.label for ex in mix.train).items())),
+            "val": dict(sorted(Counter(ex.label for ex in mix.val).items())),
+        },
+        "replay": mix.counts(),
+        "frozen": {
+            "layers": cfg.freeze_layers,
+            "of": inputs.n_layers,
+            "embeddings": cfg.freeze_layers > 0,
+            "params": len(built.frozen_names),
+            "sha256": built.frozen_sha256,
+            "verified_unchanged": True,
+        },
+        "plan": result.plan,
+        "metrics": result.history,
+        "best": result.best,
+        "improved_on_base": result.best_epoch > 0,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "resumed_at_batch": result.resumed_at_batch,
+        "device": setup.device.split(":")[0],
+        "precision": setup.precision.record(cfg.precision),
+        "distributed": _distributed_record(setup.world, setup.device),
+        "determinism": det,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "image_id": image_id,
+    }
+
+
+def _distributed_record(world: distributed.World, device: str) -> dict[str, Any]:
+    if world.size == 1:
+        return {"processes": 1}
+    return {
+        "processes": world.size,
+        "backend": "nccl" if device.startswith("cuda") else "gloo",
+        "rows": "each process trains on a fixed share (sorted by length, dealt in turn)",
+    }

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -102,12 +103,41 @@ def print_error(exc: FtctlError) -> None:
         err.print(Text.assemble(("hint: ", "cyan"), exc.hint), soft_wrap=True)
 
 
-class RichReporter:
-    """Progress bars and messages on stderr (the core's :class:`~ftctl.progress.Reporter`)."""
+PLAIN_EVERY_S = 30.0  # without a terminal: a progress line at least this often
 
-    def __init__(self, console: Console = err, quiet: bool = False) -> None:
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _fields(fields: dict[str, Any]) -> str:
+    return "  ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()
+    )
+
+
+class RichReporter:
+    """Progress bars and messages on stderr (the core's :class:`~ftctl.progress.Reporter`).
+
+    Without a terminal (a log file, ``docker logs``, CI), a bar would print nothing until its
+    task ends: a task prints a plain line instead whenever ``plain_every`` seconds have passed
+    since its last one, and one when it ends."""
+
+    def __init__(
+        self,
+        console: Console = err,
+        quiet: bool = False,
+        *,
+        plain_every: float = PLAIN_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.console = console
         self.quiet = quiet
+        self.plain_every = plain_every
+        self.clock = clock
         self.warnings: list[str] = []
 
     def stage(self, name: str) -> None:
@@ -127,6 +157,10 @@ class RichReporter:
         if self.quiet:
             yield lambda n=1, **fields: None
             return
+        if not self.console.is_terminal:
+            with self._plain_task(description, total, unit) as advance:
+                yield advance
+            return
         columns = [
             SpinnerColumn(),
             TextColumn("[progress.description]{task.description}"),
@@ -142,13 +176,44 @@ class RichReporter:
             tid = progress.add_task(description, total=total, status="")
 
             def advance(n: int = 1, **fields: Any) -> None:
-                status = "  ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in fields.items()
-                )
+                status = _fields(fields)
                 progress.update(tid, advance=n, **({"status": status} if fields else {}))
 
             yield advance
+
+    @contextlib.contextmanager
+    def _plain_task(self, description: str, total: int | None, unit: str) -> Iterator:
+        start = self.clock()
+        state: dict[str, Any] = {"done": 0, "fields": {}, "last": start}
+
+        def line(end: str) -> None:
+            of = f"/{total}" if total is not None else ""
+            status = _fields(state["fields"])
+            self.console.print(
+                escape(f"{description}: {state['done']}{of} {unit}{end}")
+                + (f"  {escape(status)}" if status else ""),
+                soft_wrap=True,
+                highlight=False,
+            )
+
+        def advance(n: int = 1, **fields: Any) -> None:
+            state["done"] += n
+            state["fields"].update(fields)
+            now = self.clock()
+            if now - state["last"] >= self.plain_every:
+                state["last"] = now
+                elapsed = now - start
+                eta = ""
+                if total and state["done"]:
+                    eta = f", eta {_duration(elapsed * (total - state['done']) / state['done'])}"
+                line(f", {_duration(elapsed)}{eta}")
+
+        try:
+            yield advance
+        except BaseException:
+            line(f", stopped after {_duration(self.clock() - start)}")
+            raise
+        line(f" in {_duration(self.clock() - start)}")
 
 
 def reporter(ctx: typer.Context) -> RichReporter:

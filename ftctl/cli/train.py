@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -20,9 +24,10 @@ def _summary_table(result, title: str) -> Table:
     for col in ("epoch", "train loss", "val loss", "val acc", ""):
         table.add_column(col, justify="right")
     for rec in result.history:
+        base = rec["epoch"] == 0
         table.add_row(
-            str(rec["epoch"]),
-            f"{rec['train_loss']:.4f}",
+            "0 (base)" if base else str(rec["epoch"]),
+            "-" if rec["train_loss"] is None else f"{rec['train_loss']:.4f}",
             f"{rec['val_loss']:.4f}",
             f"{rec['val_accuracy']:.4f}",
             "best" if rec["epoch"] == result.best_epoch else "",
@@ -38,6 +43,75 @@ def _print_result(result, title: str) -> None:
         f"val acc {result.val_accuracy:.4f}, {rp['train']} train / {rp['val']} val, "
         f"{rp['replay']} replayed, {result.frozen_layers} layers frozen, "
         f"{result.device}, {result.elapsed_s:.1f} s)"
+    )
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM ask the training to stop after the step it is in (it then writes a
+    checkpoint and says how to resume); a second signal stops at once. Call it to poll."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        before = {sig: signal.getsignal(sig) for sig in signals}
+
+        def handler(signum, frame) -> None:
+            if self.signal is not None:
+                raise KeyboardInterrupt  # the second one: now
+            self.signal = signum
+
+        for sig in signals:
+            signal.signal(sig, handler)
+        try:
+            yield self
+        finally:
+            for sig, old in before.items():
+                signal.signal(sig, old)
+
+
+def _interrupted(exc, output_path: Path) -> None:
+    """Rank 0 says what was kept; every process then leaves with 130 (interrupted)."""
+    from ftctl import distributed
+
+    if distributed.env_world()[0] != 0:
+        raise typer.Exit(130)
+    if getattr(exc, "checkpoint", None) is not None:
+        common.err.print(
+            f"checkpoint kept ({exc.checkpoint}): run the same command with --resume to continue"
+        )
+    elif isinstance(exc, KeyboardInterrupt) and (output_path / "checkpoints").is_dir():
+        common.err.print("checkpoint kept: run the same command with --resume to continue")
+    else:
+        common.err.print("nothing was kept: the next run starts from the beginning")
+    raise KeyboardInterrupt from None
+
+
+def _launch(ctx: typer.Context, cfg) -> None:
+    """--nproc/--nnodes: check the inputs once here, then run this same command in every
+    process through torchrun; leave with the processes' exit code."""
+    from ftctl import distributed
+    from ftctl.train import prepare_inputs
+
+    distributed.check_launch(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, cfg.device)
+    prepare_inputs(cfg, lambda _message: None)  # an input error is reported once, here
+    sys_args = ctx.meta.get("ftctl.args") or []
+    raise typer.Exit(
+        distributed.launch(
+            sys_args,
+            nproc=cfg.nproc,
+            nnodes=cfg.nnodes,
+            rdzv_endpoint=cfg.rdzv_endpoint,
+            debug=common.state(ctx).debug,
+        )
     )
 
 
@@ -102,6 +176,48 @@ def train(
             show_default="no",
         ),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="auto (bf16 autocast on a CUDA GPU that has it, else fp32) | fp32 | bf16.",
+            show_default="auto",
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint",
+            help="epoch: keep OUTPUT/checkpoints/ for --resume | none.",
+            show_default="epoch",
+        ),
+    ] = None,
+    require_improvement: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-improvement/--no-require-improvement",
+            help="Fail when no epoch beats the base model on the validation split.",
+            show_default="no",
+        ),
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            help="Processes on this machine (torchrun; one GPU each on CUDA).",
+            show_default="1",
+        ),
+    ] = None,
+    nnodes: Annotated[
+        int | None,
+        typer.Option("--nnodes", help="Machines, each running this command.", show_default="1"),
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--rdzv-endpoint", help="With --nnodes: HOST:PORT of the rendezvous (one machine)."
+        ),
+    ] = None,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,
     image: common.ImageOpt = None,
@@ -116,6 +232,8 @@ def train(
         --model-path models/chinese-roberta-wwm-ext-classifier/final
         --output-path models/incremental --epochs 2 --batch-size 8 --lr 5e-6
         --replay-ratio 0.5 --freeze-layers 8
+
+    On two GPUs (or two CPU processes): the same command with --nproc 2.
     """
     if docker:
         from ftctl.cli.docker_run import rerun_in_docker
@@ -140,21 +258,34 @@ def train(
         max_length=max_length,
         device=device,
         add_labels=add_labels,
+        precision=precision,
+        checkpoint=checkpoint,
+        require_improvement=require_improvement,
+        nproc=nproc,
+        nnodes=nnodes,
+        rdzv_endpoint=rdzv_endpoint,
     )
     cfgmod.check(cfg)
+    from ftctl import distributed
+
+    if (cfg.nproc > 1 or cfg.nnodes > 1) and not distributed.in_worker():
+        _launch(ctx, cfg)
     from ftctl.train import train as run_train
 
+    stop = StopOnSignal()
     try:
-        result = run_train(
-            cfg,
-            resume=resume,
-            image_id=os.environ.get("FTCTL_IMAGE_ID") or None,
-            reporter=common.reporter(ctx),
-        )
-    except KeyboardInterrupt:
-        if (Path(cfg.output_path) / "checkpoints").is_dir():
-            common.err.print("checkpoint kept: run the same command with --resume to continue")
-        raise
+        with stop.installed():
+            result = run_train(
+                cfg,
+                resume=resume,
+                image_id=os.environ.get("FTCTL_IMAGE_ID") or None,
+                reporter=common.reporter(ctx),
+                stop=stop,
+            )
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, Path(cfg.output_path))
+    if distributed.env_world()[0] != 0:
+        return  # rank 0 reports for every process
     if json_out:
         common.emit_json(ctx, result.summary())
     else:
@@ -213,7 +344,12 @@ def base(
         max_length=max_length,
     )
     cfgmod.check(bcfg)
-    result = build_base(bcfg, reporter=common.reporter(ctx))
+    stop = StopOnSignal()
+    try:
+        with stop.installed():
+            result = build_base(bcfg, reporter=common.reporter(ctx), stop=stop)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, Path(bcfg.output_path))
     if json_out:
         common.emit_json(ctx, result.summary())
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -28,9 +29,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("base")
+def build_small_base(root: Path):
+    """root/orig.jsonl (6 intents x 15) and root/base/final trained on it (it learns them)."""
     data = write_jsonl(root / "orig.jsonl", synth(15, seed=9, labels=INTENTS[:6]))
     cfg = BaseConfig(
         data=data,
@@ -41,7 +41,13 @@ def built(tmp_path_factory):
         lr=3e-3,
         device="cpu",
     )
-    return root, build_base(cfg)
+    return build_base(cfg)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("base")
+    return root, build_small_base(root)
 
 
 def test_base_writes_a_12_layer_char_bert_with_manifest(built):
@@ -56,7 +62,8 @@ def test_base_writes_a_12_layer_char_bert_with_manifest(built):
     assert (final / "vocab.txt").is_file()
     m = read_manifest(final)
     assert m["kind"] == "base" and verify_manifest(final) == []
-    assert len(m["metrics"]) == 8
+    assert [r["epoch"] for r in m["metrics"]] == list(range(9))  # 0: the random initial model
+    assert not (root / "base" / "checkpoints").exists()  # base has no --resume: none kept
 
 
 def test_base_learns_the_easy_synthetic_task(built):

@@ -18,6 +18,7 @@ from ftctl.config import TrainConfig
 from ftctl.data import Example
 from ftctl.errors import DataError, ExitCode
 from ftctl.manifest import read_manifest, verify_manifest
+from ftctl.progress import NullReporter
 from ftctl.train import (
     mix_data,
     replay_count,
@@ -82,13 +83,17 @@ def wide_console(monkeypatch):
     monkeypatch.setattr(common.out, "width", 400)
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_model_dir) -> Path:
-    """Base model + new (4 intents x 10) + old (20 intents x 6) data files."""
-    root = tmp_path_factory.mktemp("train")
+def write_job(root: Path) -> Path:
+    """new (4 intents x 10) + old (8 intents x 12) data files in ``root``: a mix on which the
+    tiny random base model (epoch 0) is beaten within two epochs."""
     write_jsonl(root / "new.jsonl", synth(10, seed=1, labels=INTENTS[:4]))
-    write_jsonl(root / "old.jsonl", synth(6, seed=2))
+    write_jsonl(root / "old.jsonl", synth(12, seed=2, labels=INTENTS[:8]))
     return root
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return write_job(tmp_path_factory.mktemp("train"))
 
 
 def cfg(work: Path, tiny_model_dir: Path, out: Path, **kw) -> TrainConfig:
@@ -199,7 +204,12 @@ def test_manifest_contents(run, tiny_model_dir, work):
     assert m["seed"] == 42
     assert set(m["packages"]) == {"ftctl", "torch", "transformers"}
     assert m["frozen"]["layers"] == 8 and m["frozen"]["verified_unchanged"] is True
-    assert [r["epoch"] for r in m["metrics"]] == [1, 2]
+    assert [r["epoch"] for r in m["metrics"]] == [0, 1, 2]  # 0: the base model
+    assert m["improved_on_base"] is True and m["best"]["epoch"] > 0
+    assert m["precision"] == {"requested": "auto", "used": "fp32", "tf32": False}
+    assert m["plan"]["steps_per_epoch"] == 9  # ceil(70 train rows / 8)
+    assert m["plan"]["early_stopping_possible"] is False  # --patience 0
+    assert m["distributed"] == {"processes": 1}
     assert m["replay"]["replay"] == 40 and m["replay"]["new"] == 40
     assert sum(m["label_counts"]["train"].values()) + sum(m["label_counts"]["val"].values()) == 80
     assert m["device"] == "cpu"
@@ -211,8 +221,9 @@ def test_manifest_contents(run, tiny_model_dir, work):
 def test_metrics_jsonl_has_every_evaluation(run):
     out, result = run
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
     assert lines == result.history
+    assert lines[0]["train_loss"] is None  # epoch 0: the base model, scored before training
     assert all({"train_loss", "val_loss", "val_accuracy"} <= set(r) for r in lines)
 
 
@@ -252,28 +263,58 @@ def test_interrupted_and_resumed_equals_uninterrupted(run, work, tiny_model_dir)
     a = (out / "final" / "model.safetensors").read_bytes()
     b = (resumed / "final" / "model.safetensors").read_bytes()
     assert a == b
-    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
 
 
 # ------------------------------------------------------------------ early stopping
 
 
-def test_early_stopping_after_patience(work, tiny_model_dir):
-    # an LR too small to move float32 weights: validation never improves after epoch 1
+def test_early_stopping_counts_from_the_base_model(work, tiny_model_dir):
+    # an LR too small to move float32 weights: no epoch beats the base model (epoch 0)
     out = work / "early"
-    result = train(cfg(work, tiny_model_dir, out, epochs=5, lr=1e-30, patience=2))
+    rep = NullReporter()
+    result = train(cfg(work, tiny_model_dir, out, epochs=5, lr=1e-30, patience=2), reporter=rep)
     assert result.stopped_early
-    assert [r["epoch"] for r in result.history] == [1, 2, 3]
-    assert [r["improved"] for r in result.history] == [True, False, False]
-    assert result.best_epoch == 1
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
+    assert [r["improved"] for r in result.history] == [None, False, False]
+    assert result.best_epoch == 0 and result.summary()["improved_on_base"] is False
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+    assert any("no epoch beat the base model" in w for w in rep.warnings)
+    # the base model's weights are what final/ holds
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "final" / "model.safetensors")
+    assert all(before[k].equal(after[k]) for k in before)
+
+
+def test_require_improvement_makes_no_improvement_an_error(work, tiny_model_dir, tmp_path):
+    out = tmp_path / "strict"
+    args = ["train", "--new-data", str(work / "new.jsonl"), "--model-path", str(tiny_model_dir)]
+    args += ["--output-path", str(out), "--lr", "1e-30", "--epochs", "2", "--device", "cpu"]
+    res = runner.invoke(app, [*args, "--require-improvement"])
+    assert res.exit_code == ExitCode.ERROR, res.output
+    assert "no epoch beat the base model" in res.output and "base: val acc" in res.output
+    assert not (out / "final").exists()
+    assert (out / "metrics.jsonl").is_file()  # every epoch's figures are kept
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "no epoch beat the base model" in res.output and (out / "final").is_dir()
+
+
+def test_the_plan_says_when_patience_cannot_fire(work, tiny_model_dir, tmp_path):
+    base = ["train", "--new-data", str(work / "new.jsonl"), "--model-path", str(tiny_model_dir)]
+    base += ["--output-path", str(tmp_path / "o"), "--epochs", "1", "--device", "cpu"]
+    res = runner.invoke(app, [*base, "--patience", "1"])
+    assert res.exit_code == 0, res.output
+    assert "early stopping cannot fire: --patience 1 needs more than 1 epochs" in res.output
+    assert "epoch 0 (the base model): val_loss" in res.output
+    assert read_manifest(tmp_path / "o" / "final")["plan"]["early_stopping_possible"] is False
 
 
 def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
     from ftctl.data import load_examples
+    from ftctl.features import encode, evaluate
     from ftctl.model import load_classifier
-    from ftctl.train import encode, evaluate
 
     out = work / "best"
     c = cfg(work, tiny_model_dir, out, epochs=4, lr=0.05)
@@ -281,6 +322,7 @@ def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
     best = max(result.history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     assert result.best_epoch == best["epoch"]
     # re-evaluate the saved model on the same validation split: the best epoch's figures
+    assert best["epoch"] > 0
     mix = mix_data(
         load_examples(c.new_data),
         load_examples(c.old_data),
