@@ -70,9 +70,18 @@ class TrainConfig:
     add_labels: bool = False  # grow the head for labels the base model lacks
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_ratio: float = 0.1  # linear warmup share of the steps
+    label_map: Path | None = None  # id -> intent (JSON/CSV) for a model with LABEL_i names
+    save_format: str = "auto"  # auto (safetensors + the input's format) | safetensors | bin | both
+    save_dtype: str = "auto"  # auto (the input's stored dtype) | float32 | float16 | bfloat16
 
     def problems(self) -> list[Problem]:
         out = []
+        if self.save_format not in ("auto", "safetensors", "bin", "both"):
+            out.append(Problem("must be auto, safetensors, bin or both", field="train.save_format"))
+        if self.save_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            out.append(
+                Problem("must be auto, float32, float16 or bfloat16", field="train.save_dtype")
+            )
         for name in ("epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 out.append(Problem("must be >= 1", field=f"train.{name}"))

@@ -31,7 +31,7 @@ from typing import Any
 
 from ftctl import model as M
 from ftctl.config import TrainConfig
-from ftctl.data import Example, load_examples
+from ftctl.data import Example, load_examples, reconcile
 from ftctl.errors import ConfigError, DataError, Problem, TrainError
 from ftctl.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text, sha256_file
 from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
@@ -611,13 +611,14 @@ def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any]):
+def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any], **save: Any):
     """OUTPUT/final/ (weights, tokenizer, manifest) built beside and renamed, so it appears only
-    when complete; the checkpoints are dropped once it exists. Returns (final, manifest)."""
+    when complete; the checkpoints are dropped once it exists. ``save``: save_classifier's
+    like/save_format/dtype; what it wrote is the manifest's ``weights``. (final, manifest)."""
     final = out_dir / "final"
     with atomic_dir(final, overwrite=True) as tmp:
-        M.save_classifier(model, tokenizer, tmp)
-        manifest = write_manifest(tmp, payload)
+        weights = M.save_classifier(model, tokenizer, tmp, **save)
+        manifest = write_manifest(tmp, {**payload, "weights": weights})
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return final, manifest
 
@@ -654,11 +655,14 @@ def train(
             f"--output-path {out_dir} would replace the base model {model_path} itself",
             hint="write the fine-tuned model elsewhere, e.g. --output-path models/incremental",
         )
-    labels = M.read_labels(model_path)
+    labels = M.resolve_labels(model_path, cfg.label_map)
     new = load_examples(new_path, what="new data")
     old: list[Example] = []
     if cfg.old_data is not None:
         old = load_examples(cfg.old_data, what="old data")
+    new, old, overlap = reconcile(new, old)  # relabels: the new label wins; one copy of repeats
+    for line in overlap.messages():
+        reporter.info(line)
     unknown: dict[str, Example] = {}
     for ex in [*new, *old]:
         if ex.label not in labels and ex.label not in unknown:
@@ -666,7 +670,9 @@ def train(
     if unknown and not cfg.add_labels:
         raise _unknown_label_error(unknown, len(labels))
     device = M.resolve_device(cfg.device)
-    model, tokenizer = M.load_classifier(model_path, device="cpu")
+    model, tokenizer = M.load_classifier(
+        model_path, device="cpu", dtype=M.TRAIN_DTYPE, labels=labels
+    )
     n_layers = M.layer_count(model)
     if cfg.freeze_layers > n_layers:
         raise ConfigError(
@@ -771,6 +777,12 @@ def train(
         "seed": cfg.seed,
         "labels": [model.config.id2label[i] for i in range(model.config.num_labels)],
         "added_labels": added,
+        "label_map": (
+            {"path": str(cfg.label_map), "sha256": sha256_file(cfg.label_map)}
+            if cfg.label_map
+            else None
+        ),
+        "data_overlap": overlap.to_dict(),
         "label_counts": {
             "train": dict(sorted(Counter(ex.label for ex in mix.train).items())),
             "val": dict(sorted(Counter(ex.label for ex in mix.val).items())),
@@ -794,7 +806,10 @@ def train(
         "git_commit": git_commit(),
         "image_id": image_id,
     }
-    final, manifest = write_final(out_dir, model, tokenizer, payload)
+    final, manifest = write_final(
+        out_dir, model, tokenizer, payload,
+        like=model_path, save_format=cfg.save_format, dtype=cfg.save_dtype,
+    )  # fmt: skip
     return TrainResult(
         final_dir=final,
         manifest=manifest,
