@@ -405,10 +405,12 @@ def _run_model(
     what: str,
     reporter: Reporter,
 ) -> tuple[list[str], list[float], float]:
-    from ftctl.model import load_classifier
+    from ftctl.model import TRAIN_DTYPE, load_classifier
 
     reporter.stage(f"{what}: {model_dir}")
-    model, tokenizer = load_classifier(model_dir, device=device)
+    # fp16/bf16 weights run in fp32 on a CPU (half-precision matmuls are far slower there)
+    dtype = TRAIN_DTYPE if device == "cpu" else None
+    model, tokenizer = load_classifier(model_dir, device=device, dtype=dtype)
     start = time.perf_counter()
     with reporter.task(f"predict ({what})", total=len(cases), unit="cases") as advance:
         labels, scores = predict(

@@ -199,6 +199,24 @@ def test_bin_only_output_still_loads(work, tmp_path):
     assert model.config.id2label[3] == INTENTS[3]
 
 
+def test_eval_compares_the_output_with_the_fp16_live_model(legacy_run, work, tmp_path):
+    from ftctl.fsutil import sha256_file
+    from tests.unit.evalkit import pool_rows, write_pool
+
+    final, _ = legacy_run
+    pool = write_pool(tmp_path / "pool.jsonl", pool_rows(3))
+    res = runner.invoke(
+        app,
+        ["eval", "--model", str(final), "--baseline", str(work / "legacy"), "--test-data",
+         str(pool), "--device", "cpu", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["baseline"]["weights_sha256"] == sha256_file(work / "legacy" / "pytorch_model.bin")
+    assert doc["gate"]["verdict"] == "PASS"  # a tiny lr on a random model changes little
+    assert [s["status"] for s in doc["leakage"]["sources"]] == ["checked", "checked"]
+
+
 def test_stored_dtype_and_formats_are_read_from_the_files(work, tiny_model_dir):
     assert M.stored_dtype(work / "legacy") == "float16"
     assert M.weight_formats(work / "legacy") == ["bin"]
