@@ -31,6 +31,7 @@ from tests.unit.legacykit import (
     slow_bert_tokenizer,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 SAMPLES = ["帮我打卡", "查看在产批次今天的情况", "ABC库存", "请问冷库温度呢"]
 TRAINED = "bert.encoder.layer.11.attention.self.query.weight"
@@ -39,14 +40,6 @@ FROZEN = "bert.encoder.layer.3.attention.self.query.weight"
 
 def flat(text: str) -> str:
     return " ".join(text.split())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
