@@ -188,10 +188,11 @@ def save_classifier(
     """Write ``model`` and its tokenizer into ``out_dir``; what was written (for the manifest).
 
     Without ``like``: model.safetensors + config.json, the tokenizer's own files and vocab.txt.
-    With ``like`` (the input model directory): its tokenizer files copied byte for byte (and no
-    other tokenizer file), the weights in its format as well (``save_format`` "auto":
-    model.safetensors, plus pytorch_model.bin when the input had one; or "safetensors", "bin",
-    "both") and in its stored dtype (``dtype`` "auto"; or float32/float16/bfloat16).
+    With ``like`` (the input model directory): its tokenizer files copied byte for byte (no
+    other tokenizer file but a vocab.txt it lacked), the weights in its format as well
+    (``save_format`` "auto": model.safetensors, plus pytorch_model.bin when the input had one;
+    or "safetensors", "bin", "both") and in its stored dtype (``dtype`` "auto"; or
+    float32/float16/bfloat16).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,8 +211,8 @@ def save_classifier(
     copied = _copy_tokenizer_files(Path(like), out_dir) if like is not None else []
     if not copied:
         tokenizer.save_pretrained(str(out_dir))
-        if not (out_dir / "vocab.txt").exists():
-            write_vocab_txt(tokenizer, out_dir)
+    if not (out_dir / "vocab.txt").exists():  # what an older slow BertTokenizer reads
+        write_vocab_txt(tokenizer, out_dir)
     normalize_modes(out_dir)  # safetensors writes 0600
     return {
         "files": [WEIGHT_FILES[f] for f in formats],

@@ -367,3 +367,21 @@ def test_validate_reports_relabels_and_duplicates_across_files(relabel):
     strict = runner.invoke(app, ["data", "validate", str(new), str(old), "--strict"])
     assert strict.exit_code == ExitCode.DATA
     assert "across files: 10 relabel(s), 5 duplicate(s)" in flat(strict.output)
+
+
+def test_an_input_without_vocab_txt_gets_one_and_keeps_its_tokenizer_json(tiny_model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "in"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "vocab.txt").unlink()
+    model, tok = M.load_classifier(src)
+    saved = M.save_classifier(model, tok, tmp_path / "out", like=src)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        src / "tokenizer.json"
+    ).read_bytes()
+    assert "vocab.txt" not in saved["tokenizer_files_copied"]
+    assert (
+        slow_bert_tokenizer(tmp_path / "out" / "vocab.txt")(SAMPLES[:2])["input_ids"]
+        == tok(SAMPLES[:2])["input_ids"]
+    )
