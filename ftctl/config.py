@@ -76,9 +76,18 @@ class TrainConfig:
     nproc: int = 1  # processes on this machine (torchrun; one GPU each on CUDA)
     nnodes: int = 1  # machines, each running the same command (needs rdzv_endpoint)
     rdzv_endpoint: str | None = None  # HOST:PORT all machines reach (torchrun's c10d rendezvous)
+    label_map: Path | None = None  # id -> intent (JSON/CSV) for a model with LABEL_i names
+    save_format: str = "auto"  # auto (safetensors + the input's format) | safetensors | bin | both
+    save_dtype: str = "auto"  # auto (the input's stored dtype) | float32 | float16 | bfloat16
 
     def problems(self) -> list[Problem]:
         out = []
+        if self.save_format not in ("auto", "safetensors", "bin", "both"):
+            out.append(Problem("must be auto, safetensors, bin or both", field="train.save_format"))
+        if self.save_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            out.append(
+                Problem("must be auto, float32, float16 or bfloat16", field="train.save_dtype")
+            )
         for name in ("epochs", "batch_size", "max_length", "nproc", "nnodes"):
             if getattr(self, name) < 1:
                 out.append(Problem("must be >= 1", field=f"train.{name}"))

@@ -4,6 +4,10 @@ JSONL: ``{"text": ..., "label": ...}`` per line (optional ``"id"``).
 CSV:   header ``user_input,intent_code`` (optional ``id`` column).
 Both UTF-8, with or without BOM. Readers report every problem with file:line, never only the
 first, and never a traceback.
+
+Two texts are "the same" when their :func:`normalize_text` forms are equal (NFKC, whitespace
+collapsed): within a file (duplicates, conflicts) and across files (:func:`reconcile`, the
+relabels and duplicates between new and old data).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +57,12 @@ class ReadResult:
     @property
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "warning"]
+
+
+def normalize_text(text: str) -> str:
+    """The form texts are compared in: NFKC (full-width letters, digits and punctuation become
+    half-width: 'ＡＢ１？' == 'AB1?') and whitespace runs collapsed to one space, stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def file_format(path: Path) -> str:
@@ -229,7 +240,7 @@ def read_examples(
     Never raises for bad rows; raises :class:`DataError` only when the file as a whole cannot
     be read (missing, not UTF-8, unknown extension). Texts are stripped of surrounding spaces.
     Checks: invalid rows, missing/empty text, too long text, missing or unknown label, the same
-    text with two labels (error), exact duplicates (warning).
+    text (after :func:`normalize_text`) with two labels (error), duplicates (warning).
     """
     path = Path(path)
     fmt = file_format(path)
@@ -251,7 +262,8 @@ def read_examples(
         ex = Example(
             text.strip(), label.strip(), None if ex_id is None else str(ex_id), file, lineno
         )
-        first = seen.get(ex.text)
+        key = normalize_text(ex.text)
+        first = seen.get(key)
         if first is not None:
             if first.label != ex.label:
                 problems.append(
@@ -268,7 +280,7 @@ def read_examples(
                     Problem(f"duplicate of line {first.line}", file, lineno, "text", "warning")
                 )
             continue
-        seen[ex.text] = ex
+        seen[key] = ex
         examples.append(ex)
     return ReadResult(examples, problems)
 
@@ -298,6 +310,121 @@ def load_examples(
     if not result.examples:
         raise DataError(f"{path}: the {what} file has no examples", hint="add some rows")
     return result.examples
+
+
+# --------------------------------------------------------------------------- across files
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """A text found in two files: ``kept`` (the earlier/new file's row) and ``dropped``."""
+
+    kept: Example
+    dropped: Example
+
+    @property
+    def relabelled(self) -> bool:
+        return self.kept.label != self.dropped.label
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.kept.text,
+            "label": self.kept.label,
+            "old_label": self.dropped.label,
+            "new": self.kept.source,
+            "old": self.dropped.source,
+        }
+
+    def __str__(self) -> str:
+        if self.relabelled:
+            return f"'{self.kept.text}' {self.dropped.label} -> {self.kept.label}"
+        return f"'{self.kept.text}' ({self.kept.label})"
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """What :func:`reconcile` did: old rows relabelled by the new data, and old rows that
+    repeat a new one (same text, same label). Both left the replay pool."""
+
+    relabelled: list[Overlap]
+    duplicates: list[Overlap]
+
+    def to_dict(self) -> dict:
+        return {
+            "relabelled": len(self.relabelled),
+            "duplicates": len(self.duplicates),
+            "relabelled_rows": [o.to_dict() for o in self.relabelled],
+            "duplicate_rows": [o.to_dict() for o in self.duplicates],
+        }
+
+    def messages(self, first: int = 5) -> list[str]:
+        """One line per kind that happened, naming the first few."""
+        out = []
+        for rows, what in (
+            (self.relabelled, "relabelled by the new data (the new label wins)"),
+            (self.duplicates, "repeated in the new data with the same label (one copy kept)"),
+        ):
+            if rows:
+                shown = "; ".join(str(o) for o in rows[:first])
+                more = (
+                    f"; ... {len(rows) - first} more in the manifest" if len(rows) > first else ""
+                )
+                out.append(f"{len(rows)} old row(s) {what}, left the replay pool: {shown}{more}")
+        return out
+
+
+def overlaps(
+    earlier: Sequence[Example], later: Sequence[Example]
+) -> tuple[list[Example], list[Overlap]]:
+    """(the rows of ``later`` whose text is not in ``earlier``, the overlaps)."""
+    first = {normalize_text(ex.text): ex for ex in reversed(earlier)}
+    kept: list[Example] = []
+    found: list[Overlap] = []
+    for ex in later:
+        hit = first.get(normalize_text(ex.text))
+        if hit is None:
+            kept.append(ex)
+        else:
+            found.append(Overlap(hit, ex))
+    return kept, found
+
+
+def reconcile(
+    new: Sequence[Example], old: Sequence[Example]
+) -> tuple[list[Example], list[Example], Reconciliation]:
+    """(new, old, what changed): an old row whose text is also in the new data leaves the old
+    data: with another label the new label wins (a relabel), with the same label one copy is
+    enough (it can then never be in both train and validation)."""
+    kept, found = overlaps(new, old)
+    rec = Reconciliation(
+        relabelled=[o for o in found if o.relabelled],
+        duplicates=[o for o in found if not o.relabelled],
+    )
+    return list(new), kept, rec
+
+
+def cross_file_problems(files: Sequence[Sequence[Example]]) -> list[Problem]:
+    """Warnings for texts in more than one file, on the later file's row, in the terms of
+    ``ftctl train --new-data FIRST --old-data LATER``."""
+    problems: list[Problem] = []
+    seen: list[Example] = []
+    for examples in files:
+        kept, found = overlaps(seen, examples)
+        for o in found:
+            d, k = o.dropped, o.kept
+            if o.relabelled:
+                msg = (
+                    f"relabelled: '{d.label}' here, '{k.label}' in {k.source}; train with "
+                    f"--new-data {k.file} keeps '{k.label}' and drops this row from the replay "
+                    "pool"
+                )
+            else:
+                msg = f"duplicate of {k.source} (another file); train keeps one copy"
+            problems.append(
+                Problem(msg, d.file, d.line, "label" if o.relabelled else "text", "warning")
+            )
+        seen += kept
+    return problems
 
 
 # --------------------------------------------------------------------------- writing

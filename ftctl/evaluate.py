@@ -7,15 +7,15 @@ The result is one JSON-ready dict (schema in docs/eval.md); :mod:`ftctl.report` 
 The gate (docs/eval.md, "The gate"): a check fails only when the candidate is worse by more than
 ``max_drop`` points AND a one-sided exact McNemar test on the paired per-case outcomes says the
 loss is not chance (p < ``alpha``). Checks: every intent's recall, overall accuracy, and the
-cross errors of every configured confused pair.
+cross errors of every configured confused pair. Metrics and the confusion matrix come from
+scikit-learn, the exact binomial (McNemar) p-values from ``scipy.stats.binomtest``.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from ftctl.config import EvalConfig
-from ftctl.data import DEFAULT_MAX_CHARS, Example, load_examples
-from ftctl.errors import DataError, EvalError, Problem
+from ftctl.data import DEFAULT_MAX_CHARS, Example, load_examples, normalize_text, read_examples
+from ftctl.errors import ConfigError, DataError, EvalError, FtctlError, Problem
 from ftctl.model import resolve_device
 from ftctl.progress import NULL, Reporter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOP_CONFUSIONS = 3  # per intent, in the report
+LEAK_EXAMPLES = 5  # leaked cases named in the warning (all of them in report.json)
 
 
 # --------------------------------------------------------------------------- inference
@@ -168,12 +169,12 @@ def check_unique_ids(examples: Sequence[Example], path: Path) -> None:
 def confusion_matrix(
     y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]
 ) -> list[list[int]]:
-    """Rows: true label, columns: predicted label, both in ``labels`` order."""
-    index = {lab: i for i, lab in enumerate(labels)}
-    m = [[0] * len(labels) for _ in labels]
-    for t, p in zip(y_true, y_pred, strict=True):
-        m[index[t]][index[p]] += 1
-    return m
+    """Rows: true label, columns: predicted label, both in ``labels`` order (scikit-learn's)."""
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    if not y_true:
+        return [[0] * len(labels) for _ in labels]
+    return sk_confusion_matrix(y_true, y_pred, labels=list(labels)).tolist()
 
 
 def _ratio(a: float, b: float) -> float:
@@ -187,20 +188,31 @@ def model_metrics(
     pairs: Sequence[tuple[str, str]],
 ) -> dict[str, Any]:
     """Accuracy, macro-F1 (over the intents present in the test cases), per-intent
-    precision/recall/F1/support, the confusion matrix, top confusions and the pairs' errors."""
+    precision/recall/F1/support (scikit-learn's, ``zero_division=0``), the confusion matrix,
+    top confusions and the pairs' errors."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     m = confusion_matrix(y_true, y_pred, labels)
     n = len(y_true)
     correct = sum(m[i][i] for i in range(len(labels)))
+    truth = set(y_true)
+    present = [lab for lab in labels if lab in truth]
     per_intent: dict[str, dict[str, float | int]] = {}
     top: dict[str, list[dict[str, Any]]] = {}
+    if present:
+        p, r, f, sup = precision_recall_fscore_support(
+            y_true, y_pred, labels=present, zero_division=0
+        )
+        for k, lab in enumerate(present):
+            per_intent[lab] = {
+                "precision": float(p[k]),
+                "recall": float(r[k]),
+                "f1": float(f[k]),
+                "support": int(sup[k]),
+            }
     for i, lab in enumerate(labels):
-        support = sum(m[i])
-        if not support:
+        if lab not in per_intent:
             continue
-        predicted = sum(row[i] for row in m)
-        precision, recall = _ratio(m[i][i], predicted), _ratio(m[i][i], support)
-        f1 = _ratio(2 * precision * recall, precision + recall)
-        per_intent[lab] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
         wrong = sorted(
             ((m[i][j], labels[j]) for j in range(len(labels)) if j != i and m[i][j]),
             key=lambda cl: (-cl[0], cl[1]),
@@ -238,15 +250,28 @@ def pair_errors(y_true: Sequence[str], y_pred: Sequence[str], a: str, b: str) ->
 
 
 def mcnemar_p(losses: int, gains: int) -> float:
-    """One-sided exact McNemar test: P(X >= losses) for X ~ Binomial(losses + gains, 1/2).
+    """One-sided exact McNemar test: P(X >= losses) for X ~ Binomial(losses + gains, 1/2)
+    (``scipy.stats.binomtest(..., alternative="greater")``).
 
     ``losses``: cases the baseline got right and the candidate wrong; ``gains``: the reverse.
-    Small p means the candidate loses more cases than chance explains.
+    Small p means the candidate loses more cases than chance explains. Swap the arguments for
+    the other direction (does it gain more than chance explains?).
     """
-    n = losses + gains
+    from scipy.stats import binomtest
+
     if losses == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(losses, n + 1)) / 2**n
+    return float(binomtest(losses, losses + gains, 0.5, alternative="greater").pvalue)
+
+
+def _verdict(change: str, significant: bool, failed: bool) -> str:
+    if failed:
+        return "FAIL (worse, significant)"
+    if change == "unchanged":
+        return "unchanged"
+    if change == "worse" and significant:
+        return "worse (significant, within max_drop)"
+    return f"{change} ({'significant' if significant else 'not significant'})"
 
 
 def gate_check(
@@ -269,7 +294,10 @@ def gate_check(
     bad = metric == "cross_error_rate"  # reported as the error share; worse = higher
     before, after = (1 - good_before, 1 - good_after) if bad else (good_before, good_after)
     worse_by = (good_before - good_after) * 100
-    p = mcnemar_p(losses, gains)
+    p, p_gain = mcnemar_p(losses, gains), mcnemar_p(gains, losses)
+    change = "worse" if losses > gains else "improved" if gains > losses else "unchanged"
+    significant = (p if change == "worse" else p_gain) < alpha and change != "unchanged"
+    failed = worse_by > max_drop and p < alpha
     return {
         "kind": kind,
         "name": name,
@@ -281,7 +309,11 @@ def gate_check(
         "losses": losses,
         "gains": gains,
         "p_value": p,
-        "failed": worse_by > max_drop and p < alpha,
+        "p_value_gain": p_gain,
+        "change": change,
+        "significant": significant,
+        "verdict": _verdict(change, significant, failed),
+        "failed": failed,
         "over_max_drop": worse_by > max_drop,
     }
 
@@ -373,10 +405,12 @@ def _run_model(
     what: str,
     reporter: Reporter,
 ) -> tuple[list[str], list[float], float]:
-    from ftctl.model import load_classifier
+    from ftctl.model import TRAIN_DTYPE, load_classifier
 
     reporter.stage(f"{what}: {model_dir}")
-    model, tokenizer = load_classifier(model_dir, device=device)
+    # fp16/bf16 weights run in fp32 on a CPU (half-precision matmuls are far slower there)
+    dtype = TRAIN_DTYPE if device == "cpu" else None
+    model, tokenizer = load_classifier(model_dir, device=device, dtype=dtype)
     start = time.perf_counter()
     with reporter.task(f"predict ({what})", total=len(cases), unit="cases") as advance:
         labels, scores = predict(
@@ -418,17 +452,140 @@ def _check_label_spaces(cand: list[str], base: list[str], model: Path, baseline:
         )
 
 
-def _usable_pairs(
-    pairs: Sequence[tuple[str, str]], labels: Sequence[str], reporter: Reporter
+def check_pairs(
+    pairs: Sequence[tuple[str, str]], labels: Sequence[str], model_dir: Path
 ) -> list[tuple[str, str]]:
-    out = []
-    for a, b in pairs:
-        unknown = [x for x in (a, b) if x not in labels]
-        if unknown:
-            reporter.warn(f"pair {a}<->{b} skipped: not in the model's labels: {unknown}")
-        else:
-            out.append((a, b))
+    """The configured pairs, or a ConfigError (exit 2) naming every label the model lacks: a
+    gate that silently checks no pair would pass what it was asked to check."""
+    unknown = sorted({x for pair in pairs for x in pair if x not in labels})
+    if unknown:
+        bad = [f"{a}<->{b}" for a, b in pairs if a in unknown or b in unknown]
+        raise ConfigError(
+            f"confused pairs name label(s) that {model_dir} does not have: {', '.join(unknown)} "
+            f"(pairs {', '.join(bad)})",
+            hint="set [eval] pairs in ftctl.toml to pairs of the model's own labels, e.g. "
+            'pairs = [["CLOCK_IN", "ATTENDANCE_TODAY"]], or pairs = [] to check none',
+        )
+    return [(a, b) for a, b in pairs]
+
+
+# --------------------------------------------------------------------------- leakage
+
+
+def leakage(cases: Sequence[Case], model_dir: Path) -> dict[str, Any]:
+    """Test cases whose text (normalised) is in the training data recorded in ``model_dir``'s
+    manifest (``data``: new, old, train); each file's status: checked, changed (sha256 differs
+    from the manifest's; still checked), missing or unreadable."""
+    from ftctl.fsutil import sha256_file
+    from ftctl.manifest import MANIFEST, read_manifest
+
+    out: dict[str, Any] = {"checked": False, "sources": [], "n": 0, "of": len(cases), "cases": []}
+    if not (model_dir / MANIFEST).is_file():
+        out["reason"] = f"no {MANIFEST}: the candidate's training data is not recorded"
+        return out
+    index: dict[str, Example] = {}
+    for role, rec in (read_manifest(model_dir).get("data") or {}).items():
+        if not isinstance(rec, dict) or not rec.get("path"):
+            continue
+        path = Path(rec["path"])
+        src = {"role": role, "path": str(path), "status": "checked"}
+        out["sources"].append(src)
+        if not path.is_file():
+            src["status"] = "missing"
+            continue
+        if rec.get("sha256") and sha256_file(path) != rec["sha256"]:
+            src["status"] = "changed"
+        try:
+            examples = read_examples(path).examples
+        except FtctlError:
+            src["status"] = "unreadable"
+            continue
+        for ex in examples:
+            index.setdefault(normalize_text(ex.text), ex)
+    out["checked"] = any(s["status"] in ("checked", "changed") for s in out["sources"])
+    for c in cases:
+        hit = index.get(normalize_text(c.text))
+        if hit is not None:
+            out["cases"].append(
+                {"id": c.id, "text": c.text, "label": c.label, "train": hit.source,
+                 "train_label": hit.label}
+            )  # fmt: skip
+    out["n"] = len(out["cases"])
     return out
+
+
+def _report_leakage(leaks: dict[str, Any], strict: bool, reporter: Reporter) -> None:
+    for src in leaks["sources"]:
+        if src["status"] in ("missing", "unreadable"):
+            reporter.warn(
+                f"leakage check: {src['path']} ({src['role']} data in the candidate's manifest) "
+                f"is {src['status']} here; test cases were not compared with it"
+            )
+        elif src["status"] == "changed":
+            reporter.warn(
+                f"leakage check: {src['path']} changed since training (sha256 differs from the "
+                "candidate's manifest); compared with its current content"
+            )
+    if not leaks["n"]:
+        return
+    files = Counter(c["train"].rsplit(":", 1)[0] for c in leaks["cases"])
+    shown = "; ".join(
+        f"'{c['text']}' ({c['label']}, {c['train']})" for c in leaks["cases"][:LEAK_EXAMPLES]
+    )
+    message = (
+        f"{leaks['n']} of the {leaks['of']} test cases also appear in the candidate's training "
+        f"data ({', '.join(f'{f}: {n}' for f, n in sorted(files.items()))}), e.g. {shown}; "
+        "the scores on them measure memory, not generalisation"
+    )
+    if strict:
+        raise DataError(
+            message,
+            hint="remove those texts from the test pool (or from the training data) and re-run; "
+            "report.json lists every one under leakage.cases",
+        )
+    reporter.warn(message)
+
+
+# --------------------------------------------------------------------------- flips + verdicts
+
+
+def flips(cases: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The cases whose outcome changed: ``lost`` (right before, wrong now), ``gained``."""
+    keys = ("id", "text", "label", "baseline", "baseline_score", "candidate", "candidate_score")
+    lost = [c for c in cases if c["baseline"] == c["label"] != c["candidate"]]
+    gained = [c for c in cases if c["candidate"] == c["label"] != c["baseline"]]
+    return {
+        "lost": [{k: c[k] for k in keys} for c in lost],
+        "gained": [{k: c[k] for k in keys} for c in gained],
+    }
+
+
+def pair_verdicts(comparison: dict[str, Any], checks: Sequence[dict[str, Any]]) -> None:
+    """Add to every comparison pair its check's outcome: improved / unchanged / worse, whether
+    significant, the cases fixed and broken and both p-values ("untested" without cases)."""
+    by_name = {c["name"]: c for c in checks if c["kind"] == "pair"}
+    for p in comparison["pairs"]:
+        c = by_name.get(f"{p['a']}<->{p['b']}")
+        if c is None:
+            p |= {
+                "change": "untested",
+                "significant": False,
+                "fixed": 0,
+                "broken": 0,
+                "p_value": None,
+                "p_value_gain": None,
+                "verdict": "not tested: no drawn case is labelled with either intent",
+            }
+            continue
+        p |= {
+            "change": c["change"],
+            "significant": c["significant"],
+            "fixed": c["gains"],
+            "broken": c["losses"],
+            "p_value": c["p_value"],
+            "p_value_gain": c["p_value_gain"],
+            "verdict": c["verdict"],
+        }
 
 
 def run_eval(
@@ -436,9 +593,13 @@ def run_eval(
     settings: EvalConfig,
     *,
     baseline_dir: str | Path | None = None,
+    strict: bool = False,
     reporter: Reporter = NULL,
 ) -> dict[str, Any]:
-    """Evaluate ``model_dir`` (and ``baseline_dir`` on the same cases); the report dict."""
+    """Evaluate ``model_dir`` (and ``baseline_dir`` on the same cases); the report dict.
+
+    Test cases found in the candidate's training data (its manifest's data files) are a
+    warning, or with ``strict`` a DataError before any model runs."""
     from ftctl import __version__
     from ftctl.fsutil import sha256_file
     from ftctl.model import read_labels
@@ -449,7 +610,7 @@ def run_eval(
     base_labels = read_labels(base_dir) if base_dir is not None else None
     if base_dir is not None and base_labels is not None:
         _check_label_spaces(labels, base_labels, model_dir, base_dir)
-    pairs = _usable_pairs(settings.pairs, labels, reporter)
+    pairs = check_pairs(settings.pairs, labels, model_dir)
     device = resolve_device(settings.device)
 
     examples = _load_test_cases(Path(settings.test_data), labels, model_dir)
@@ -463,6 +624,8 @@ def run_eval(
         f"{len(draw.cases)} cases over {len(draw.per_intent)} intents "
         f"(seed {settings.seed}, pool {draw.pool_size})"
     )
+    leaks = leakage(draw.cases, model_dir)
+    _report_leakage(leaks, strict, reporter)
     truth = [c.label for c in draw.cases]
 
     def result(path: Path, preds: list[str], secs: float) -> dict[str, Any]:
@@ -501,6 +664,7 @@ def run_eval(
             max_drop=settings.max_drop,
             alpha=settings.alpha,
         )
+        pair_verdicts(comparison, verdict["checks"])
 
     cases = []
     for i, c in enumerate(draw.cases):
@@ -537,10 +701,12 @@ def run_eval(
             "per_intent": draw.per_intent,
             "case_ids": [c.id for c in draw.cases],
         },
+        "leakage": leaks,
         "candidate": candidate,
         "baseline": baseline,
         "comparison": comparison,
         "gate": verdict,
+        "flips": flips(cases) if base_pred is not None else None,
         "cases": cases,
     }
 

@@ -13,10 +13,47 @@ from pathlib import Path
 _CHUNK = 1 << 20
 
 
+def umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: the only portable way is to set it and put it back
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the umask (0o644 under umask 022)."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` gives a new directory: 0o777 less the umask (0o755 under 022)."""
+    return 0o777 & ~umask()
+
+
+def normalize_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes ``open()``/``mkdir`` would under the
+    umask (libraries write some files 0600 through temp files: safetensors does)."""
+    root = Path(root)
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(root, dmode)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        os.chmod(p, dmode if p.is_dir() else fmode)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same directory and one rename.
 
     A failed or interrupted write leaves the previous file (or nothing), never half a file.
+    The file gets the mode a plain ``open()`` would give it (mkstemp's is 0600: a model copied
+    with ``scp -r`` would be unreadable by a service running as another user).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -44,7 +81,9 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     """Yield a temp directory beside ``final``; rename it to ``final`` only if the block succeeds.
 
     ``final`` therefore appears only when complete. With ``overwrite`` an existing ``final`` is
-    replaced (moved aside, then removed after the rename); without it, it is an error.
+    replaced (moved aside, then removed after the rename); without it, it is an error. The
+    directory and every file in it get the modes a plain ``mkdir``/``open()`` would give them
+    (mkdtemp's is 0700; see :func:`normalize_modes`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +92,7 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        normalize_modes(tmp)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

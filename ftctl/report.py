@@ -168,6 +168,102 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
+def _cell(text: Any) -> str:
+    """A value safe inside a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _p(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+MD_FLIPS = 200  # flipped cases listed per direction in report.md (all of them in report.json)
+
+
+def _checks_md(gate: dict[str, Any]) -> list[str]:
+    """Every gate check: n, before/after, losses, gains, both one-sided p-values, verdict."""
+    out = [
+        "## Checks",
+        "",
+        "losses: right before, wrong now; gains: the reverse (for a pair: cross errors "
+        "made / fixed). p (worse) and p (better): one-sided exact McNemar (binomial) p-values.",
+        "",
+        "| check | metric | n | before | after | Δ points | losses | gains | p (worse) "
+        "| p (better) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in gate["checks"]:
+        delta = -c["worse_by_points"]
+        out.append(
+            f"| {c['kind']} {_cell(c['name'])} | {c['metric']} | {c['n']} | {c['before']:.1f}% | "
+            f"{c['after']:.1f}% | {delta:+.1f} | {c['losses']} | {c['gains']} | "
+            f"{_p(c['p_value'])} | {_p(c['p_value_gain'])} | {c['verdict']} |"
+        )
+    return [*out, ""]
+
+
+def _pairs_md(comp: dict[str, Any]) -> list[str]:
+    """One verdict line per target pair."""
+    out = ["## Target pairs", ""]
+    if not comp["pairs"]:
+        return [*out, "No confused pairs configured ([eval] pairs).", ""]
+    for p in comp["pairs"]:
+        b, a = p["before"]["cross_errors"], p["after"]["cross_errors"]
+        detail = (
+            ""
+            if p["change"] == "untested"
+            else f": cross errors {b} → {a} ({p['fixed']} fixed, {p['broken']} new; "
+            f"p (worse) {_p(p['p_value'])}, p (better) {_p(p['p_value_gain'])})"
+        )
+        out.append(f"- **{p['a']} ↔ {p['b']}: {p['verdict']}**{detail}")
+    return [*out, ""]
+
+
+def _flips_md(flips: dict[str, Any]) -> list[str]:
+    out = ["## Flipped cases", ""]
+    for key, title in (
+        ("lost", "Right before, wrong now"),
+        ("gained", "Wrong before, right now"),
+    ):
+        rows = flips[key]
+        out += [f"### {title} ({len(rows)})", ""]
+        if not rows:
+            out += ["None.", ""]
+            continue
+        out += [
+            "| id | text | label | before (baseline) | score | after (candidate) | score |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in rows[:MD_FLIPS]:
+            out.append(
+                f"| {_cell(c['id'])} | {_cell(c['text'])} | {c['label']} | {c['baseline']} | "
+                f"{c['baseline_score']:.3f} | {c['candidate']} | {c['candidate_score']:.3f} |"
+            )
+        if len(rows) > MD_FLIPS:
+            out.append(f"\n... and {len(rows) - MD_FLIPS} more in report.json (flips.{key}).")
+        out.append("")
+    return out
+
+
+def _leakage_md(leaks: dict[str, Any]) -> list[str]:
+    out = ["## Test data in the training data", ""]
+    if not leaks["checked"]:
+        reason = leaks.get("reason") or "no training data file recorded in the manifest is here"
+        return [*out, f"Not checked: {reason}.", ""]
+    files = ", ".join(f"`{s['path']}` ({s['role']}, {s['status']})" for s in leaks["sources"])
+    out.append(f"{leaks['n']} of {leaks['of']} test cases appear in {files}.")
+    out.append("")
+    if leaks["cases"]:
+        out += ["| id | text | label | training row | its label |", "|---|---|---|---|---|"]
+        for c in leaks["cases"][:MD_FLIPS]:
+            out.append(
+                f"| {_cell(c['id'])} | {_cell(c['text'])} | {c['label']} | {_cell(c['train'])} "
+                f"| {c['train_label']} |"
+            )
+        out.append("")
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     cand, base, comp, gate = (
         report["candidate"],
@@ -189,6 +285,8 @@ def markdown(report: dict[str, Any]) -> str:
         out += [f"- {r}" for r in gate["not_significant"]] + [""]
     if gate["rule"]:
         out += [f"Rule: {gate['rule']}.", ""]
+    if comp:
+        out += _pairs_md(comp)
     out += [
         f"- candidate: `{cand['path']}`",
         f"- baseline: `{base['path']}`" if base else "- baseline: none",
@@ -238,7 +336,13 @@ def markdown(report: dict[str, Any]) -> str:
         else:
             cells = f"{p['a_as_b']} | {p['b_as_a']}"
         out.append(f"| {p['a']} ↔ {p['b']} | {cells} |")
-    out += ["", "## Top confusions (candidate)", ""]
+    out += [""]
+    if gate["checks"]:
+        out += _checks_md(gate)
+    if report.get("flips") is not None:
+        out += _flips_md(report["flips"])
+    out += _leakage_md(report["leakage"])
+    out += ["## Top confusions (candidate)", ""]
     for lab, tops in cand["top_confusions"].items():
         if tops:
             out.append(f"- {lab}: " + ", ".join(f"{t['predicted']} ×{t['count']}" for t in tops))

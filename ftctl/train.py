@@ -36,7 +36,7 @@ from typing import Any
 from ftctl import distributed
 from ftctl import model as M
 from ftctl.config import TrainConfig
-from ftctl.data import Example, load_examples
+from ftctl.data import Example, Overlap, load_examples, reconcile
 from ftctl.errors import ConfigError, DataError, Problem, TrainError
 from ftctl.features import Features, cache_prefix, encode, informative, shard
 from ftctl.fit import EpochHook, FitResult, Setup, fit, numerics, resolve_precision
@@ -216,6 +216,8 @@ class Inputs:
     old: list[Example]
     unknown: dict[str, Example]  # labels the base model lacks (grown with --add-labels)
     n_layers: int
+    labels: list[str]  # the base model's, named by --label-map when they are LABEL_i
+    overlap: Overlap  # texts in both new and old data (relabels, repeats) taken out of old
 
 
 def _require(value: Path | None, flag: str) -> Path:
@@ -253,11 +255,12 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
             f"--output-path {out_dir} would replace the base model {model_path} itself",
             hint="write the fine-tuned model elsewhere, e.g. --output-path models/incremental",
         )
-    labels = M.read_labels(model_path)
+    labels = M.resolve_labels(model_path, cfg.label_map)
     new = load_examples(new_path, what="new data")
     old: list[Example] = []
     if cfg.old_data is not None:
         old = load_examples(cfg.old_data, what="old data")
+    new, old, overlap = reconcile(new, old)  # relabels: the new label wins; one copy of repeats
     unknown: dict[str, Example] = {}
     for ex in [*new, *old]:
         if ex.label not in labels and ex.label not in unknown:
@@ -295,7 +298,9 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
             "no --old-data: training on the new data alone; forgetting protection is reduced "
             "(pass --old-data with the original training data to mix in replay)"
         )
-    return Inputs(model_path, new_path, out_dir, tokenizer, new, old, unknown, n_layers)
+    return Inputs(
+        model_path, new_path, out_dir, tokenizer, new, old, unknown, n_layers, labels, overlap
+    )
 
 
 # ============================================================================ step 2: the model
@@ -331,8 +336,9 @@ def build_model(
     and freeze the embeddings + the first ``cfg.freeze_layers`` layers."""
     import torch
 
-    model, _ = M.load_classifier(inputs.model_path, device="cpu")
-    model.float()
+    model, _ = M.load_classifier(
+        inputs.model_path, device="cpu", dtype=M.TRAIN_DTYPE, labels=inputs.labels
+    )
     torch.manual_seed(cfg.seed)
     added: list[str] = []
     if inputs.unknown:
@@ -394,13 +400,14 @@ def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any]):
+def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any], **save: Any):
     """OUTPUT/final/ (weights, tokenizer, manifest) built beside and renamed, so it appears only
-    when complete; the checkpoints are dropped once it exists. Returns (final, manifest)."""
+    when complete; the checkpoints are dropped once it exists. ``save``: save_classifier's
+    like/save_format/dtype; what it wrote is the manifest's ``weights``. (final, manifest)."""
     final = out_dir / "final"
     with atomic_dir(final, overwrite=True) as tmp:
-        M.save_classifier(model, tokenizer, tmp)
-        manifest = write_manifest(tmp, payload)
+        weights = M.save_classifier(model, tokenizer, tmp, **save)
+        manifest = write_manifest(tmp, {**payload, "weights": weights})
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return final, manifest
 
@@ -472,6 +479,8 @@ def train(
                 "started by torchrun: training in one process (`ftctl train --nproc N` launches)"
             )
         inputs = prepare_inputs(cfg, warn)
+        for line in inputs.overlap.messages():
+            reporter.info(line)
         precision = resolve_precision(cfg.precision, device)
         built = build_model(cfg, inputs, device, warn)
         model, n_layers = built.model, inputs.n_layers
@@ -528,7 +537,10 @@ def train(
                 cfg, inputs, built, mix, result, setup=setup, det=det, digests=digests,
                 image_id=image_id,
             )  # fmt: skip
-            final, manifest = write_final(inputs.out_dir, model, inputs.tokenizer, payload)
+            final, manifest = write_final(
+                inputs.out_dir, model, inputs.tokenizer, payload,
+                like=inputs.model_path, save_format=cfg.save_format, dtype=cfg.save_dtype,
+            )  # fmt: skip
         world.barrier()  # every process ends once final/ is complete
     return TrainResult(
         final_dir=final,
@@ -579,6 +591,12 @@ def manifest_payload(
         "seed": cfg.seed,
         "labels": [model.config.id2label[i] for i in range(model.config.num_labels)],
         "added_labels": built.added,
+        "label_map": (
+            {"path": str(cfg.label_map), "sha256": sha256_file(cfg.label_map)}
+            if cfg.label_map
+            else None
+        ),
+        "data_overlap": inputs.overlap.to_dict(),
         "label_counts": {
             "train": dict(sorted(Counter(ex.label for ex in mix.train).items())),
             "val": dict(sorted(Counter(ex.label for ex in mix.val).items())),

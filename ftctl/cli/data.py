@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ftctl import config as cfgmod
 from ftctl.cli import common
-from ftctl.data import file_format, read_examples, write_examples
+from ftctl.data import cross_file_problems, file_format, read_examples, write_examples
 from ftctl.errors import DataError, ExitCode, FtctlError, Problem
 from ftctl.generate import counts, write_generated
 
@@ -120,12 +120,16 @@ def generate_cmd(
 # --------------------------------------------------------------------------- validate
 
 
-def read_label_list(path: Path) -> list[str]:
-    """--labels: a model directory (config.json id2label) or a text file, one label per line."""
-    from ftctl.model import read_labels
+def read_label_list(path: Path | None, label_map: Path | None = None) -> list[str] | None:
+    """--labels: a model directory (config.json id2label; generic LABEL_i names need
+    --label-map, as for train) or a text file, one label per line; --label-map alone: its
+    names. None when neither is given."""
+    from ftctl.model import read_label_map, resolve_labels
 
+    if path is None:
+        return read_label_map(label_map) if label_map is not None else None
     if path.is_dir():
-        return read_labels(path)
+        return resolve_labels(path, label_map)
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
@@ -143,9 +147,10 @@ def read_label_list(path: Path) -> list[str]:
 
 def _validate_file(path: Path, max_chars: int, labels: list[str] | None) -> dict:
     """Summary of one file; whole-file failures become one error problem."""
+    rows = []
     try:
         result = read_examples(path, max_chars=max_chars, allowed_labels=labels)
-        problems, n = result.problems, len(result.examples)
+        problems, rows = result.problems, result.examples
     except FtctlError as exc:
         message = exc.message.removeprefix(f"{path}: ")  # the location is printed once
         problems = exc.problems or [Problem(message, file=str(path))]
@@ -154,10 +159,19 @@ def _validate_file(path: Path, max_chars: int, labels: list[str] | None) -> dict
                 Problem(f"{p.message} (hint: {exc.hint})", p.file, p.line, p.field, p.severity)
                 for p in problems
             ]
-        n = 0
-    if n == 0 and not problems:
+    if not rows and not problems:
         problems = [Problem("no examples: the file is empty (or a CSV header alone)", str(path))]
-    return {"file": str(path), "examples": n, "problems": problems}
+    return {"file": str(path), "examples": len(rows), "rows": rows, "problems": problems}
+
+
+def _add_cross_file(reports: list[dict]) -> dict[str, int]:
+    """Texts in several files (relabels, duplicates) as warnings on the later file's rows;
+    their counts."""
+    cross = cross_file_problems([r["rows"] for r in reports])
+    for r in reports:
+        r["problems"] += [p for p in cross if p.file == r["file"]]
+    relabels = sum(p.field == "label" for p in cross)
+    return {"relabels": relabels, "duplicates": len(cross) - relabels}
 
 
 def _print_problem(p: Problem, strict: bool) -> None:
@@ -182,6 +196,14 @@ def validate_cmd(
         int | None,
         typer.Option("--max-chars", help="Longest allowed text.", show_default="128"),
     ] = None,
+    label_map: Annotated[
+        Path | None,
+        typer.Option(
+            "--label-map",
+            help="Intent names (JSON or CSV id,intent) for a --labels model whose labels are "
+            "LABEL_0, LABEL_1...",
+        ),
+    ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Treat warnings (duplicates) as errors.")
     ] = False,
@@ -189,16 +211,21 @@ def validate_cmd(
 ) -> None:
     """Check data files and report every problem with file:line.
 
+    Given several files (new data first, then old data), a text found in more than one is
+    reported too: with another label (a relabel: `ftctl train` keeps the --new-data label and
+    drops the old row) or the same one (a duplicate: train keeps one copy).
+
     Exit codes: 0 clean (warnings allowed), 3 any error (or any warning with --strict).
 
-    Example: `ftctl data validate data/train.jsonl data/extra.csv --labels models/base/final`
+    Example: `ftctl data validate data/new.jsonl data/old.jsonl --labels models/base/final`
     """
     if json_:
         common.state(ctx).json = True
     cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
     cfgmod.check(cfg)
-    allowed = read_label_list(labels) if labels is not None else None
+    allowed = read_label_list(labels, label_map)
     reports = [_validate_file(f, cfg.max_chars, allowed) for f in files]
+    across = _add_cross_file(reports)
     n_err = sum(1 for r in reports for p in r["problems"] if p.severity == "error")
     n_warn = sum(1 for r in reports for p in r["problems"] if p.severity == "warning")
     failed = n_err > 0 or (strict and n_warn > 0)
@@ -210,6 +237,7 @@ def validate_cmd(
                 "errors": n_err,
                 "warnings": n_warn,
                 "strict": strict,
+                "across_files": across,
                 "files": [
                     {
                         "file": r["file"],
@@ -239,6 +267,12 @@ def validate_cmd(
             Text.assemble(
                 (verdict, "bold red" if failed else "bold green"),
                 f": {n_err} error(s), {n_warn} warning(s) in {len(reports)} file(s)"
+                + (
+                    f"; across files: {across['relabels']} relabel(s), "
+                    f"{across['duplicates']} duplicate(s)"
+                    if len(reports) > 1
+                    else ""
+                )
                 + (" (--strict: warnings count as errors)" if strict and n_warn else ""),
             )
         )

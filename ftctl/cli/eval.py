@@ -28,11 +28,20 @@ def _summary(report: dict[str, Any]) -> None:
                 f"macro-F1 {r['macro_f1'] * 100:5.1f}%  ({r['cases_per_second']:.0f} cases/s)"
             )
     before = {(p["a"], p["b"]): p for p in base["pairs"]} if base else {}
+    verdicts = {(p["a"], p["b"]): p for p in (report["comparison"] or {}).get("pairs", [])}
     for p in cand["pairs"]:
         b = before.get((p["a"], p["b"]))
         ab = f"{b['a_as_b']} -> {p['a_as_b']}" if b else str(p["a_as_b"])
         ba = f"{b['b_as_a']} -> {p['b_as_a']}" if b else str(p["b_as_a"])
-        out.print(f"pair {p['a']} <-> {p['b']}: A->B {ab}, B->A {ba}")
+        v = verdicts.get((p["a"], p["b"]))
+        verdict = f": {v['verdict']}" if v else ""
+        out.print(f"pair {p['a']} <-> {p['b']}: A->B {ab}, B->A {ba}{escape(verdict)}")
+    if report["flips"] is not None:
+        f = report["flips"]
+        out.print(
+            f"flipped cases: {len(f['lost'])} right before and wrong now, "
+            f"{len(f['gained'])} wrong before and right now"
+        )
     color = {"PASS": "green", "FAIL": "red"}.get(gate["verdict"], "yellow")
     out.print(f"[bold {color}]gate: {gate['verdict']}[/]")
     for reason in gate["reasons"]:
@@ -90,6 +99,14 @@ def eval_cmd(
         int | None, typer.Option("--batch-size", help="Inference batch.", show_default="64")
     ] = None,
     device: common.DeviceOpt = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Test cases found in the candidate's training data (its manifest's data "
+            "files) are an error (exit 3), not a warning.",
+        ),
+    ] = False,
     json_out: common.JsonOpt = False,
 ) -> None:
     """Test a model on a seeded, stratified draw of test cases; with --baseline, gate it.
@@ -97,6 +114,7 @@ def eval_cmd(
     Both models see the same cases. The gate FAILS (exit 4) when the candidate is worse than
     the baseline by more than --max-drop points AND significantly (one-sided exact McNemar,
     --alpha) on overall accuracy, any intent's recall, or a confused pair's cross errors.
+    Confused pairs naming labels the model lacks are an error (exit 2).
 
     Example:
 
@@ -120,7 +138,7 @@ def eval_cmd(
     if json_out:
         common.state(ctx).json = True
     rep = common.reporter(ctx)
-    report = run_eval(model, settings, baseline_dir=baseline, reporter=rep)
+    report = run_eval(model, settings, baseline_dir=baseline, strict=strict, reporter=rep)
     if settings.report_dir is not None:
         paths = write_report(report, settings.report_dir, reporter=rep)
         rep.info("report: " + ", ".join(str(p) for p in paths))

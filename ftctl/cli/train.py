@@ -218,12 +218,40 @@ def train(
             "--rdzv-endpoint", help="With --nnodes: HOST:PORT of the rendezvous (one machine)."
         ),
     ] = None,
+    label_map: Annotated[
+        Path | None,
+        typer.Option(
+            "--label-map",
+            help="Intent names for a model whose labels are LABEL_0, LABEL_1...: JSON "
+            '{"0": "CLOCK_IN", ...} or CSV id,intent.',
+        ),
+    ] = None,
+    save_format: Annotated[
+        str | None,
+        typer.Option(
+            "--save-format",
+            help="Weights to write: auto (model.safetensors, plus pytorch_model.bin when the "
+            "input had one), safetensors, bin or both.",
+            show_default="auto",
+        ),
+    ] = None,
+    save_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--save-dtype",
+            help="dtype of the saved weights: auto (the input's), float32, float16 or bfloat16. "
+            "Training itself always runs in float32.",
+            show_default="auto",
+        ),
+    ] = None,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,
     image: common.ImageOpt = None,
     json_out: common.JsonOpt = False,
 ) -> None:
     """Fine-tune the classifier incrementally (replay, frozen layers, early stopping).
+
+    The output keeps the input's tokenizer files byte for byte, its weight format and dtype.
 
     Example:
 
@@ -264,6 +292,9 @@ def train(
         nproc=nproc,
         nnodes=nnodes,
         rdzv_endpoint=rdzv_endpoint,
+        label_map=label_map,
+        save_format=save_format,
+        save_dtype=save_dtype,
     )
     cfgmod.check(cfg)
     from ftctl import distributed

@@ -314,3 +314,75 @@ def test_validate_names_a_missing_file_once(tmp_path):
     flat = result.output.replace("\n", "")
     assert f"{missing}: file not found" in flat
     assert f"{missing}: {missing}" not in flat
+
+
+# ------------------------------------------------------------------ the same text, normalised
+
+
+def test_full_width_and_spacing_variants_are_the_same_text(tmp_path):
+    from ftctl.data import normalize_text
+
+    assert normalize_text(" 帮我  打卡？ ") == normalize_text("帮我 打卡?")
+    assert normalize_text("ＡＢＣ１２３") == "ABC123"
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        ['{"text": "帮我打卡？", "label": "CLOCK_IN"}',
+         '{"text": "帮我打卡?", "label": "CLOCK_IN"}',
+         '{"text": "帮我打卡 ?", "label": "CLOCK_IN"}',
+         '{"text": "帮我打卡?", "label": "ATTENDANCE_TODAY"}'],
+    )  # fmt: skip
+    result = read_examples(path)
+    assert [p.message for p in result.problems] == [
+        "duplicate of line 1",
+        "conflict: same text labelled 'CLOCK_IN' on line 1 and 'ATTENDANCE_TODAY' here",
+    ]
+    assert [ex.text for ex in result.examples] == ["帮我打卡？", "帮我打卡 ?"]
+
+
+def test_reconcile_new_label_wins_and_repeats_keep_one_copy():
+    from ftctl.data import reconcile
+
+    new = [Example("补卡", "ATTENDANCE_TODAY", file="new.jsonl", line=1),
+           Example("查库存", "INVENTORY_QUERY", file="new.jsonl", line=2)]  # fmt: skip
+    old = [Example("补卡 ", "CLOCK_IN", file="old.jsonl", line=7),
+           Example("查库存", "INVENTORY_QUERY", file="old.jsonl", line=8),
+           Example("帮我打卡", "CLOCK_IN", file="old.jsonl", line=9)]  # fmt: skip
+    n, o, rec = reconcile(new, old)
+    assert n == new and [e.text for e in o] == ["帮我打卡"]
+    assert [r.to_dict() for r in rec.relabelled] == [
+        {"text": "补卡", "label": "ATTENDANCE_TODAY", "old_label": "CLOCK_IN",
+         "new": "new.jsonl:1", "old": "old.jsonl:7"}
+    ]  # fmt: skip
+    assert rec.to_dict()["duplicates"] == 1
+    assert rec.messages() == [
+        "1 old row(s) relabelled by the new data (the new label wins), left the replay pool: "
+        "'补卡' CLOCK_IN -> ATTENDANCE_TODAY",
+        "1 old row(s) repeated in the new data with the same label (one copy kept), left the "
+        "replay pool: '查库存' (INVENTORY_QUERY)",
+    ]
+    many = [Example(f"t{i}", "A") for i in range(8)]
+    _, _, rec = reconcile(many, [Example(f"t{i}", "B") for i in range(8)])
+    assert rec.messages()[0].endswith("'t4' B -> A; ... 3 more in the manifest")
+
+
+def test_validate_one_file_says_nothing_about_other_files(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [GOOD])
+    result = runner.invoke(app, ["data", "validate", str(path)])
+    assert result.exit_code == 0 and "across files" not in result.output
+
+
+def test_validate_across_three_files_names_the_first_occurrence(tmp_path):
+    a = write_lines(tmp_path / "a.jsonl", [GOOD])
+    b = write_lines(tmp_path / "b.csv", ["user_input,intent_code", "查看在产批次,CLOCK_IN"])
+    c = write_lines(tmp_path / "c.jsonl", [GOOD])
+    result = runner.invoke(app, ["data", "validate", str(a), str(b), str(c), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["across_files"] == {"relabels": 1, "duplicates": 1}
+    problems = {f["file"]: f["problems"] for f in doc["files"]}
+    assert problems[str(a)] == []
+    assert (
+        problems[str(b)][0]["line"] == 2
+        and "relabelled: 'CLOCK_IN' here" in (problems[str(b)][0]["message"])
+    )
+    assert problems[str(c)][0]["message"].startswith(f"duplicate of {a}:1 (another file)")

@@ -113,6 +113,7 @@ def test_cli_eval_without_baseline_writes_the_report(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["gate"]["verdict"] == "SKIPPED" and doc["baseline"] is None
+    assert doc["flips"] is None and doc["comparison"] is None
     assert doc["draw"]["drawn"] == 40 and len(doc["draw"]["case_ids"]) == 40
     for name in ("report.json", "report.md", "confusion_matrix.png", "per_intent_before_after.png"):
         assert (rep_dir / name).is_file()

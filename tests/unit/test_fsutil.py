@@ -102,3 +102,26 @@ def test_sha256_file_and_tree(tmp_path):
     tree = sha256_tree(tmp_path, exclude=("a.txt",))
     assert tree == {"d/b.txt": hashlib.sha256(b"b").hexdigest()}
     assert os.sep not in "".join(tree) or os.sep == "/"
+
+
+@pytest.mark.parametrize(("mask", "fmode", "dmode"), [(0o022, "0o644", "0o755"),
+                                                       (0o077, "0o600", "0o700"),
+                                                       (0o002, "0o664", "0o775")])  # fmt: skip
+def test_modes_are_what_the_umask_allows(tmp_path, mask, fmode, dmode):
+    old = os.umask(mask)
+    try:
+        assert fsutil.umask() == mask
+        path = atomic_write_text(tmp_path / "f.txt", "x")
+        assert oct(path.stat().st_mode & 0o777) == fmode
+        final = tmp_path / "final"
+        with atomic_dir(final) as tmp:
+            assert oct(tmp.stat().st_mode & 0o777) == "0o700"  # mkdtemp's, while being built
+            (tmp / "sub").mkdir()
+            secret = tmp / "sub" / "model.safetensors"
+            secret.write_bytes(b"w")
+            os.chmod(secret, 0o600)  # what safetensors leaves behind
+        assert oct(final.stat().st_mode & 0o777) == dmode
+        assert oct((final / "sub").stat().st_mode & 0o777) == dmode
+        assert oct((final / "sub" / "model.safetensors").stat().st_mode & 0o777) == fmode
+    finally:
+        os.umask(old)

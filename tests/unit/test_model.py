@@ -75,8 +75,10 @@ def test_grow_head_updates_label_maps(loaded):
 
 def test_saved_directory_keeps_vocab_txt(loaded, tmp_path):
     model, tok = loaded
-    out = M.save_classifier(model, tok, tmp_path / "m")
+    out = tmp_path / "m"
+    saved = M.save_classifier(model, tok, out)
     assert (out / "vocab.txt").is_file() and (out / "tokenizer.json").is_file()
+    assert saved["files"] == ["model.safetensors"] and saved["dtype"] == "float32"
     again, _ = M.load_classifier(out)
     assert again.config.id2label[0] == INTENTS[0]
 
