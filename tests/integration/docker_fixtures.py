@@ -1,16 +1,26 @@
 """A real Docker engine and the training image for the image tests.
 
+There is no Docker Hub here, so the CUDA base is replaced by local ones, all from one root:
+
 * ``docker_engine``: a client of a running engine; starts ``dockerd`` (no bridge, no iptables;
   overlay2 if the kernel allows, else vfs) when none answers, and stops it at session end only
   if it started it.
-* ``test_base_image``: there is no Docker Hub here, so the CUDA base is replaced by a local one:
-  ``debootstrap --variant=minbase bookworm`` + python3.11 venv at /opt/py + the local torch CPU
-  wheel + the host CA bundle (PIP_CERT, so pip works inside). Built once per machine (kept by tag).
-* ``ftctl_image``: the project's own Dockerfile built on that base, once per session.
+* ``root_base_image``: ``debootstrap --variant=minbase bookworm`` + a python3.11 venv at /opt/py
+  on PATH + the host CA bundle (PIP_CERT, so pip works inside). No torch: the base that
+  ``image build`` must refuse. Built once per machine (kept by tag).
+* ``test_base_image``: the root + the local torch 2.13.0 CPU wheel (today's torch). Kept by tag.
+* ``ftctl_image``: the project's own Dockerfile built on it (tagged ``ftctl-docker-test:*``,
+  never the user's ``ftctl:latest``), once per session; the layers stay cached.
+* ``torch291_image``: the root + torch 2.9.1 from PyPI, the torch of the pinned CUDA base (the
+  CUDA build with its nvidia-* libraries, ~6.7 GB, which runs on the CPU), and the project
+  image on it. Built once per session, only if a test asks for it, and removed at its end
+  (``FTCTL_KEEP_TEST_IMAGES=1`` keeps it for the next run).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,8 +33,13 @@ import pytest
 import docker
 
 TORCH_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
-TEST_BASE_TAG = "ftctl-test-base:bookworm-py311-torch2.13.0"
-TEST_IMAGE_TAG = "ftctl:test"
+ROOT_BASE_TAG = "ftctl-docker-test-base:bookworm-py311"  # no torch
+TEST_BASE_TAG = "ftctl-docker-test-base:torch2.13.0"
+TEST_IMAGE_TAG = "ftctl-docker-test:torch2.13.0"
+BASE_291_TAG = "ftctl-docker-test-base:torch2.9.1"
+IMAGE_291_TAG = "ftctl-docker-test:torch2.9.1"
+KEEP_ENV = "FTCTL_KEEP_TEST_IMAGES"  # set to 1: keep the torch 2.9.1 images between runs
+UID = 1234  # a non-root caller of --docker: what the container writes must belong to it
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 IMAGE_CA = "/etc/ssl/certs/host-ca-bundle.crt"
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
@@ -109,6 +124,32 @@ def docker_engine(tmp_path_factory):
             proc.kill()
 
 
+def chown_tree(root: Path, uid: int = UID) -> None:
+    for p in [root, *root.rglob("*")]:
+        os.chown(p, uid, uid)
+
+
+def small_data(path: Path, per_label: int = 8, source: str = "incremental_training_data") -> Path:
+    """The first ``per_label`` rows of each label of a shipped data file."""
+    from tests.helpers import write_jsonl
+
+    rows: dict[str, list[str]] = {}
+    for line in (REPO / "data" / f"{source}.jsonl").read_text().splitlines():
+        ex = json.loads(line)
+        rows.setdefault(ex["label"], [])
+        if len(rows[ex["label"]]) < per_label:
+            rows[ex["label"]].append(ex["text"])
+    return write_jsonl(path, [(t, lab) for lab, texts in rows.items() for t in texts])
+
+
+def readable_copy(src: Path, dst: Path) -> Path:
+    """A copy of the model directory ``src`` that any uid may read (mounted read-only)."""
+    shutil.copytree(src, dst)
+    for p in [dst, *dst.rglob("*")]:  # a bind mount needs no access to the host's parents
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dst
+
+
 def debian_mirror() -> str:
     """The first ``URIs:`` of the host's Debian sources (the mirror that answers here)."""
     for line in DEBIAN_SOURCES.read_text().splitlines():
@@ -125,9 +166,9 @@ def _run(cmd: list[str] | str, **kw) -> None:
         )
 
 
-def build_test_base(tag: str = TEST_BASE_TAG) -> None:
-    """debootstrap bookworm + python 3.11 venv + torch CPU wheel + host CA -> ``docker import``."""
-    work = Path(tempfile.mkdtemp(prefix="ftctl-base-"))
+def build_root_base(tag: str = ROOT_BASE_TAG) -> None:
+    """debootstrap bookworm + python 3.11 venv on PATH + host CA -> ``docker import``."""
+    work = Path(tempfile.mkdtemp(prefix="ftctl-docker-base-"))
     root = work / "rootfs"
     try:
         _run(
@@ -142,22 +183,8 @@ def build_test_base(tag: str = TEST_BASE_TAG) -> None:
         )
         shutil.copy(HOST_CA, root / IMAGE_CA.lstrip("/"))
         shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
-        shutil.copy(TORCH_WHEEL, root / "tmp" / TORCH_WHEEL.name)
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PIP_CERT": IMAGE_CA, "HOME": "/root"}
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
         _run(["chroot", str(root), "python3", "-m", "venv", "/opt/py"], env=env)
-        _run(
-            [
-                "chroot",
-                str(root),
-                "/opt/py/bin/pip",
-                "install",
-                "--no-cache-dir",
-                "--disable-pip-version-check",
-                f"/tmp/{TORCH_WHEEL.name}",
-            ],
-            env=env,
-        )
-        (root / "tmp" / TORCH_WHEEL.name).unlink()
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             shutil.rmtree(root / junk, ignore_errors=True)
         changes = [
@@ -167,6 +194,8 @@ def build_test_base(tag: str = TEST_BASE_TAG) -> None:
             f"ENV PIP_CERT={IMAGE_CA}",
             "--change",
             "ENV LANG=C.UTF-8",
+            "--change",
+            'CMD ["python3"]',
         ]
         _run(
             f"tar -C {root} -c . | docker import {' '.join(repr(c) for c in changes)} - {tag}",
@@ -176,24 +205,91 @@ def build_test_base(tag: str = TEST_BASE_TAG) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def test_base_image(docker_engine) -> str:
-    """The local stand-in for the CUDA base (built once per machine, reused by tag)."""
+def build_torch_base(client, torch_spec: str, tag: str, root: str = ROOT_BASE_TAG) -> float:
+    """``root`` + ``pip install <torch_spec>`` committed as ``tag``; returns the seconds taken.
+
+    The local CPU wheel (a path under /opt/wheels) is mounted read-only; anything else comes
+    from PyPI (``torch==2.9.1``: the CUDA build with its nvidia-* packages).
+    """
+    started = time.monotonic()
+    volumes = {}
+    if torch_spec.startswith("/"):
+        volumes[str(Path(torch_spec).parent)] = {"bind": "/wheels", "mode": "ro"}
+        torch_spec = f"/wheels/{Path(torch_spec).name}"
+    cmd = ["pip", "install", "--no-cache-dir", "--disable-pip-version-check", torch_spec]
+    if not torch_spec.startswith("/"):
+        cmd.insert(2, "--no-compile")  # compiled on import: the test image imports it once
+    container = client.containers.run(
+        root, cmd, network_mode="host", volumes=volumes, detach=True, user="0"
+    )
     try:
-        docker_engine.images.get(TEST_BASE_TAG)
+        code = container.wait()["StatusCode"]
+        if code != 0:
+            log = container.logs().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"{' '.join(cmd)} failed ({code}) in {root}:\n{log}")
+        container.commit(*tag.split(":", 1), changes=['CMD ["python3"]'])
+    finally:
+        container.remove(force=True)
+    return time.monotonic() - started
+
+
+def _image_exists(client, tag: str) -> bool:
+    try:
+        client.images.get(tag)
     except docker.errors.ImageNotFound:
-        build_test_base(TEST_BASE_TAG)
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def root_base_image(docker_engine) -> str:
+    """Python 3.11 + pip, no torch (built once per machine, reused by tag)."""
+    if not _image_exists(docker_engine, ROOT_BASE_TAG):
+        build_root_base(ROOT_BASE_TAG)
+    return ROOT_BASE_TAG
+
+
+@pytest.fixture(scope="session")
+def test_base_image(docker_engine, root_base_image) -> str:
+    """The local stand-in for the CUDA base: torch 2.13.0 CPU (once per machine, by tag)."""
+    if not _image_exists(docker_engine, TEST_BASE_TAG):
+        build_torch_base(docker_engine, str(TORCH_WHEEL), TEST_BASE_TAG, root_base_image)
     return TEST_BASE_TAG
 
 
 @pytest.fixture(scope="session")
 def ftctl_image(docker_engine, test_base_image) -> str:
-    """The project's Dockerfile built on the test base (once per session; layers cached)."""
+    """The project's Dockerfile built on the torch 2.13 base (once per session; cached)."""
     from ftctl.image import build_image
 
     result = build_image(REPO, base_image=test_base_image, tags=[TEST_IMAGE_TAG])
     return result.image_id
 
 
-if __name__ == "__main__":  # build the base by hand: python -m tests.integration.docker_fixtures
-    build_test_base()
+@pytest.fixture(scope="session")
+def torch291_image(docker_engine, root_base_image):
+    """(image id, base tag, seconds): the project image on a torch 2.9.1 base, built once
+    per session and removed at its end (unless $FTCTL_KEEP_TEST_IMAGES)."""
+    from ftctl.image import build_image
+
+    started = time.monotonic()
+    made_base = not _image_exists(docker_engine, BASE_291_TAG)
+    try:
+        if made_base:
+            build_torch_base(docker_engine, "torch==2.9.1", BASE_291_TAG, root_base_image)
+        result = build_image(REPO, base_image=BASE_291_TAG, tags=[IMAGE_291_TAG])
+        yield result.image_id, BASE_291_TAG, time.monotonic() - started
+    finally:
+        if not os.environ.get(KEEP_ENV):
+            for tag in (IMAGE_291_TAG, BASE_291_TAG):
+                with contextlib.suppress(docker.errors.ImageNotFound):
+                    docker_engine.images.remove(tag, force=True)
+
+
+if __name__ == "__main__":  # python -m tests.integration.docker_fixtures: the kept test bases
+    client = docker.from_env(timeout=600)
+    if not _image_exists(client, ROOT_BASE_TAG):
+        build_root_base()
+    if not _image_exists(client, TEST_BASE_TAG):
+        build_torch_base(client, str(TORCH_WHEEL), TEST_BASE_TAG)
+    print(TEST_BASE_TAG)
