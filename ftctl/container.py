@@ -340,8 +340,8 @@ def supervise(
 def stop_gently(container, follower: Follower, grace: float, reporter: Reporter) -> None:
     """SIGINT, wait up to ``grace`` seconds (or a second interrupt), then SIGTERM + SIGKILL."""
     reporter.warn(
-        f"interrupted: sent SIGINT to the container; it has {grace:.0f} s to stop "
-        "(train saves a checkpoint); interrupt again to stop it now"
+        f"interrupted: sent SIGINT to the container; it has {grace:.0f} s to finish "
+        "(train saves its checkpoint); interrupt again to stop it now"
     )
     _signal(container, "SIGINT")
     deadline = time.monotonic() + grace

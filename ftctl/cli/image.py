@@ -54,7 +54,7 @@ def build_cmd(
     revision (OCI labels). `ftctl train --docker` runs `[image] tag`.
 
     Example: `ftctl image build` (GPU machine) or
-    `ftctl image build --base-image ftctl-test-base:bookworm-py311-torch2.13.0` (no registry)
+    `ftctl image build --base-image ftctl-docker-test-base:torch2.13.0` (no registry)
     """
     cfg = cfgmod.override(common.config(ctx).image, base_image=base_image, context=context)
     cfgmod.check(cfg)

@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ TEST_BASE_TAG = "ftctl-docker-test-base:torch2.13.0"
 TEST_IMAGE_TAG = "ftctl-docker-test:torch2.13.0"
 BASE_291_TAG = "ftctl-docker-test-base:torch2.9.1"
 IMAGE_291_TAG = "ftctl-docker-test:torch2.9.1"
+BUILD_291_NAME = f"ftctl-docker-test-torch291-{os.getpid()}"  # the container that installs it
 KEEP_ENV = "FTCTL_KEEP_TEST_IMAGES"  # set to 1: keep the torch 2.9.1 images between runs
 UID = 1234  # a non-root caller of --docker: what the container writes must belong to it
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -110,10 +112,12 @@ def start_dockerd(log_dir: Path) -> subprocess.Popen:
 def docker_engine(tmp_path_factory):
     """A client of a running Docker engine (started here if none answers)."""
     proc = None
-    client = _engine_answers()
-    if client is None:
+    probe = _engine_answers()
+    if probe is None:
         proc = start_dockerd(tmp_path_factory.mktemp("dockerd"))
-        client = docker.from_env(timeout=600)
+    else:
+        probe.close()
+    client = docker.from_env(timeout=600)  # committing a 7 GB layer takes a minute
     yield client
     client.close()
     if proc is not None:
@@ -205,7 +209,9 @@ def build_root_base(tag: str = ROOT_BASE_TAG) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def build_torch_base(client, torch_spec: str, tag: str, root: str = ROOT_BASE_TAG) -> float:
+def build_torch_base(
+    client, torch_spec: str, tag: str, root: str = ROOT_BASE_TAG, name: str | None = None
+) -> float:
     """``root`` + ``pip install <torch_spec>`` committed as ``tag``; returns the seconds taken.
 
     The local CPU wheel (a path under /opt/wheels) is mounted read-only; anything else comes
@@ -220,7 +226,7 @@ def build_torch_base(client, torch_spec: str, tag: str, root: str = ROOT_BASE_TA
     if not torch_spec.startswith("/"):
         cmd.insert(2, "--no-compile")  # compiled on import: the test image imports it once
     container = client.containers.run(
-        root, cmd, network_mode="host", volumes=volumes, detach=True, user="0"
+        root, cmd, network_mode="host", volumes=volumes, detach=True, user="0", name=name
     )
     try:
         code = container.wait()["StatusCode"]
@@ -241,12 +247,20 @@ def _image_exists(client, tag: str) -> bool:
     return True
 
 
+_ROOT_LOCK = threading.Lock()  # the root base is made once, by a fixture or the prebuild
+
+
+def ensure_root_base(client) -> str:
+    with _ROOT_LOCK:
+        if not _image_exists(client, ROOT_BASE_TAG):
+            build_root_base(ROOT_BASE_TAG)
+    return ROOT_BASE_TAG
+
+
 @pytest.fixture(scope="session")
 def root_base_image(docker_engine) -> str:
     """Python 3.11 + pip, no torch (built once per machine, reused by tag)."""
-    if not _image_exists(docker_engine, ROOT_BASE_TAG):
-        build_root_base(ROOT_BASE_TAG)
-    return ROOT_BASE_TAG
+    return ensure_root_base(docker_engine)
 
 
 @pytest.fixture(scope="session")
@@ -266,24 +280,98 @@ def ftctl_image(docker_engine, test_base_image) -> str:
     return result.image_id
 
 
-@pytest.fixture(scope="session")
-def torch291_image(docker_engine, root_base_image):
-    """(image id, base tag, seconds): the project image on a torch 2.9.1 base, built once
-    per session and removed at its end (unless $FTCTL_KEEP_TEST_IMAGES)."""
+# --------------------------------------------------------------------------- torch 2.9.1
+
+
+def build_291_image(client) -> tuple[str, float]:
+    """(image id, seconds): root -> torch 2.9.1 base -> the project image on it."""
     from ftctl.image import build_image
 
     started = time.monotonic()
-    made_base = not _image_exists(docker_engine, BASE_291_TAG)
+    ensure_root_base(client)
+    if not _image_exists(client, BASE_291_TAG):
+        build_torch_base(client, "torch==2.9.1", BASE_291_TAG, name=BUILD_291_NAME)
+    result = build_image(REPO, base_image=BASE_291_TAG, tags=[IMAGE_291_TAG], client=client)
+    return result.image_id, time.monotonic() - started
+
+
+def remove_291_images(client) -> None:
+    if os.environ.get(KEEP_ENV):
+        return
+    for tag in (IMAGE_291_TAG, BASE_291_TAG):
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            client.images.remove(tag, force=True)
+
+
+class _Prebuild:
+    """The torch 2.9.1 image, built on a thread while the other tests run (most of its cost is
+    a 3.5 GB download and writing 7 GB of layers, not CPU)."""
+
+    def __init__(self) -> None:
+        self.result: tuple[str, float] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="ftctl-prebuild-291", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = build_291_image(docker.from_env(timeout=600))
+        except BaseException as exc:  # re-raised in the test that needs the image
+            self.error = exc
+
+    def wait(self) -> tuple[str, float]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+_PREBUILD: dict[str, _Prebuild] = {}  # this pytest session's prebuild, if one was started
+
+
+def _needs_291(item) -> bool:
+    return "torch291_image" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests on the torch 2.9.1 image run last: its prebuild has the whole run to finish."""
+    items.sort(key=_needs_291)  # stable: the others keep their order
+
+
+def pytest_collection_finish(session) -> None:
+    """A selected test needs the torch 2.9.1 image and an engine runs: start building it."""
+    wanted = any(_needs_291(i) for i in session.items)
+    probe = _engine_answers() if wanted and not session.config.option.collectonly else None
+    if probe is not None:
+        probe.close()
+        _PREBUILD["291"] = _Prebuild()
+
+
+def pytest_sessionfinish(session) -> None:
+    """Remove the torch 2.9.1 images, also when the test that wanted them never ran."""
+    job = _PREBUILD.pop("291", None)
+    if job is None:
+        return
+    client = docker.from_env(timeout=600)
+    if job.thread.is_alive():  # interrupted: stop the download, the build dies with us
+        with contextlib.suppress(docker.errors.NotFound):
+            client.containers.get(BUILD_291_NAME).remove(force=True)
+        job.thread.join(30)
+    remove_291_images(client)
+
+
+@pytest.fixture(scope="session")
+def torch291_image(docker_engine, root_base_image):
+    """(image id, base tag, seconds): the project image on a torch 2.9.1 base, built once
+    per session (on a thread from the start of the session when an engine runs) and removed
+    at its end (unless $FTCTL_KEEP_TEST_IMAGES)."""
+    job = _PREBUILD.get("291")
     try:
-        if made_base:
-            build_torch_base(docker_engine, "torch==2.9.1", BASE_291_TAG, root_base_image)
-        result = build_image(REPO, base_image=BASE_291_TAG, tags=[IMAGE_291_TAG])
-        yield result.image_id, BASE_291_TAG, time.monotonic() - started
+        image_id, seconds = job.wait() if job else build_291_image(docker_engine)
+        yield image_id, BASE_291_TAG, seconds
     finally:
-        if not os.environ.get(KEEP_ENV):
-            for tag in (IMAGE_291_TAG, BASE_291_TAG):
-                with contextlib.suppress(docker.errors.ImageNotFound):
-                    docker_engine.images.remove(tag, force=True)
+        remove_291_images(docker_engine)
 
 
 if __name__ == "__main__":  # python -m tests.integration.docker_fixtures: the kept test bases
