@@ -283,14 +283,20 @@ def ftctl_image(docker_engine, test_base_image) -> str:
 # --------------------------------------------------------------------------- torch 2.9.1
 
 
-def build_291_image(client) -> tuple[str, float]:
+def build_291_image(client, cancelled: threading.Event | None = None) -> tuple[str, float]:
     """(image id, seconds): root -> torch 2.9.1 base -> the project image on it."""
     from ftctl.image import build_image
 
+    def go_on() -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise RuntimeError("the torch 2.9.1 build was cancelled")
+
     started = time.monotonic()
     ensure_root_base(client)
+    go_on()
     if not _image_exists(client, BASE_291_TAG):
         build_torch_base(client, "torch==2.9.1", BASE_291_TAG, name=BUILD_291_NAME)
+    go_on()
     result = build_image(REPO, base_image=BASE_291_TAG, tags=[IMAGE_291_TAG], client=client)
     return result.image_id, time.monotonic() - started
 
@@ -310,14 +316,24 @@ class _Prebuild:
     def __init__(self) -> None:
         self.result: tuple[str, float] | None = None
         self.error: BaseException | None = None
+        self.cancelled = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ftctl-prebuild-291", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            self.result = build_291_image(docker.from_env(timeout=600))
+            self.result = build_291_image(docker.from_env(timeout=600), self.cancelled)
         except BaseException as exc:  # re-raised in the test that needs the image
             self.error = exc
+
+    def cancel(self, client, timeout: float = 60) -> None:
+        """Stop the download (the session ends first); an image build dies with pytest."""
+        self.cancelled.set()
+        deadline = time.monotonic() + timeout
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.containers.get(BUILD_291_NAME).remove(force=True)
+            self.thread.join(1)
 
     def wait(self) -> tuple[str, float]:
         self.thread.join()
@@ -354,10 +370,8 @@ def pytest_sessionfinish(session) -> None:
     if job is None:
         return
     client = docker.from_env(timeout=600)
-    if job.thread.is_alive():  # interrupted: stop the download, the build dies with us
-        with contextlib.suppress(docker.errors.NotFound):
-            client.containers.get(BUILD_291_NAME).remove(force=True)
-        job.thread.join(30)
+    if job.thread.is_alive():  # the test never ran (-x, Ctrl-C)
+        job.cancel(client)
     remove_291_images(client)
 
 
