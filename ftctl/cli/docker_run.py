@@ -7,7 +7,7 @@ A command's ``if docker:`` branch calls::
 
 The command line is rebuilt from the click context (subcommand names + the parameters the user
 gave, minus --docker/--gpus/--image), host paths are rewritten to container paths, and
-:func:`ftctl.image.run_in_image` runs it. Mounts:
+:func:`ftctl.container.run_in_image` runs it. Mounts:
 
 * ``<project>/data`` -> ``/workspace/data`` and ``<project>/models`` -> ``/workspace/models``
   (read-write; the project is the current directory);
