@@ -113,11 +113,16 @@ def _start_long_training(root: Path, model: Path, image: str, out: str, logs: Pa
     )
 
 
+def _checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint files (not the hidden temporary file of one being written)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+
+
 def _wait_for_checkpoint(proc, checkpoints: Path, logs: Path, timeout: float = 300) -> None:
     """Until the first epoch has ended inside the container (its checkpoint is on the host)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if _checkpoints(checkpoints):
             return
         if proc.poll() is not None:
             break
@@ -153,7 +158,7 @@ def test_a_signal_to_ftctl_reaches_the_inner_train_which_keeps_its_checkpoint(
     assert "sent SIGINT to the container" in err
     assert "--resume" in err  # the inner train's own words: it got SIGINT, not SIGKILL
     assert said in err
-    assert any((root / out / "checkpoints").iterdir())
+    assert _checkpoints(root / out / "checkpoints")
     assert not (root / out / "final").exists()
     assert _containers_for(docker_engine, out.split("/")[-1]) == []
 
