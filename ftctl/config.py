@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -157,23 +158,50 @@ DEFAULT_BASE_IMAGE = (
 )
 
 
+GPUS_VALUES = "auto, all, none, a count (2) or device ids (0,2)"
+_GPU_ID = r"(?:[0-9]+|GPU-[0-9a-fA-F-]+|MIG-[0-9A-Za-z/-]+)"  # an index or a (MIG) UUID
+_GPU_IDS = re.compile(rf"^(device=)?{_GPU_ID}(,{_GPU_ID})*$")
+
+
+def gpus_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid ``--gpus`` / ``[image] gpus`` (None when it is)."""
+    if value in ("auto", "all", "none") or value.isdigit():
+        return None
+    if _GPU_IDS.match(value) and ("," in value or value.startswith("device=")):
+        return None
+    return f"must be {GPUS_VALUES}"
+
+
 @dataclass(frozen=True)
 class ImageConfig:
-    """``[image]``: the reproducible training image."""
+    """``[image]``: the reproducible training image and the runs of ``--docker`` inside it."""
 
     base_image: str = DEFAULT_BASE_IMAGE  # BASE_IMAGE build arg, pinned by digest
-    tag: str | None = None  # default ftctl:<version>-<git sha>
+    tag: str = "ftctl:latest"  # what `image build` tags (besides ftctl:<version>-<sha>) and
+    #                             what --docker runs when no --image is given
     dockerfile: Path = Path("Dockerfile")  # relative to the build context
     context: Path = Path(".")  # the project root
-    gpus: str = "auto"  # auto | all | none | N, for runs inside the image (auto: all if any)
+    gpus: str = "auto"  # auto | all | none | N | 0,2 (auto: what the command uses, if any)
     network: str = "none"  # none | host: network of runs inside the image (none = offline)
+    read_timeout: float = 600.0  # seconds an engine request may take (a run's log has no limit)
+    stop_grace: float = 60.0  # seconds between SIGINT to a run (Ctrl-C) and SIGTERM/SIGKILL
+    memory: str | None = None  # memory limit of a run (docker syntax: "16g"); None: no limit
 
     def problems(self) -> list[Problem]:
         out = []
-        if not (self.gpus in ("auto", "all", "none") or self.gpus.isdigit()):
-            out.append(Problem("must be auto, all, none or a count", field="image.gpus"))
+        why = gpus_problem(self.gpus)
+        if why:
+            out.append(Problem(why, field="image.gpus"))
         if self.network not in ("none", "host"):
             out.append(Problem("must be none or host", field="image.network"))
+        if not self.tag or any(c.isspace() for c in self.tag):
+            out.append(Problem("must be an image tag such as ftctl:latest", field="image.tag"))
+        if self.read_timeout <= 0:
+            out.append(Problem("must be > 0 seconds", field="image.read_timeout"))
+        if self.stop_grace < 0:
+            out.append(Problem("must be >= 0 seconds", field="image.stop_grace"))
+        if self.memory is not None and not re.fullmatch(r"[0-9]+[bkmgBKMG]?", self.memory):
+            out.append(Problem('must be a size such as "16g" or "512m"', field="image.memory"))
         return out
 
 

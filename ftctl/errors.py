@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     ROLLBACK_FAILED = 6  # deploy failed AND rollback failed: a human must look now
     ENVIRONMENT = 7  # a prerequisite is missing or unreachable (Docker engine, SSH host, GPU)
     INTERRUPTED = 130  # Ctrl-C
+    TERMINATED = 143  # SIGTERM (a `--docker` run stops and removes its container first)
 
 
 @dataclass(frozen=True)
@@ -143,5 +144,20 @@ class StageFailed(FtctlError):
     pipeline passes its exit code on."""
 
     def __init__(self, message: str, exit_code: int, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code  # type: ignore[assignment]
+
+
+class Stopped(FtctlError):
+    """ftctl got SIGTERM and stopped what it was running (a --docker container) first."""
+
+    exit_code = ExitCode.TERMINATED
+
+
+class ContainerKilled(ImageError):
+    """The command inside the training image was killed (exit 137: the OOM killer or a
+    SIGKILL from outside); ftctl exits with the same code."""
+
+    def __init__(self, message: str, *, hint: str | None = None, exit_code: int = 137) -> None:
         super().__init__(message, hint=hint)
         self.exit_code = exit_code  # type: ignore[assignment]

@@ -1,39 +1,28 @@
-"""The training image through the docker SDK: build it, find it, run one ftctl command inside it.
+"""The training image through the docker SDK: build it, label it, find it.
 
-No typer and no printing here: build logs go to the reporter, a container's stdout/stderr go to
-the byte streams the caller passes in.
+Running a command inside it is :mod:`ftctl.container`. No typer and no printing here: build
+logs go to the reporter.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ftctl import __version__
 from ftctl.config import DEFAULT_BASE_IMAGE
-from ftctl.errors import ConfigError, EnvironmentProblem, ImageError
+from ftctl.errors import EnvironmentProblem, ImageError
 from ftctl.progress import NULL, Reporter
 
-REPOSITORY = "ftctl"  # images are tagged ftctl:<version>-<git sha> and ftctl:latest
-WORKDIR = "/workspace"  # the container's working directory (data/ and models/ are below it)
+REPOSITORY = "ftctl"  # images are tagged ftctl:<version>-<git sha> and [image] tag
 LOG_TAIL = 40  # lines of build log quoted in an ImageError
-_NO_GPU_MARKERS = ("could not select device driver", "nvidia-container-cli", "unknown runtime")
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One host path bound into the container."""
-
-    host: Path
-    container: str
-    read_only: bool = True
+BUILD_INPUTS = ("ftctl", "pyproject.toml", "Dockerfile", "docker")  # what the image is made of
 
 
 @dataclass(frozen=True)
@@ -56,8 +45,9 @@ class BuildResult:
 # --------------------------------------------------------------------------- the engine
 
 
-def engine(timeout: int = 600):
-    """A client of the Docker engine named by DOCKER_HOST (or the default socket)."""
+def engine(timeout: float = 600.0):
+    """A client of the Docker engine named by DOCKER_HOST (or the default socket); ``timeout``
+    is the read timeout of each request (``[image] read_timeout``)."""
     import docker
 
     where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
@@ -79,29 +69,52 @@ def engine(timeout: int = 600):
 # --------------------------------------------------------------------------- build
 
 
-def git_sha(root: Path) -> str:
-    """Short commit of ``root`` (``-dirty`` when tracked files changed), ``nogit`` outside git."""
+def _git(root: Path, *args: str) -> str:
+    res = subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30
+    )
+    if res.returncode != 0:
+        raise OSError(res.stderr)
+    return res.stdout.strip()
 
-    def git(*args: str) -> str:
-        res = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30
-        )
-        if res.returncode != 0:
-            raise OSError(res.stderr)
-        return res.stdout.strip()
 
+def git_revision(root: Path) -> tuple[str, bool] | None:
+    """(full commit, dirty) of ``root``; dirty when a tracked build input changed. None
+    outside git."""
     try:
-        sha = git("rev-parse", "--short=12", "HEAD")
-        dirty = git(
-            "status", "--porcelain", "--untracked-files=no", "--", "ftctl", "pyproject.toml"
-        )
+        sha = _git(root, "rev-parse", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *BUILD_INPUTS)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return sha, bool(dirty)
+
+
+def git_sha(root: Path) -> str:
+    """Short commit of ``root`` (``-dirty`` when a build input changed), ``nogit`` outside git."""
+    rev = git_revision(root)
+    if rev is None:
         return "nogit"
-    return f"{sha}-dirty" if dirty else sha
+    return rev[0][:12] + ("-dirty" if rev[1] else "")
 
 
-def default_tags(root: Path) -> list[str]:
-    return [f"{REPOSITORY}:{__version__}-{git_sha(root)}", f"{REPOSITORY}:latest"]
+def default_tags(root: Path, tag: str = f"{REPOSITORY}:latest") -> list[str]:
+    """``ftctl:<version>-<git sha>`` and ``tag`` (``[image] tag``: what --docker runs)."""
+    versioned = f"{REPOSITORY}:{__version__}-{git_sha(root)}"
+    return [versioned] if tag == versioned else [versioned, tag]
+
+
+def oci_labels(root: Path, base_image: str) -> dict[str, str]:
+    """OCI annotations of the image: the source revision, ftctl's version, the base."""
+    rev = git_revision(root)
+    labels = {
+        "org.opencontainers.image.title": "ftctl",
+        "org.opencontainers.image.version": __version__,
+        "org.opencontainers.image.base.name": base_image,
+    }
+    if rev is not None:
+        labels["org.opencontainers.image.revision"] = rev[0]
+        labels["ftctl.source.dirty"] = "true" if rev[1] else "false"
+    return labels
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
@@ -136,6 +149,7 @@ def build_image(
         )
     tags = list(tags) if tags else default_tags(context)
     client = client or engine()
+    labels = oci_labels(context, base_image)
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
     image_id = None
@@ -151,6 +165,7 @@ def build_image(
             forcerm=True,
             pull=False,
             network_mode=network_mode,
+            labels=labels,
             decode=True,
         )
         for chunk in stream:
@@ -211,148 +226,18 @@ def list_images(client=None) -> list[dict[str, Any]]:
 
 
 def resolve_image(image: str | None, *, configured_tag: str | None = None, client=None):
-    """``image`` if given, else the configured tag, else the newest local ``ftctl:*``."""
+    """``image`` (--image) if given, else ``configured_tag`` (``[image] tag``, the tag that
+    ``ftctl image build`` writes). Never "whatever is newest": a run names its image."""
     import docker
 
     client = client or engine()
-    wanted = image or configured_tag
-    if wanted:
-        try:
-            return client.images.get(wanted)
-        except docker.errors.ImageNotFound:
-            raise ImageError(
-                f"image {wanted} not found in the local Docker engine",
-                hint="build it with `ftctl image build` (see `ftctl image ls`)",
-            ) from None
-    rows = list_images(client)
-    if not rows:
-        raise ImageError(
-            "no ftctl image in the local Docker engine",
-            hint="build one with `ftctl image build` (or pass --image NAME)",
-        )
-    return client.images.get(rows[0]["id"])
-
-
-# --------------------------------------------------------------------------- run
-
-
-def device_requests(gpus: str) -> list:
-    """``all`` | ``none`` | ``N`` -> docker DeviceRequests (``auto`` is handled by the caller)."""
-    from docker.types import DeviceRequest
-
-    if gpus == "none" or gpus == "0":
-        return []
-    if gpus == "all":
-        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
-    if gpus.isdigit():
-        return [DeviceRequest(count=int(gpus), capabilities=[["gpu"]])]
-    raise ConfigError(f"--gpus {gpus}: must be all, none, auto or a count", hint="e.g. --gpus all")
-
-
-def _is_no_gpu_error(exc: Exception) -> bool:
-    return any(m in str(exc).lower() for m in _NO_GPU_MARKERS)
-
-
-def run_in_image(
-    argv: list[str],
-    *,
-    image: str | None = None,
-    configured_tag: str | None = None,
-    mounts: Iterable[Mount] = (),
-    env: Mapping[str, str] | None = None,
-    user: str | None = None,
-    gpus: str = "none",
-    network_mode: str = "none",
-    workdir: str = WORKDIR,
-    stdout: IO[bytes] | None = None,
-    stderr: IO[bytes] | None = None,
-    reporter: Reporter = NULL,
-    client=None,
-) -> int:
-    """Run ``ftctl <argv>`` in the image; return its exit code.
-
-    The container runs as ``user`` (default: the caller's uid:gid, so outputs belong to the
-    caller), with ``mounts`` bound in, the GPUs asked for (``auto``: all if the engine has GPU
-    support, else none), ``FTCTL_IMAGE_ID`` set to the image id, and ``network_mode`` ("none":
-    offline and reproducible). Its stdout/stderr are copied to ``stdout``/``stderr`` as they
-    arrive. Ctrl-C stops the container; it is removed in every case.
-    """
-    client = client or engine()
-    img = resolve_image(image, configured_tag=configured_tag, client=client)
-    user = user or f"{os.getuid()}:{os.getgid()}"
-    environment = {"FTCTL_IMAGE_ID": img.id, "HOME": "/tmp", **(env or {})}
-    volumes = {
-        str(m.host): {"bind": m.container, "mode": "ro" if m.read_only else "rw"} for m in mounts
-    }
-    reporter.info(f"running `ftctl {' '.join(argv)}` in {_image_name(img)} as {user}")
-    requests = device_requests("all" if gpus == "auto" else gpus)
-    container = _create(
-        client, img, argv, environment, volumes, user, requests, network_mode, workdir
-    )
+    wanted = image or configured_tag or f"{REPOSITORY}:latest"
     try:
-        try:
-            output = _attach_and_start(client, container)
-        except Exception as exc:
-            if not (requests and _is_no_gpu_error(exc)):
-                raise ImageError(f"cannot start the container: {exc}") from exc
-            container.remove(force=True)
-            if gpus != "auto":
-                raise EnvironmentProblem(
-                    f"--gpus {gpus}: the Docker engine has no GPU support ({exc})",
-                    hint=(
-                        "install the NVIDIA driver + NVIDIA Container Toolkit and restart the "
-                        "engine, or run on CPU with --gpus none"
-                    ),
-                ) from exc
-            reporter.info("no GPU support in the Docker engine: running on CPU")
-            container = _create(
-                client, img, argv, environment, volumes, user, [], network_mode, workdir
-            )
-            output = _attach_and_start(client, container)
-        _copy_output(output, stdout, stderr)
-        return int(container.wait().get("StatusCode", 1))
-    except KeyboardInterrupt:
-        reporter.warn("interrupted: stopping the container")
-        container.stop(timeout=10)
-        raise
-    finally:
-        with contextlib.suppress(Exception):  # already gone (removed above or by the engine)
-            container.remove(force=True)
-
-
-def _image_name(img) -> str:
-    return img.tags[0] if img.tags else img.short_id
-
-
-def _create(client, img, argv, environment, volumes, user, requests, network_mode, workdir):
-    try:
-        return client.containers.create(
-            img.id,
-            command=list(argv),
-            environment=environment,
-            volumes=volumes,
-            user=user,
-            device_requests=requests or None,
-            network_mode=network_mode,
-            working_dir=workdir,
-            init=True,
-            labels={"ftctl.command": " ".join(argv)[:1000]},
+        return client.images.get(wanted)
+    except docker.errors.ImageNotFound:
+        how = (
+            "build it with `ftctl image build` (it tags [image] tag)"
+            if image is None
+            else "check the name (see `ftctl image ls`) or build it with `ftctl image build`"
         )
-    except Exception as exc:
-        raise ImageError(f"cannot create the container: {exc}") from exc
-
-
-def _attach_and_start(client, container):
-    """Attach first (so no output is lost however fast the command), then start."""
-    output = client.api.attach(container.id, stream=True, logs=True, demux=True)
-    container.start()
-    return output
-
-
-def _copy_output(output, stdout: IO[bytes] | None, stderr: IO[bytes] | None) -> None:
-    """Copy the container's (stdout, stderr) chunks to the given streams until it exits."""
-    for out, err in output:
-        for data, sink in ((out, stdout), (err, stderr)):
-            if data and sink is not None:
-                sink.write(data)
-                sink.flush()
+        raise ImageError(f"image {wanted} not found in the local Docker engine", hint=how) from None

@@ -15,6 +15,7 @@ from typing import Any
 
 from ftctl.errors import ModelError
 from ftctl.fsutil import atomic_write_text, sha256_bytes, sha256_file, sha256_tree
+from ftctl.hostpaths import record_host_paths
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -22,8 +23,10 @@ SCHEMA = 1
 
 def write_manifest(model_dir: str | Path, payload: dict[str, Any]) -> dict[str, Any]:
     """Hash every file in ``model_dir`` into ``files``, add ``payload`` and write manifest.json
-    atomically. Returns the manifest written."""
+    atomically. Returns the manifest written. Inside ``--docker`` the paths in ``payload`` are
+    recorded as the host paths they were mounted from (:func:`record_host_paths`)."""
     model_dir = Path(model_dir)
+    payload = record_host_paths(payload)
     manifest = {"schema": SCHEMA, **payload, "files": sha256_tree(model_dir, exclude=(MANIFEST,))}
     text = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=False, default=str)
     atomic_write_text(model_dir / MANIFEST, text + "\n")

@@ -73,13 +73,16 @@ GpusOpt = Annotated[
     str | None,
     typer.Option(
         "--gpus",
-        help="With --docker: auto | all | none | N GPUs (auto: all if the engine has GPUs).",
+        help=(
+            "With --docker: auto | all | none | N | 0,2 (device ids). auto: the GPUs the "
+            "command uses (train: one per process), none if the engine has no GPU support."
+        ),
         show_default="auto",
     ),
 ]
 ImageOpt = Annotated[
     str | None,
-    typer.Option("--image", help="With --docker: the image to run (default: the newest ftctl:*)."),
+    typer.Option("--image", help="With --docker: the image to run (default: [image] tag)."),
 ]
 ModelDirOpt = Annotated[
     Path | None, typer.Option("--model", help="A model directory (HF format, e.g. .../final).")

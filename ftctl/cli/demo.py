@@ -224,7 +224,8 @@ def _in_image(ctx, names: list[str], args: list[str], gpus, image) -> dict[str, 
     from ftctl.cli.docker_run import rerun_in_docker
 
     sub = _subcommand_ctx(ctx, names, args)
-    code = rerun_in_docker(sub, gpus=gpus, image=image, stdout=sys.stderr.buffer)
+    used = int(sub.params.get("nproc") or 1) if names == ["train"] else 0
+    code = rerun_in_docker(sub, gpus=gpus, image=image, gpus_used=used, stdout=sys.stderr.buffer)
     if code != 0:
         raise StageFailed(f"`ftctl {' '.join(names)}` in the image exited {code}", code)
     return {"in_image": True}

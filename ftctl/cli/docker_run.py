@@ -7,7 +7,7 @@ A command's ``if docker:`` branch calls::
 
 The command line is rebuilt from the click context (subcommand names + the parameters the user
 gave, minus --docker/--gpus/--image), host paths are rewritten to container paths, and
-:func:`ftctl.image.run_in_image` runs it. Mounts:
+:func:`ftctl.container.run_in_image` runs it. Mounts:
 
 * ``<project>/data`` -> ``/workspace/data`` and ``<project>/models`` -> ``/workspace/models``
   (read-write; the project is the current directory);
@@ -19,13 +19,23 @@ gave, minus --docker/--gpus/--image), host paths are rewritten to container path
   /workspace, i.e. data/ and models/ work).
 
 ``FTCTL_DOCKER_USER=uid:gid`` runs the container as someone else (default: the caller).
+
+What the command prints comes back in the user's paths: the mount table goes in as
+``$FTCTL_HOST_PATHS`` (the manifest records host paths) and the output is rewritten on the way
+out (:mod:`ftctl.hostpaths`). SIGTERM to ftctl stops the container as Ctrl-C does, removes it,
+and exits 143.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePath
@@ -36,8 +46,10 @@ import typer
 from click.core import ParameterSource
 
 from ftctl.cli import common
-from ftctl.errors import ConfigError
-from ftctl.image import WORKDIR, Mount, device_requests, run_in_image
+from ftctl.container import WORKDIR, Mount, Terminated, gpu_plan, run_in_image
+from ftctl.errors import ConfigError, Stopped
+from ftctl.hostpaths import ENV_VAR, HostPathJsonWriter, HostPathWriter, PathTable
+from ftctl.image import engine
 
 DOCKER_PARAMS = frozenset({"docker", "gpus", "image"})  # never passed into the container
 PROJECT_DIRS = ("data", "models")  # mounted at /workspace/<name>
@@ -195,27 +207,83 @@ def plan(ctx: click.Context, project: Path | None = None) -> tuple[list[str], li
     return argv, mapper.mounts()
 
 
+def host_paths(mounts: list[Mount]) -> PathTable:
+    """Container path -> host path of every mount (what the output is mapped back with)."""
+    return PathTable.of((m.container, os.fspath(m.host)) for m in mounts)
+
+
+def _environment(table: PathTable) -> dict[str, str]:
+    env = {ENV_VAR: table.to_env()}
+    if sys.stderr.isatty():  # the inner ftctl formats for the caller's terminal
+        env["COLUMNS"] = str(shutil.get_terminal_size().columns)
+    return env
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_run() -> Iterator[None]:
+    """While the container runs, SIGTERM to ftctl raises Terminated (handled like Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def rerun_in_docker(
-    ctx: typer.Context, *, gpus: str | None, image: str | None, stdout: IO[bytes] | None = None
+    ctx: typer.Context,
+    *,
+    gpus: str | None,
+    image: str | None,
+    gpus_used: int = 0,
+    stdout: IO[bytes] | None = None,
 ) -> int:
-    """Run this same command inside the training image; return its exit code. Its stdout goes
-    to ``stdout`` (default: ours; the pipeline sends it to stderr to keep its JSON clean)."""
+    """Run this same command inside the training image; return its exit code.
+
+    ``gpus_used``: how many GPUs the command will use (what ``--gpus auto`` asks for). Its
+    stdout goes to ``stdout`` (default: ours; the pipeline sends it to stderr to keep its JSON
+    clean); every path in its output is mapped back to the host.
+    """
     cfg = common.config(ctx).image
     gpus = gpus or cfg.gpus
-    if gpus != "auto":
-        device_requests(gpus)  # validates the value before anything is started
+    gpu_plan(gpus, gpus_used)  # validates the value before anything is started
     argv, mounts = plan(ctx)
+    table = host_paths(mounts)
+    out_writer = HostPathJsonWriter if "--json" in argv else HostPathWriter
+    out = out_writer(table, stdout or sys.stdout.buffer)
+    err = HostPathWriter(table, sys.stderr.buffer)
     sys.stdout.flush()
     sys.stderr.flush()
-    return run_in_image(
-        argv,
-        image=image,
-        configured_tag=cfg.tag,
-        mounts=mounts,
-        user=os.environ.get("FTCTL_DOCKER_USER") or None,
-        gpus=gpus,
-        network_mode=cfg.network,
-        stdout=stdout or sys.stdout.buffer,
-        stderr=sys.stderr.buffer,
-        reporter=common.reporter(ctx),
-    )
+    try:
+        with sigterm_stops_the_run():
+            return run_in_image(
+                argv,
+                image=image,
+                configured_tag=cfg.tag,
+                mounts=mounts,
+                env=_environment(table),
+                user=os.environ.get("FTCTL_DOCKER_USER") or None,
+                gpus=gpus,
+                gpus_used=gpus_used,
+                network_mode=cfg.network,
+                memory=cfg.memory,
+                stop_grace=cfg.stop_grace,
+                stdout=out,
+                stderr=err,
+                reporter=common.reporter(ctx),
+                client=engine(cfg.read_timeout),
+            )
+    except Terminated:
+        raise Stopped(
+            "terminated (SIGTERM): the container was stopped and removed",
+            hint="run the same command again (train: with --resume to continue)",
+        ) from None
+    finally:
+        out.close()
+        err.close()

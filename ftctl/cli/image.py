@@ -26,8 +26,8 @@ def build_cmd(
         typer.Option(
             "--tag",
             "-t",
-            help="Tag(s) to give the image (repeatable).",
-            show_default="ftctl:<version>-<git sha> and ftctl:latest",
+            help="Tag(s) to give the image (repeatable); --docker runs [image] tag.",
+            show_default="ftctl:<version>-<git sha> and [image] tag (ftctl:latest)",
         ),
     ] = None,
     base_image: Annotated[
@@ -50,10 +50,11 @@ def build_cmd(
     """Build the training image through the Docker engine and print its id.
 
     The build log streams to stderr; the image is tagged `ftctl:<version>-<git sha>` and
-    `ftctl:latest` unless --tag is given. `ftctl train --docker` then runs in the newest one.
+    `[image] tag` (default `ftctl:latest`) unless --tag is given, and labelled with the git
+    revision (OCI labels). `ftctl train --docker` runs `[image] tag`.
 
     Example: `ftctl image build` (GPU machine) or
-    `ftctl image build --base-image ftctl-test-base:bookworm-py311-torch2.13.0` (no registry)
+    `ftctl image build --base-image ftctl-docker-test-base:torch2.13.0` (no registry)
     """
     cfg = cfgmod.override(common.config(ctx).image, base_image=base_image, context=context)
     cfgmod.check(cfg)
@@ -63,7 +64,7 @@ def build_cmd(
         cfg.context,
         dockerfile=cfg.dockerfile,
         base_image=cfg.base_image,
-        tags=tag or ([cfg.tag] if cfg.tag else default_tags(cfg.context)),
+        tags=tag or default_tags(cfg.context, cfg.tag),
         no_cache=no_cache,
         reporter=common.reporter(ctx),
     )
@@ -73,27 +74,30 @@ def build_cmd(
     common.err.print(
         f"built {', '.join(result.tags)} in {result.seconds:.0f} s (base {result.base_image})"
     )
+    if cfg.tag not in result.tags:
+        common.err.print(f"note: --docker runs [image] tag = {cfg.tag}, not this image")
     common.out.print(result.image_id)
 
 
 @app.command("ls")
 def ls_cmd(ctx: typer.Context, json_: common.JsonOpt = False) -> None:
-    """List the local ftctl images, newest first (the first is what --docker runs).
+    """List the local ftctl images, newest first; `*` marks [image] tag, what --docker runs.
 
     Example: `ftctl image ls --json`
     """
+    docker_tag = common.config(ctx).image.tag
     rows = list_images()
     if json_:
-        common.emit_json(ctx, {"ok": True, "images": rows})
+        common.emit_json(ctx, {"ok": True, "docker_runs": docker_tag, "images": rows})
         return
     if not rows:
         common.err.print("no ftctl images; build one with `ftctl image build`")
         return
-    table = Table("id", "tags", "created", "size")
+    table = Table("id", "tags", "created", "size", caption=f"* --docker runs {docker_tag}")
     for r in rows:
         table.add_row(
             r["id"].removeprefix("sha256:")[:12],
-            ", ".join(r["tags"]) or "<none>",
+            ", ".join(f"{t} *" if t == docker_tag else t for t in r["tags"]) or "<none>",
             r["created"][:19].replace("T", " "),
             f"{r['size'] / 1e9:.2f} GB",
         )

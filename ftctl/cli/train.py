@@ -266,7 +266,9 @@ def train(
     if docker:
         from ftctl.cli.docker_run import rerun_in_docker
 
-        raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image))
+        # --gpus auto asks for one GPU per training process
+        used = int(ctx.params.get("nproc") or 1)
+        raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image, gpus_used=used))
     if json_out:
         common.state(ctx).json = True
     cfg = cfgmod.override(

@@ -6,6 +6,7 @@ the same code against a real engine.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from ftctl.cli import common, docker_run
 from ftctl.cli.main import FtctlGroup
 from ftctl.cli.main import app as ftctl_app
-from ftctl.image import Mount
+from ftctl.container import Mount
 
 runner = CliRunner()
 
@@ -31,6 +32,7 @@ def recorded(monkeypatch):
         return 3
 
     monkeypatch.setattr(docker_run, "run_in_image", fake_run)
+    monkeypatch.setattr(docker_run, "engine", lambda timeout: ("engine", timeout))
     return calls
 
 
@@ -213,16 +215,25 @@ def test_real_data_generate_with_config_debug_and_outside_out_dir(
 # --------------------------------------------------------------------------- ftctl.image helpers
 
 
-def test_device_requests_for_each_gpus_value():
+def test_gpu_plan_for_each_gpus_value():
+    from ftctl.container import gpu_plan
     from ftctl.errors import ConfigError
-    from ftctl.image import device_requests
 
-    assert device_requests("none") == [] and device_requests("0") == []
-    (all_,) = device_requests("all")
+    for none in (gpu_plan("none"), gpu_plan("0"), gpu_plan("auto", used=0)):
+        assert none.requests == () and none.env == {"NVIDIA_VISIBLE_DEVICES": "void"}
+    (all_,) = gpu_plan("all").requests
     assert all_["Count"] == -1 and all_["Capabilities"] == [["gpu"]]
-    assert device_requests("2")[0]["Count"] == 2
-    with pytest.raises(ConfigError):
-        device_requests("lots")
+    assert gpu_plan("all").env == {}
+    assert gpu_plan("2").requests[0]["Count"] == 2
+    (ids,) = gpu_plan("0,2").requests
+    assert ids["DeviceIDs"] == ["0", "2"] and not ids["Count"]
+    assert gpu_plan("device=1").requests[0]["DeviceIDs"] == ["1"]
+    auto = gpu_plan("auto", used=2)
+    assert auto.requests[0]["Count"] == 2 and auto.cpu_fallback and auto.env == {}
+    assert not gpu_plan("2").cpu_fallback
+    for bad in ("lots", "0,,2", "-1", "all,1"):
+        with pytest.raises(ConfigError):
+            gpu_plan(bad)
 
 
 def test_tag_split_keeps_registry_ports():
@@ -238,6 +249,7 @@ def test_git_sha_outside_git_and_default_tags(tmp_path):
 
     assert git_sha(tmp_path) == "nogit"
     assert default_tags(tmp_path) == [f"ftctl:{__version__}-nogit", "ftctl:latest"]
+    assert default_tags(tmp_path, "ftctl:prod") == [f"ftctl:{__version__}-nogit", "ftctl:prod"]
 
 
 def test_build_failure_on_a_missing_base_hints_at_base_image():
@@ -245,3 +257,84 @@ def test_build_failure_on_a_missing_base_hints_at_base_image():
 
     err = _build_failed("pull access denied for pytorch/pytorch", ["Step 2/10 : FROM x"], "x")
     assert "--base-image" in err.hint and "Step 2/10" in err.message
+
+
+def test_oci_labels_carry_the_git_revision(repo_root):
+    import subprocess
+
+    from ftctl.image import oci_labels
+
+    head = subprocess.run(
+        ["git", "-C", str(repo_root), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    labels = oci_labels(repo_root, "base:x")
+    assert labels["org.opencontainers.image.revision"] == head
+    assert labels["org.opencontainers.image.base.name"] == "base:x"
+    assert labels["ftctl.source.dirty"] in ("true", "false")
+
+
+# --------------------------------------------------------------------------- what the run gets
+
+
+def test_gpus_auto_asks_for_one_gpu_per_train_process_and_none_for_generate(project, recorded):
+    (project / "data" / "new.jsonl").write_text("{}\n")
+    res = runner.invoke(ftctl_app, ["train", "--new-data", "data/new.jsonl", "--docker"])
+    assert res.exit_code == 3, res.output
+    res = runner.invoke(ftctl_app, ["data", "generate", "--docker"])
+    assert res.exit_code == 3, res.output
+    train, generate = recorded
+    assert (train["gpus"], train["gpus_used"]) == ("auto", 1)
+    assert (generate["gpus"], generate["gpus_used"]) == ("auto", 0)
+
+
+def test_gpu_ids_are_accepted_and_passed_on(project, recorded):
+    res = runner.invoke(toy_app(), ["grp", "run", "x", "--docker", "--gpus", "0,2"])
+    assert res.exit_code == 3, res.output
+    assert recorded[0]["gpus"] == "0,2"
+
+
+def test_run_gets_the_image_settings_and_the_mount_table(project, recorded, tmp_path_factory):
+    cfg = project / "ftctl.toml"
+    cfg.write_text('[image]\nread_timeout = 2.5\nstop_grace = 7\nmemory = "2g"\n')
+    out = tmp_path_factory.mktemp("out")
+    res = runner.invoke(ftctl_app, ["data", "generate", "--out-dir", str(out), "--docker"])
+    assert res.exit_code == 3, res.output
+    call = recorded[0]
+    assert call["client"] == ("engine", 2.5)
+    assert (call["stop_grace"], call["memory"]) == (7.0, "2g")
+    assert call["configured_tag"] == "ftctl:latest"
+    table = json.loads(call["env"]["FTCTL_HOST_PATHS"])
+    mounts = {m.container: str(m.host) for m in call["mounts"]}
+    assert table == mounts
+    assert table["/workspace/data"] == str(project / "data")
+    assert str(out) in table.values()
+
+
+def test_sigterm_raises_terminated_only_while_the_run_lasts():
+    import os
+    import signal
+
+    from ftctl.container import Terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), docker_run.sigterm_stops_the_run():
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 1)  # let the handler run
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_image_config_rejects_bad_values():
+    from ftctl.config import ImageConfig, check
+    from ftctl.errors import ConfigError
+
+    check(ImageConfig(gpus="0,2"), ImageConfig(gpus="device=3"), ImageConfig(memory="512m"))
+    with pytest.raises(ConfigError) as info:
+        check(ImageConfig(gpus="x y", read_timeout=0, stop_grace=-1, memory="lots", tag=""))
+    fields = {p.field for p in info.value.problems}
+    assert fields == {
+        "image.gpus",
+        "image.read_timeout",
+        "image.stop_grace",
+        "image.memory",
+        "image.tag",
+    }
