@@ -132,7 +132,7 @@ def main() -> int:
         remote_dir = root / "srv" / "chinese-roberta-wwm-ext-classifier"
         port = 8000
         ftctl = str(Path(sys.executable).parent / "ftctl")
-        cmd = [ftctl, "serve", "--model-dir", str(remote_dir / "final"), "--host", addr,
+        cmd = [ftctl, "serve", "--model-path", str(remote_dir / "final"), "--host", addr,
                "--port", str(port)]  # fmt: skip
         sup = Supervisor(root / "sup", cmd)
         sup.prefix = ["ip", "netns", "exec", ns]

@@ -136,7 +136,7 @@ def main() -> int:
     ports = {FTCTL: free_port(), PEER: free_port()}
     with tempfile.TemporaryDirectory(prefix="ftctl-bench-serve-") as tmp:
         cmds = {
-            FTCTL: [str(bindir / "ftctl"), "serve", "--model-dir", str(model),
+            FTCTL: [str(bindir / "ftctl"), "serve", "--model-path", str(model),
                     "--port", str(ports[FTCTL]), "--prediction-log", f"{tmp}/predictions.jsonl"],
             PEER: [sys.executable, "-m", "uvicorn", "bench.serve_peer:app", "--port",
                    str(ports[PEER]), "--log-level", "warning"],

@@ -321,7 +321,7 @@ def rig(cache: Path) -> Iterator[Rig]:
         shutil.copytree(old, remote_dir / "final")
         port = free_port()
         ftctl = str(Path(sys.executable).parent / "ftctl")
-        cmd = [ftctl, "serve", "--model-dir", str(remote_dir / "final"), "--port", str(port)]
+        cmd = [ftctl, "serve", "--model-path", str(remote_dir / "final"), "--port", str(port)]
         with LocalSSHD(root / "sshd") as sshd, Supervisor(root / "sup", cmd) as sup:
             if not wait_http(f"http://127.0.0.1:{port}/health", 300):
                 raise RuntimeError(f"service did not start; see {root / 'sup'}")

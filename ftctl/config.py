@@ -19,6 +19,7 @@ from typing import Any
 from ftctl.errors import ConfigError, Problem
 
 CONFIG_FILE = "ftctl.toml"
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"  # OpenSSH's; [deploy] known_hosts unset
 SEED_REMOTE_DIR = "/www/wwwroot/python-services/models/chinese-roberta-wwm-ext-classifier"
 SEED_PAIRS: tuple[tuple[str, str], ...] = (
     ("PROCESSING_BATCH_LIST", "MATERIAL_BATCH_QUERY"),
@@ -31,7 +32,7 @@ SEED_PAIRS: tuple[tuple[str, str], ...] = (
 class DataConfig:
     """``[data]``: training-data generation (the seed's generate_training_data.py)."""
 
-    samples: Path = Path("data/incremental_samples.yaml")  # template file users edit
+    templates: Path = Path("data/incremental_samples.yaml")  # template file users edit
     out_dir: Path = Path("data")  # where generated files land
     name: str = "incremental_training_data"  # output file stem (.jsonl / .csv)
     per_intent: int = 120  # samples per intent after expansion (balanced)
@@ -272,7 +273,7 @@ class DeployConfig:
 class ServeConfig:
     """``[serve]``: the reference inference service (docs/serve.md)."""
 
-    model_dir: Path | None = None  # model directory or the deploy link
+    model_path: Path | None = None  # model directory or the deploy link
     host: str = "127.0.0.1"  # ignored when systemd passes a socket (LISTEN_FDS)
     port: int = 8000
     max_length: int = 64  # tokens per text
@@ -356,6 +357,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     path: Path | None = None  # the file it came from, if any
+    notes: tuple[str, ...] = ()  # deprecations found while reading it (printed as warnings)
 
     def deploy_profile(self, name: str | None) -> DeployConfig:
         """The named profile; with no name, the only one (or the defaults if there is none)."""
@@ -381,17 +383,31 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def _coerce(value: Any, tp: Any, where: str, problems: list[Problem]) -> Any:
-    """Coerce a TOML value to a dataclass field type; record a problem if it cannot."""
+# Keys that were renamed (one name per thing across the CLI and ftctl.toml): still read, with a
+# note. section -> {old key: new key}
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "data": {"samples": "templates"},
+    "serve": {"model_dir": "model_path"},
+}
+# Path keys that are not relative to ftctl.toml: the Dockerfile is relative to the build context.
+NOT_FILE_RELATIVE = frozenset({"image.dockerfile"})
+
+
+def _coerce(
+    value: Any, tp: Any, where: str, problems: list[Problem], base: Path | None = None
+) -> Any:
+    """Coerce a TOML value to a dataclass field type; record a problem if it cannot. A relative
+    path is taken relative to ``base`` (the directory of the file it came from)."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where, problems)
+        return _coerce(value, args[0], where, problems, base)
     if tp is Path:
         if isinstance(value, str):
-            return Path(value)
+            path = Path(value).expanduser()
+            return path if base is None or path.is_absolute() else base / path
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -418,19 +434,36 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[Problem]) -> Any:
     return None
 
 
-def section(cls: type, raw: dict[str, Any], where: str, problems: list[Problem]):
-    """Build the frozen dataclass ``cls`` from a TOML table, collecting problems."""
+def section(
+    cls: type,
+    raw: dict[str, Any],
+    where: str,
+    problems: list[Problem],
+    *,
+    base: Path | None = None,
+    notes: list[str] | None = None,
+):
+    """Build the frozen dataclass ``cls`` from a TOML table, collecting problems. Relative paths
+    are relative to ``base``; a renamed key is read under its new name, with a note."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    renamed = RENAMED_KEYS.get(where.split(".")[0], {})
     kwargs = {}
     for key, value in raw.items():
         k = key.replace("-", "_")
+        if k in renamed:
+            if notes is not None:
+                notes.append(
+                    f"[{where}] {key} is now {renamed[k]}: rename it (read as {renamed[k]})"
+                )
+            k = renamed[k]
         if k not in known:
             problems.append(
                 Problem(f"unknown key (known: {', '.join(sorted(known))})", field=f"{where}.{key}")
             )
             continue
-        coerced = _coerce(value, hints[k], f"{where}.{key}", problems)
+        rel = None if f"{where.split('.')[0]}.{k}" in NOT_FILE_RELATIVE else base
+        coerced = _coerce(value, hints[k], f"{where}.{key}", problems, rel)
         if coerced is not None:
             kwargs[k] = coerced
     return cls(**kwargs)
@@ -496,13 +529,15 @@ def load_config(path: Path | None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     problems: list[Problem] = []
+    notes: list[str] = []
+    opts = {"base": path.parent, "notes": notes}  # paths in the file are relative to the file
     kwargs: dict[str, Any] = {"path": path}
     for key, value in raw.items():
         if key in _SECTIONS and isinstance(value, dict):
-            kwargs[key] = section(_SECTIONS[key], value, key, problems)
+            kwargs[key] = section(_SECTIONS[key], value, key, problems, **opts)
         elif key == "deploy" and isinstance(value, dict):
             kwargs["deploy"] = {
-                name: section(DeployConfig, table, f"deploy.{name}", problems)
+                name: section(DeployConfig, table, f"deploy.{name}", problems, **opts)
                 for name, table in value.items()
                 if isinstance(table, dict)
             }
@@ -520,7 +555,7 @@ def load_config(path: Path | None) -> Config:
         else:
             known = ", ".join([*_SECTIONS, "deploy"])
             problems.append(Problem(f"unknown table (known: {known})", field=key))
-    cfg = Config(**kwargs)
+    cfg = Config(**kwargs, notes=tuple(notes))
     for sec in (cfg.data, cfg.train, cfg.eval, cfg.image, cfg.serve, cfg.harvest):
         problems.extend(sec.problems())
     for name, prof in cfg.deploy.items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ftctl.config import DeployConfig, EvalConfig, TrainConfig
-from ftctl.errors import FtctlError, GateFailed
+from ftctl.errors import ConfigError, Problem
+from ftctl.evaluate import check_gate
+from ftctl.pipeline import StageResult, Stages
 from ftctl.progress import NULL, Reporter
 
 # The stand-in base model is tiny (hidden 64) and trained from scratch: the seed's 5e-6 suits a
@@ -91,6 +92,15 @@ class DemoConfig:
     showcase_per_intent: int = 2  # live predictions shown per pair intent
     traffic: int = 300  # test utterances sent to the live service before the harvest
     harvest_limit: int = 40  # rows of the demo's review file
+    force: bool = False  # empty a non-empty workdir even if the demo did not make it
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if not self.lr > 0:
+            out.append(Problem("must be > 0", field="demo.lr"))
+        if self.epochs < 1:
+            out.append(Problem("must be >= 1", field="demo.epochs"))
+        return out
 
 
 @dataclass
@@ -109,7 +119,7 @@ class DemoResult:
     transport: str = ""
     server_url: str = ""
     harvest: dict[str, Any] | None = None
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         gate = (self.gate_report or {}).get("gate", {})
@@ -125,7 +135,7 @@ class DemoResult:
             "transport": self.transport,
             "live": showcase_table(self.live_before, self.live_after),
             "harvest": self.harvest,
-            "stages": self.stages,
+            "stages": [s.to_dict() for s in self.stages],
         }
 
 
@@ -208,31 +218,12 @@ def intent_recall(result: dict[str, Any], label: str) -> float | None:
 # --------------------------------------------------------------------------- stages
 
 
-class _Stages:
-    """Numbered stages with timings, recorded in the result."""
-
-    def __init__(self, result: DemoResult, reporter: Reporter, total: int) -> None:
-        self.result, self.reporter, self.total, self.n = result, reporter, total, 0
-        self._t = 0.0
-
-    def begin(self, name: str) -> None:
-        self.end()
-        self.n += 1
-        self.reporter.stage(f"demo {self.n}/{self.total}: {name}")
-        self.result.stages.append({"stage": name, "seconds": None})
-        self._t = time.perf_counter()
-
-    def end(self) -> None:
-        if self.result.stages and self.result.stages[-1]["seconds"] is None:
-            self.result.stages[-1]["seconds"] = round(time.perf_counter() - self._t, 1)
-
-
 def _generate(cfg: DemoConfig, out_dir: Path, reporter: Reporter) -> Path:
     from ftctl.config import DataConfig
     from ftctl.generate import write_generated
 
-    templates = cfg.data_dir / DataConfig().samples.name
-    dc = DataConfig(samples=templates, out_dir=out_dir, format="jsonl")
+    templates = cfg.data_dir / DataConfig().templates.name
+    dc = DataConfig(templates=templates, out_dir=out_dir, format="jsonl")
     made = write_generated(dc, reporter=reporter)
     reporter.info(f"{len(made.examples)} incremental examples -> {made.paths[0]}")
     return made.paths[0]
@@ -311,7 +302,7 @@ class LocalServer:
         ftctl_cmd = [sys.executable, "-m", "ftctl", "serve"]
         self.supervisor = Supervisor(
             root / "supervisor",
-            [*ftctl_cmd, "--model-dir", str(self.remote_dir / "final"), "--port", str(self.port)],
+            [*ftctl_cmd, "--model-path", str(self.remote_dir / "final"), "--port", str(self.port)],
         )
         self.sshd = LocalSSHD(root / "ssh") if ssh else None
 
@@ -419,64 +410,74 @@ def _harvest(cfg: DemoConfig, server: LocalServer, new_data: Path, out: Path) ->
 # --------------------------------------------------------------------------- the demo
 
 
+WORKDIR_MARK = ".ftctl-demo"  # in a workdir the demo made: it may empty it next time
+
+
+def prepare_workdir(cfg: DemoConfig) -> Path:
+    """Empty ``cfg.workdir`` and mark it as the demo's. A non-empty directory without the mark
+    (one the demo did not make: ~/models, say) is refused unless ``cfg.force``."""
+    work = cfg.workdir.resolve()
+    if work.exists() and not work.is_dir():
+        raise ConfigError(f"--workdir {cfg.workdir}: exists and is not a directory")
+    if work.is_dir() and any(work.iterdir()):
+        if not (work / WORKDIR_MARK).exists() and not cfg.force:
+            raise ConfigError(
+                f"--workdir {cfg.workdir}: not empty, and not a directory the demo made "
+                "(the demo empties its workdir first)",
+                hint="choose another --workdir, or pass --force to empty this one",
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORKDIR_MARK).write_text("made by ftctl demo; emptied by the next run\n")
+    return work
+
+
 def run_demo(cfg: DemoConfig, *, reporter: Reporter = NULL) -> DemoResult:
     """Run the whole demo; raises the failing stage's FtctlError (GateFailed: exit 4)."""
-    work = cfg.workdir.resolve()
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = prepare_workdir(cfg)
     result = DemoResult(workdir=work, transport="ssh" if cfg.ssh else "local")
-    st = _Stages(result, reporter, 9)
+    st = Stages("demo", 9, reporter)
+    result.stages = st.results
     pairs = EvalConfig().pairs
     showcase = showcase_cases(cfg.data_dir / "test_cases.jsonl", pairs, cfg.showcase_per_intent)
     server: LocalServer | None = None
     try:
-        st.begin("generate the incremental training data")
-        new_data = _generate(cfg, work / "data", reporter)
+        with st.run("generate the incremental training data"):
+            new_data = _generate(cfg, work / "data", reporter)
 
-        st.begin("train the base classifier (stand-in for chinese-roberta-wwm-ext)")
-        result.base_dir = _base(cfg, work / "base", reporter)
+        with st.run("train the base classifier (stand-in for chinese-roberta-wwm-ext)"):
+            result.base_dir = _base(cfg, work / "base", reporter)
 
-        st.begin("comprehensive test of the base model (500 cases, seed 12345)")
-        result.base_report = _eval(cfg, result.base_dir, None, work / "reports" / "base", reporter)
+        with st.run("comprehensive test of the base model (500 cases, seed 12345)"):
+            base_reports = work / "reports" / "base"
+            result.base_report = _eval(cfg, result.base_dir, None, base_reports, reporter)
 
-        st.begin("start the production server (sshd + supervisor + ftctl serve) on loopback")
-        server = LocalServer(work / "server", result.base_dir, ssh=cfg.ssh).start()
-        result.server_url = server.url
-        result.live_before = live_predictions(server.url, showcase)
+        with st.run("start the production server (sshd + supervisor + ftctl serve) on loopback"):
+            server = LocalServer(work / "server", result.base_dir, ssh=cfg.ssh).start()
+            result.server_url = server.url
+            result.live_before = live_predictions(server.url, showcase)
 
-        st.begin("incremental fine-tune (replay, frozen layers, early stopping)")
-        result.candidate_dir = _train(
-            cfg, new_data, result.base_dir, work / "incremental", reporter
-        )
-
-        st.begin("gate: candidate vs live model on the same cases")
-        result.report_dir = work / "reports" / "gate"
-        result.gate_report = _eval(
-            cfg, result.candidate_dir, result.base_dir, result.report_dir, reporter
-        )
-        verdict = result.gate_report["gate"]
-        if verdict["verdict"] == "FAIL":
-            raise GateFailed(
-                "the candidate regresses; not deploying:\n"
-                + "\n".join(f"  {r}" for r in verdict["reasons"]),
-                hint=f"see {result.report_dir}/report.md",
+        with st.run("incremental fine-tune (replay, frozen layers, early stopping)"):
+            result.candidate_dir = _train(
+                cfg, new_data, result.base_dir, work / "incremental", reporter
             )
 
-        st.begin("deploy over SSH: backup, upload, verify, swap, restart, health, smoke")
-        smoke = SEED_EXAMPLES
-        result.deploy = _deploy(result.candidate_dir, server, smoke, reporter)
+        with st.run("gate: candidate vs live model on the same cases"):
+            result.report_dir = work / "reports" / "gate"
+            result.gate_report = _eval(
+                cfg, result.candidate_dir, result.base_dir, result.report_dir, reporter
+            )
+            check_gate(result.gate_report, result.report_dir)  # GateFailed: not deployed
 
-        st.begin("live predictions after the deploy")
-        result.live_after = live_predictions(server.url, showcase)
+        with st.run("deploy over SSH: backup, upload, verify, swap, restart, health, smoke"):
+            result.deploy = _deploy(result.candidate_dir, server, SEED_EXAMPLES, reporter)
 
-        st.begin("harvest: the live service's doubtful answers, over SSH, into a review file")
-        result.harvest = _harvest(cfg, server, new_data, work / "review.csv")
-        st.end()
+        with st.run("live predictions after the deploy"):
+            result.live_after = live_predictions(server.url, showcase)
+
+        with st.run("harvest: the live service's doubtful answers, over SSH, into a review file"):
+            result.harvest = _harvest(cfg, server, new_data, work / "review.csv")
         return result
-    except FtctlError:
-        st.end()
-        raise
     finally:
         if server is not None and not cfg.keep_serving:
             server.close()

@@ -139,6 +139,18 @@ class RollbackFailed(DeployError):
     exit_code = ExitCode.ROLLBACK_FAILED
 
 
+class UsageProblem(FtctlError):
+    """A usage error found by the command-line parser (click's), in ftctl's error form."""
+
+    exit_code = ExitCode.USAGE
+
+
+class Interrupted(FtctlError):
+    """Ctrl-C: what was running stopped (a training run keeps its checkpoint)."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 class StageFailed(FtctlError):
     """A pipeline stage run as a separate process (e.g. inside the image) exited non-zero; the
     pipeline passes its exit code on."""

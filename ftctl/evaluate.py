@@ -24,7 +24,7 @@ from typing import Any
 
 from ftctl.config import EvalConfig
 from ftctl.data import DEFAULT_MAX_CHARS, Example, load_examples, normalize_text, read_examples
-from ftctl.errors import ConfigError, DataError, EvalError, FtctlError, Problem
+from ftctl.errors import ConfigError, DataError, EvalError, FtctlError, GateFailed, Problem
 from ftctl.model import resolve_device
 from ftctl.progress import NULL, Reporter
 
@@ -743,3 +743,18 @@ def compare(baseline: dict[str, Any], candidate: dict[str, Any]) -> dict[str, An
         "per_intent": per_intent,
         "pairs": pairs,
     }
+
+
+def check_gate(report: dict[str, Any], report_dir: Path | str | None = None) -> None:
+    """Raise :class:`GateFailed` (exit 4) when ``report``'s gate failed; eval, pipeline and
+    demo all stop here."""
+    gate = report["gate"]
+    if gate["verdict"] != "FAIL":
+        return
+    reasons = gate["reasons"]
+    where = f"see {report_dir}/report.md for what got worse; " if report_dir else ""
+    raise GateFailed(
+        f"gate FAILED: the candidate regresses against the baseline in {len(reasons)} "
+        "check(s):\n" + "\n".join(f"  {r}" for r in reasons),
+        hint=f"do not deploy it; {where}raise --replay-ratio or lower --epochs/--lr and retrain",
+    )

@@ -188,7 +188,7 @@ def load_templates(path: str | Path) -> Templates:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(
-            f"{path}: templates file not found", hint="check --samples or [data].samples"
+            f"{path}: templates file not found", hint="check --templates or [data] templates"
         ) from None
     except UnicodeDecodeError:
         raise DataError(
@@ -340,7 +340,7 @@ def write_generated(
         raise ConfigError(
             f"--name '{cfg.name}' must be a plain file stem", hint="e.g. --name train_v2"
         )
-    templates = load_templates(cfg.samples)
+    templates = load_templates(cfg.templates)
     examples = generate(
         templates,
         per_intent=cfg.per_intent,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ftctl.config import DEFAULT_KNOWN_HOSTS
 from ftctl.errors import ConfigError, EnvironmentProblem, HostKeyError
 from ftctl.fsutil import atomic_write_text
 
@@ -63,11 +64,7 @@ def fingerprint(key) -> str:
 
 
 def known_hosts_path(cfg: DeployConfig) -> Path:
-    return (
-        Path(cfg.known_hosts).expanduser()
-        if cfg.known_hosts
-        else Path("~/.ssh/known_hosts").expanduser()
-    )
+    return Path(cfg.known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
 
 
 def _append_known_host(path: Path, name: str, key) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ftctl.config import Config
+from ftctl.config import Config, TrainConfig
 from ftctl.errors import FtctlError
 
 out = Console(highlight=False, soft_wrap=True)  # results (stdout)
@@ -39,7 +41,8 @@ class State:
     config: Config = field(default_factory=Config)
     debug: bool = False
     json: bool = False  # a command sets it when --json is given; errors then go out as JSON too
-    quiet: bool = False
+    json_emitted: bool = False  # the command's one JSON document is out (an error adds none)
+    quiet: bool = False  # --quiet: no progress or info on stderr (warnings and errors remain)
 
 
 def state(ctx: typer.Context) -> State:
@@ -53,6 +56,18 @@ def config(ctx: typer.Context) -> Config:
     return state(ctx).config
 
 
+def default_text(cls: type, name: str) -> str:
+    """How ``--help`` shows the default of field ``name`` of config class ``cls``: help texts
+    read the defaults the code uses (tests/unit/test_cli_defaults.py compares them)."""
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(value, float):  # 5e-06 -> 5e-6, as people write it
+        return re.sub(r"e([+-])0*(\d)", lambda m: "e" + m[1].lstrip("+") + m[2], f"{value:g}")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "none" if value is None else str(value)
+
+
 # ------------------------------------------------------------------ shared option aliases
 
 JsonOpt = Annotated[
@@ -63,7 +78,10 @@ DryRunOpt = Annotated[
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (deterministic output).")]
 DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="auto | cpu | cuda.", show_default="auto")
+    str | None,
+    typer.Option(
+        "--device", help="auto | cpu | cuda.", show_default=default_text(TrainConfig, "device")
+    ),
 ]
 DockerOpt = Annotated[
     bool,
@@ -92,9 +110,20 @@ ModelDirOpt = Annotated[
 # ------------------------------------------------------------------ output
 
 
+def warn(message: str) -> None:
+    """``warning: <message>`` on stderr (shown even with --quiet)."""
+    err.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True)
+
+
+def renamed_flag(old: str, new: str) -> None:
+    """An old flag name still works; say what it is called now."""
+    warn(f"{old} is now {new}; the old name keeps working for now")
+
+
 def emit_json(ctx: typer.Context, payload: Any) -> None:
-    """Print the command's single JSON document to stdout."""
-    state(ctx).json = True
+    """Print the command's single JSON document to stdout (the human log stays on stderr)."""
+    st = state(ctx)
+    st.json = st.json_emitted = True
     sys.stdout.write(json.dumps(payload, ensure_ascii=False, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
@@ -221,7 +250,7 @@ class RichReporter:
 
 def reporter(ctx: typer.Context) -> RichReporter:
     st = state(ctx)
-    return RichReporter(err, quiet=st.quiet or st.json)
+    return RichReporter(err, quiet=st.quiet)
 
 
 def silence_libraries(debug: bool = False) -> None:

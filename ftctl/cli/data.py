@@ -11,6 +11,7 @@ from rich.text import Text
 
 from ftctl import config as cfgmod
 from ftctl.cli import common
+from ftctl.config import DataConfig
 from ftctl.data import cross_file_problems, file_format, read_examples, write_examples
 from ftctl.errors import DataError, ExitCode, FtctlError, Problem
 from ftctl.generate import counts, write_generated
@@ -27,32 +28,49 @@ app = typer.Typer(
 @app.command("generate")
 def generate_cmd(
     ctx: typer.Context,
-    samples: Annotated[
+    templates: Annotated[
         Path | None,
         typer.Option(
-            "--samples",
+            "--templates",
             help="Templates YAML file (phrasings per intent).",
-            show_default="data/incremental_samples.yaml",
+            show_default=common.default_text(DataConfig, "templates"),
         ),
     ] = None,
+    old_samples: Annotated[
+        Path | None,
+        typer.Option("--samples", hidden=True, help="Old name of --templates."),
+    ] = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out-dir", help="Output directory.", show_default="data")
+        Path | None,
+        typer.Option(
+            "--out-dir",
+            help="Output directory.",
+            show_default=common.default_text(DataConfig, "out_dir"),
+        ),
     ] = None,
     per_intent: Annotated[
         int | None,
-        typer.Option("--per-intent", help="Examples per intent (balanced).", show_default="120"),
+        typer.Option(
+            "--per-intent",
+            help="Examples per intent (balanced).",
+            show_default=common.default_text(DataConfig, "per_intent"),
+        ),
     ] = None,
     seed: common.SeedOpt = None,
     fmt: Annotated[
         str | None,
-        typer.Option("--format", help="jsonl | csv | both.", show_default="both"),
+        typer.Option(
+            "--format",
+            help="jsonl | csv | both.",
+            show_default=common.default_text(DataConfig, "format"),
+        ),
     ] = None,
     name: Annotated[
         str | None,
         typer.Option(
             "--name",
             help="Output file stem (STEM.jsonl / STEM.csv).",
-            show_default="incremental_training_data",
+            show_default=common.default_text(DataConfig, "name"),
         ),
     ] = None,
     ids: Annotated[
@@ -74,9 +92,11 @@ def generate_cmd(
         from ftctl.cli.docker_run import rerun_in_docker
 
         raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image))
+    if old_samples is not None:
+        common.renamed_flag("data generate --samples", "--templates")
     cfg = cfgmod.override(
         common.config(ctx).data,
-        samples=samples,
+        templates=templates or old_samples,
         out_dir=out_dir,
         per_intent=per_intent,
         seed=seed,
@@ -84,8 +104,6 @@ def generate_cmd(
         name=name,
     )
     cfgmod.check(cfg)
-    if json_:
-        common.state(ctx).json = True
     made = write_generated(cfg, with_ids=ids, reporter=common.reporter(ctx))
     templates, examples, paths = made.templates, made.examples, made.paths
     per_label = counts(examples)
@@ -95,7 +113,7 @@ def generate_cmd(
             ctx,
             {
                 "ok": True,
-                "samples": str(cfg.samples),
+                "templates": str(cfg.templates),
                 "seed": cfg.seed,
                 "total": len(examples),
                 "counts": ordered,
@@ -104,7 +122,7 @@ def generate_cmd(
         )
         return
     phrasings = {it.label: len(it.phrasings) for it in templates.intents}
-    table = Table(title=f"generated from {cfg.samples} (seed {cfg.seed})")
+    table = Table(title=f"generated from {cfg.templates} (seed {cfg.seed})")
     table.add_column("intent")
     table.add_column("phrasings", justify="right")
     table.add_column("examples", justify="right")
@@ -194,7 +212,11 @@ def validate_cmd(
     ] = None,
     max_chars: Annotated[
         int | None,
-        typer.Option("--max-chars", help="Longest allowed text.", show_default="128"),
+        typer.Option(
+            "--max-chars",
+            help="Longest allowed text.",
+            show_default=common.default_text(DataConfig, "max_chars"),
+        ),
     ] = None,
     label_map: Annotated[
         Path | None,
@@ -219,8 +241,6 @@ def validate_cmd(
 
     Example: `ftctl data validate data/new.jsonl data/old.jsonl --labels models/base/final`
     """
-    if json_:
-        common.state(ctx).json = True
     cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
     cfgmod.check(cfg)
     allowed = read_label_list(labels, label_map)
@@ -290,7 +310,11 @@ def convert_cmd(
     dst: Annotated[Path, typer.Argument(help="Output file (.jsonl or .csv).")],
     max_chars: Annotated[
         int | None,
-        typer.Option("--max-chars", help="Longest allowed text.", show_default="128"),
+        typer.Option(
+            "--max-chars",
+            help="Longest allowed text.",
+            show_default=common.default_text(DataConfig, "max_chars"),
+        ),
     ] = None,
     json_: common.JsonOpt = False,
 ) -> None:
@@ -301,8 +325,6 @@ def convert_cmd(
 
     Example: `ftctl data convert data/incremental_training_data.jsonl /tmp/train.csv`
     """
-    if json_:
-        common.state(ctx).json = True
     cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
     cfgmod.check(cfg)
     file_format(dst)  # unknown output extension: fail before reading anything

@@ -7,28 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ftctl.cli import common
-from ftctl.config import DeployConfig, check, override
+from ftctl.cli import common, ssh
+from ftctl.config import DeployConfig
 from ftctl.errors import ConfigError, FtctlError
 
-ProfileOpt = Annotated[
-    str | None, typer.Option("--profile", "-p", help="The [deploy.PROFILE] table of ftctl.toml.")
-]
-HostOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--host",
-        help="user@host[:port]; repeat for several (upload in parallel, go live one at a time).",
-    ),
-]
-IdentityOpt = Annotated[Path | None, typer.Option("--identity", "-i", help="SSH private key.")]
-KnownHostsOpt = Annotated[
-    Path | None,
-    typer.Option("--known-hosts", help="known_hosts file.", show_default="~/.ssh/known_hosts"),
-]
-RemoteDirOpt = Annotated[
-    str | None, typer.Option("--remote-dir", help="Server directory holding final and releases/.")
-]
 RestartOpt = Annotated[str | None, typer.Option("--restart-cmd", help="Remote restart command.")]
 ReloadOpt = Annotated[
     str | None,
@@ -55,7 +37,7 @@ TransferOpt = Annotated[
     typer.Option(
         "--transfer",
         help="auto (rsync over OpenSSH where both ends have it, else SFTP) | rsync | sftp.",
-        show_default="auto",
+        show_default=common.default_text(DeployConfig, "transfer"),
     ),
 ]
 BwlimitOpt = Annotated[
@@ -66,7 +48,7 @@ RequireHealthOpt = Annotated[
     typer.Option(
         "--require-health/--no-require-health",
         help="Refuse a deploy whose new model nothing checks (no health URL or command).",
-        show_default="off",
+        show_default=common.default_text(DeployConfig, "require_health"),
     ),
 ]
 CanaryOpt = Annotated[
@@ -78,16 +60,8 @@ OnFailureOpt = Annotated[
     typer.Option(
         "--on-failure",
         help="revert: put hosts already switched back (the fleet never stays mixed) | stop.",
-        show_default="revert",
+        show_default=common.default_text(DeployConfig, "on_failure"),
     ),
-]
-AcceptKeyOpt = Annotated[
-    str | None,
-    typer.Option("--accept-host-key", help="Trust this host key fingerprint (SHA256:...)."),
-]
-AcceptNewOpt = Annotated[
-    bool,
-    typer.Option("--accept-new-host-key", help="Trust a host seen for the first time (TOFU)."),
 ]
 
 
@@ -103,28 +77,6 @@ def _smoke(items: list[str] | None):
             )
         out.append((text, label))
     return tuple(out)
-
-
-def _target(ctx, profile, hosts, **flags) -> tuple[DeployConfig, list]:
-    from ftctl.remote import parse_host
-
-    cfg = common.config(ctx).deploy_profile(profile)
-    cfg = override(cfg, hosts=tuple(hosts) if hosts else None, **flags)
-    check(cfg)
-    if not cfg.hosts:
-        raise ConfigError(
-            "no host to deploy to",
-            hint="pass --host user@host[:port] or set hosts in [deploy.<profile>] of ftctl.toml",
-        )
-    return cfg, [parse_host(h, cfg.user, cfg.port) for h in cfg.hosts]
-
-
-def _connector(cfg: DeployConfig, accept_host_key: str | None, accept_new: bool):
-    from ftctl.remote import connect
-
-    return lambda spec: connect(
-        spec, cfg, accept_host_key=accept_host_key, accept_new_host_key=accept_new
-    )
 
 
 def _sigterm_is_ctrl_c() -> None:
@@ -191,13 +143,16 @@ def _finish(ctx: typer.Context, result, as_json: bool) -> None:
 def deploy_cmd(
     ctx: typer.Context,
     model: Annotated[
-        Path, typer.Option("--model", "-m", help="The model directory to ship (.../final).")
+        Path,
+        typer.Option(
+            "--model-path", "--model", "-m", help="The model directory to ship (.../final)."
+        ),
     ] = Path("models/incremental/final"),
-    profile: ProfileOpt = None,
-    host: HostOpt = None,
-    identity: IdentityOpt = None,
-    known_hosts: KnownHostsOpt = None,
-    remote_dir: RemoteDirOpt = None,
+    profile: ssh.ProfileOpt = None,
+    host: ssh.HostOpt = None,
+    identity: ssh.IdentityOpt = None,
+    known_hosts: ssh.KnownHostsOpt = None,
+    remote_dir: ssh.RemoteDirOpt = None,
     restart_cmd: RestartOpt = None,
     reload_cmd: ReloadOpt = None,
     health_url: HealthUrlOpt = None,
@@ -210,8 +165,8 @@ def deploy_cmd(
     require_health: RequireHealthOpt = None,
     canary: CanaryOpt = None,
     on_failure: OnFailureOpt = None,
-    accept_host_key: AcceptKeyOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_host_key: ssh.AcceptKeyOpt = None,
+    accept_new_host_key: ssh.AcceptNewOpt = False,
     dry_run: common.DryRunOpt = False,
     json_out: common.JsonOpt = False,
 ) -> None:
@@ -222,7 +177,7 @@ def deploy_cmd(
     smoke cases, swaps back on failure (exit 5; 6 if that fails too) and unlocks, even if this
     command dies. The first deploy keeps a real final/ directory as releases/TS-original/.
 
-    Example: `ftctl deploy --model models/incremental/final --host root@47.100.235.168
+    Example: `ftctl deploy --model-path models/incremental/final --host root@47.100.235.168
     --health-url http://127.0.0.1:8000/health --smoke 帮我打卡=CLOCK_IN --require-health`
 
     Example (two hosts, the first as canary): `ftctl deploy --profile prod --host root@a
@@ -230,8 +185,7 @@ def deploy_cmd(
     """
     from ftctl import deploy as core
 
-    common.state(ctx).json = json_out
-    cfg, hosts = _target(
+    cfg, hosts = ssh.target(
         ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir,
         restart_cmd=restart_cmd, reload_cmd=reload_cmd, health_url=health_url,
         health_cmd=health_cmd, health_timeout=health_timeout, smoke=_smoke(smoke),
@@ -243,7 +197,7 @@ def deploy_cmd(
         model,
         cfg,
         hosts,
-        _connector(cfg, accept_host_key, accept_new_host_key),
+        ssh.connector(cfg, accept_host_key, accept_new_host_key),
         dry_run=dry_run,
         reporter=common.reporter(ctx),
     )
@@ -255,18 +209,18 @@ def rollback_cmd(
     to: Annotated[
         str | None, typer.Option("--to", help="Release name (or its sha8); default: previous.")
     ] = None,
-    profile: ProfileOpt = None,
-    host: HostOpt = None,
-    identity: IdentityOpt = None,
-    known_hosts: KnownHostsOpt = None,
-    remote_dir: RemoteDirOpt = None,
+    profile: ssh.ProfileOpt = None,
+    host: ssh.HostOpt = None,
+    identity: ssh.IdentityOpt = None,
+    known_hosts: ssh.KnownHostsOpt = None,
+    remote_dir: ssh.RemoteDirOpt = None,
     restart_cmd: RestartOpt = None,
     reload_cmd: ReloadOpt = None,
     health_url: HealthUrlOpt = None,
     health_cmd: HealthCmdOpt = None,
     health_timeout: HealthTimeoutOpt = None,
-    accept_host_key: AcceptKeyOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_host_key: ssh.AcceptKeyOpt = None,
+    accept_new_host_key: ssh.AcceptNewOpt = False,
     dry_run: common.DryRunOpt = False,
     json_out: common.JsonOpt = False,
 ) -> None:
@@ -277,8 +231,7 @@ def rollback_cmd(
     """
     from ftctl import deploy as core
 
-    common.state(ctx).json = json_out
-    cfg, hosts = _target(
+    cfg, hosts = ssh.target(
         ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir,
         restart_cmd=restart_cmd, reload_cmd=reload_cmd, health_url=health_url,
         health_cmd=health_cmd, health_timeout=health_timeout,
@@ -287,7 +240,7 @@ def rollback_cmd(
     result = core.rollback(
         cfg,
         hosts,
-        _connector(cfg, accept_host_key, accept_new_host_key),
+        ssh.connector(cfg, accept_host_key, accept_new_host_key),
         to=to,
         dry_run=dry_run,
         reporter=common.reporter(ctx),
@@ -297,13 +250,13 @@ def rollback_cmd(
 
 def releases_cmd(
     ctx: typer.Context,
-    profile: ProfileOpt = None,
-    host: HostOpt = None,
-    identity: IdentityOpt = None,
-    known_hosts: KnownHostsOpt = None,
-    remote_dir: RemoteDirOpt = None,
-    accept_host_key: AcceptKeyOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    profile: ssh.ProfileOpt = None,
+    host: ssh.HostOpt = None,
+    identity: ssh.IdentityOpt = None,
+    known_hosts: ssh.KnownHostsOpt = None,
+    remote_dir: ssh.RemoteDirOpt = None,
+    accept_host_key: ssh.AcceptKeyOpt = None,
+    accept_new_host_key: ssh.AcceptNewOpt = False,
     json_out: common.JsonOpt = False,
 ) -> None:
     """List the releases on each server, the live one marked, with base, data and metrics.
@@ -312,11 +265,10 @@ def releases_cmd(
     """
     from ftctl import deploy as core
 
-    common.state(ctx).json = json_out
-    cfg, hosts = _target(
+    cfg, hosts = ssh.target(
         ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir
     )
-    connect = _connector(cfg, accept_host_key, accept_new_host_key)
+    connect = ssh.connector(cfg, accept_host_key, accept_new_host_key)
     listing = core.per_host(cfg, hosts, connect, core.releases)
     if json_out:
         common.emit_json(ctx, {"ok": True, "hosts": listing})
@@ -345,13 +297,13 @@ def releases_cmd(
 
 def status_cmd(
     ctx: typer.Context,
-    profile: ProfileOpt = None,
-    host: HostOpt = None,
-    identity: IdentityOpt = None,
-    known_hosts: KnownHostsOpt = None,
-    remote_dir: RemoteDirOpt = None,
-    accept_host_key: AcceptKeyOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    profile: ssh.ProfileOpt = None,
+    host: ssh.HostOpt = None,
+    identity: ssh.IdentityOpt = None,
+    known_hosts: ssh.KnownHostsOpt = None,
+    remote_dir: ssh.RemoteDirOpt = None,
+    accept_host_key: ssh.AcceptKeyOpt = None,
+    accept_new_host_key: ssh.AcceptNewOpt = False,
     json_out: common.JsonOpt = False,
 ) -> None:
     """How the last deploy, rollback or revert ended on each server (from any machine).
@@ -363,11 +315,10 @@ def status_cmd(
     """
     from ftctl import deploy as core
 
-    common.state(ctx).json = json_out
-    cfg, hosts = _target(
+    cfg, hosts = ssh.target(
         ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir
     )
-    listing = core.per_host(cfg, hosts, _connector(cfg, accept_host_key, accept_new_host_key),
+    listing = core.per_host(cfg, hosts, ssh.connector(cfg, accept_host_key, accept_new_host_key),
                             core.status)  # fmt: skip
     if json_out:
         common.emit_json(ctx, {"ok": True, "hosts": listing})

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 
 from ftctl.cli import common
-from ftctl.config import check, override
-from ftctl.errors import ExitCode, GateFailed
+from ftctl.config import EvalConfig, check, override
+from ftctl.evaluate import check_gate
 
 
 def _summary(report: dict[str, Any]) -> None:
@@ -53,7 +53,8 @@ def _summary(report: dict[str, Any]) -> None:
 def eval_cmd(
     ctx: typer.Context,
     model: Annotated[
-        Path, typer.Option("--model", help="The candidate model directory (HF format).")
+        Path,
+        typer.Option("--model-path", "--model", help="The candidate model directory (HF format)."),
     ],
     baseline: Annotated[
         Path | None,
@@ -64,15 +65,23 @@ def eval_cmd(
         typer.Option(
             "--test-data",
             help="Held-out test pool (JSONL/CSV).",
-            show_default="data/test_cases.jsonl",
+            show_default=common.default_text(EvalConfig, "test_data"),
         ),
     ] = None,
     samples: Annotated[
         int | None,
-        typer.Option("--samples", "-n", help="Cases to draw, stratified.", show_default="500"),
+        typer.Option(
+            "--samples",
+            "-n",
+            help="Cases to draw, stratified.",
+            show_default=common.default_text(EvalConfig, "samples"),
+        ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Seed of the draw.", show_default="12345")
+        int | None,
+        typer.Option(
+            "--seed", help="Seed of the draw.", show_default=common.default_text(EvalConfig, "seed")
+        ),
     ] = None,
     report_dir: Annotated[
         Path | None,
@@ -86,17 +95,24 @@ def eval_cmd(
         typer.Option(
             "--max-drop",
             help="Accuracy points a check may lose before it can fail.",
-            show_default="2",
+            show_default=common.default_text(EvalConfig, "max_drop"),
         ),
     ] = None,
     alpha: Annotated[
         float | None,
         typer.Option(
-            "--alpha", help="Significance level of the McNemar test.", show_default="0.05"
+            "--alpha",
+            help="Significance level of the McNemar test.",
+            show_default=common.default_text(EvalConfig, "alpha"),
         ),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Inference batch.", show_default="64")
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Inference batch.",
+            show_default=common.default_text(EvalConfig, "batch_size"),
+        ),
     ] = None,
     device: common.DeviceOpt = None,
     strict: Annotated[
@@ -118,7 +134,7 @@ def eval_cmd(
 
     Example:
 
-        ftctl eval --model models/incremental/final --baseline live/final --report-dir rep
+        ftctl eval --model-path models/incremental/final --baseline live/final --report-dir rep
     """
     from ftctl.evaluate import run_eval
     from ftctl.report import write_report
@@ -135,8 +151,6 @@ def eval_cmd(
         device=device,
     )
     check(settings)
-    if json_out:
-        common.state(ctx).json = True
     rep = common.reporter(ctx)
     report = run_eval(model, settings, baseline_dir=baseline, strict=strict, reporter=rep)
     if settings.report_dir is not None:
@@ -146,15 +160,7 @@ def eval_cmd(
         common.emit_json(ctx, {"ok": report["gate"]["verdict"] != "FAIL", **report})
     else:
         _summary(report)
-    if report["gate"]["verdict"] == "FAIL":
-        if json_out:
-            raise typer.Exit(int(ExitCode.GATE))
-        raise GateFailed(
-            f"gate FAILED: the candidate regresses against the baseline in "
-            f"{len(report['gate']['reasons'])} check(s), listed above",
-            hint="do not deploy it; raise --replay-ratio or lower --epochs/--lr and retrain "
-            "(see the report for the intents and pairs that got worse)",
-        )
+    check_gate(report, settings.report_dir)
 
 
 def register(app: typer.Typer) -> None:

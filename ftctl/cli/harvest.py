@@ -10,19 +10,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ftctl.cli import common
-from ftctl.cli.deploy import (
-    AcceptKeyOpt,
-    AcceptNewOpt,
-    HostOpt,
-    IdentityOpt,
-    KnownHostsOpt,
-    ProfileOpt,
-    RemoteDirOpt,
-    _connector,
-    _target,
-)
-from ftctl.config import Config, check, override
+from ftctl.cli import common, ssh
+from ftctl.config import Config, DataConfig, HarvestConfig, check, override
 
 
 def _incremental_data(conf: Config) -> Path:
@@ -73,13 +62,13 @@ def _summary(res, out: Path) -> None:
 
 def harvest_cmd(
     ctx: typer.Context,
-    profile: ProfileOpt = None,
-    host: HostOpt = None,
-    identity: IdentityOpt = None,
-    known_hosts: KnownHostsOpt = None,
-    remote_dir: RemoteDirOpt = None,
-    accept_host_key: AcceptKeyOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    profile: ssh.ProfileOpt = None,
+    host: ssh.HostOpt = None,
+    identity: ssh.IdentityOpt = None,
+    known_hosts: ssh.KnownHostsOpt = None,
+    remote_dir: ssh.RemoteDirOpt = None,
+    accept_host_key: ssh.AcceptKeyOpt = None,
+    accept_new_host_key: ssh.AcceptNewOpt = False,
     log: Annotated[
         str | None,
         typer.Option(
@@ -97,16 +86,27 @@ def harvest_cmd(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     limit: Annotated[
-        int | None, typer.Option("--limit", help="Rows in the review file.", show_default="200")
+        int | None,
+        typer.Option(
+            "--limit",
+            help="Rows in the review file.",
+            show_default=common.default_text(HarvestConfig, "limit"),
+        ),
     ] = None,
     max_score: Annotated[
         float | None,
-        typer.Option("--max-score", help="Doubtful below this score.", show_default="0.6"),
+        typer.Option(
+            "--max-score",
+            help="Doubtful below this score.",
+            show_default=common.default_text(HarvestConfig, "max_score"),
+        ),
     ] = None,
     min_margin: Annotated[
         float | None,
         typer.Option(
-            "--min-margin", help="Doubtful this close to the runner-up.", show_default="0.15"
+            "--min-margin",
+            help="Doubtful this close to the runner-up.",
+            show_default=common.default_text(HarvestConfig, "min_margin"),
         ),
     ] = None,
     since: Annotated[
@@ -134,7 +134,6 @@ def harvest_cmd(
     """
     from ftctl import harvest as core
 
-    common.state(ctx).json = json_out
     conf = common.config(ctx)
     hcfg = override(conf.harvest, limit=limit, max_score=max_score, min_margin=min_margin)
     check(hcfg)
@@ -146,12 +145,12 @@ def harvest_cmd(
         if profile is None and not host and log is not None:
             sources = [(core.LocalFiles(), log)]
         else:
-            cfg, hosts = _target(
+            cfg, hosts = ssh.target(
                 ctx, profile, host, identity=identity, known_hosts=known_hosts,
                 remote_dir=remote_dir,
             )  # fmt: skip
             path = log or hcfg.log or f"{cfg.remote_dir.rstrip('/')}/logs/predictions.jsonl"
-            connect = _connector(cfg, accept_host_key, accept_new_host_key)
+            connect = ssh.connector(cfg, accept_host_key, accept_new_host_key)
             conns = [connect(spec) for spec in hosts]
             sources = [(core.SFTPFiles(c), path) for c in conns]
         res = core.harvest(
@@ -203,7 +202,11 @@ def import_review_cmd(
     ] = None,
     max_chars: Annotated[
         int | None,
-        typer.Option("--max-chars", help="Longest allowed text.", show_default="128"),
+        typer.Option(
+            "--max-chars",
+            help="Longest allowed text.",
+            show_default=common.default_text(DataConfig, "max_chars"),
+        ),
     ] = None,
     json_out: common.JsonOpt = False,
 ) -> None:
@@ -219,7 +222,6 @@ def import_review_cmd(
     from ftctl.cli.data import read_label_list
     from ftctl.review import import_review
 
-    common.state(ctx).json = json_out
     conf = common.config(ctx)
     dcfg = override(conf.data, max_chars=max_chars)
     check(dcfg)

@@ -58,8 +58,6 @@ def build_cmd(
     """
     cfg = cfgmod.override(common.config(ctx).image, base_image=base_image, context=context)
     cfgmod.check(cfg)
-    if json_:
-        common.state(ctx).json = True
     result = build_image(
         cfg.context,
         dockerfile=cfg.dockerfile,

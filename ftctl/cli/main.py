@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import signal
 import sys
 import traceback
@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 from ftctl import __version__
 from ftctl.cli import common
 from ftctl.config import find_config, load_config
-from ftctl.errors import ExitCode, FtctlError
+from ftctl.errors import ExitCode, FtctlError, Interrupted, UsageProblem
 
 
 class FtctlGroup(TyperGroup):
@@ -39,16 +39,17 @@ class FtctlGroup(TyperGroup):
         args = args[: args.index("--")] if "--" in args else args
         return common.state(ctx).json or "--json" in args
 
-    def _write_json_error(self, payload: dict) -> None:
-        sys.stdout.write(json.dumps({"ok": False, **payload}, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+    def _write_json_error(self, ctx: click.Context, exc: FtctlError) -> None:
+        """The error as the command's one JSON document, unless it already printed its own
+        (``eval --json`` prints its report, then exits 4)."""
+        if self._wants_json(ctx) and not common.state(ctx).json_emitted:
+            common.emit_json(ctx, {"ok": False, **exc.to_dict()})
 
     def _fail(self, ctx: click.Context, exc: FtctlError):
         """error + hint on stderr (and the JSON document if --json), then the exit code."""
         if common.state(ctx).debug:
             traceback.print_exc()
-        if self._wants_json(ctx):
-            self._write_json_error(exc.to_dict())
+        self._write_json_error(ctx, exc)
         common.print_error(exc)
         raise typer.Exit(int(exc.exit_code)) from None
 
@@ -57,6 +58,9 @@ class FtctlGroup(TyperGroup):
             return super().invoke(ctx)
         except FtctlError as exc:
             self._fail(ctx, exc)
+        except BrokenPipeError:  # `ftctl ... | head`: the reader left; nothing to say
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (python's own advice for EPIPE)
+            raise typer.Exit(int(ExitCode.ERROR)) from None
         except OSError as exc:  # a path ftctl cannot write or read (a file where a directory
             # belongs, permissions, a full disk): an error with a hint, not a traceback
             where = f"{exc.filename}: " if exc.filename else ""
@@ -69,28 +73,11 @@ class FtctlGroup(TyperGroup):
                 ),
             )
         except click.UsageError as exc:  # click prints the usage and exits 2
-            if self._wants_json(ctx):
-                self._write_json_error(
-                    {
-                        "error": "UsageError",
-                        "message": exc.format_message(),
-                        "hint": "see the command's --help",
-                        "exit_code": int(ExitCode.USAGE),
-                        "problems": [],
-                    }
-                )
+            usage = UsageProblem(exc.format_message(), hint="see the command's --help")
+            self._write_json_error(ctx, usage)
             raise
         except KeyboardInterrupt:
-            if self._wants_json(ctx):
-                self._write_json_error(
-                    {
-                        "error": "Interrupted",
-                        "message": "interrupted",
-                        "hint": None,
-                        "exit_code": int(ExitCode.INTERRUPTED),
-                        "problems": [],
-                    }
-                )
+            self._write_json_error(ctx, Interrupted("interrupted"))
             common.err.print("[yellow]interrupted[/]")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
 
@@ -136,11 +123,13 @@ def root(
     st = common.state(ctx)
     st.debug, st.quiet = debug, quiet
     st.config = load_config(find_config(config))
+    for note in st.config.notes:
+        common.warn(f"{st.config.path}: {note}")
     common.silence_libraries(debug)
 
 
 def _register() -> None:
-    from ftctl.cli import data, demo, deploy, eval, harvest, image, serve, train
+    from ftctl.cli import data, demo, deploy, eval, harvest, image, pipeline, serve, train
 
     app.add_typer(data.app, name="data")
     app.add_typer(image.app, name="image")
@@ -149,7 +138,8 @@ def _register() -> None:
     deploy.register(app)  # deploy, rollback, releases
     serve.register(app)  # serve
     harvest.register(app)  # harvest (import-review is under `data`)
-    demo.register(app)  # demo, pipeline
+    demo.register(app)  # demo
+    pipeline.register(app)  # pipeline
 
 
 _register()

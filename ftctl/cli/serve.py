@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ftctl.cli import common
-from ftctl.config import check, override
+from ftctl.config import ServeConfig, check, override
 from ftctl.errors import ConfigError
 
 
@@ -24,38 +24,60 @@ def _log_line(event: dict) -> None:
 
 def serve_cmd(
     ctx: typer.Context,
-    model_dir: Annotated[
+    model_path: Annotated[
         Path | None,
-        typer.Option("--model-dir", help="Model directory or the deploy link (e.g. .../final)."),
+        typer.Option(
+            "--model-path",
+            "--model-dir",
+            help="Model directory or the deploy link (e.g. .../final).",
+        ),
     ] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
     port: Annotated[
-        int | None, typer.Option("--port", help="TCP port.", show_default="8000")
+        int | None,
+        typer.Option(
+            "--port", help="TCP port.", show_default=common.default_text(ServeConfig, "port")
+        ),
     ] = None,
     max_length: Annotated[
-        int | None, typer.Option("--max-length", help="Tokens per text.", show_default="64")
+        int | None,
+        typer.Option(
+            "--max-length",
+            help="Tokens per text.",
+            show_default=common.default_text(ServeConfig, "max_length"),
+        ),
     ] = None,
     device: common.DeviceOpt = None,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", help="torch CPU threads (0: one per core).", show_default="0"),
+        typer.Option(
+            "--threads",
+            help="torch CPU threads (0: one per core).",
+            show_default=common.default_text(ServeConfig, "threads"),
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", help="Most texts in one forward pass.", show_default="64"),
+        typer.Option(
+            "--batch-size",
+            help="Most texts in one forward pass.",
+            show_default=common.default_text(ServeConfig, "batch_size"),
+        ),
     ] = None,
     batch_wait_ms: Annotated[
         float | None,
         typer.Option(
             "--batch-wait-ms",
             help="How long a request that finds the model idle waits for others to join it.",
-            show_default="3",
+            show_default=common.default_text(ServeConfig, "batch_wait_ms"),
         ),
     ] = None,
     max_pending: Annotated[
         int | None,
         typer.Option(
-            "--max-pending", help="Texts waiting for the model before 503.", show_default="2048"
+            "--max-pending",
+            help="Texts waiting for the model before 503.",
+            show_default=common.default_text(ServeConfig, "max_pending"),
         ),
     ] = None,
     prediction_log: Annotated[
@@ -63,7 +85,7 @@ def serve_cmd(
         typer.Option(
             "--prediction-log",
             help="JSONL log of every answer, or 'off'.",
-            show_default="<dir of --model-dir>/logs/predictions.jsonl",
+            show_default="<dir of --model-path>/logs/predictions.jsonl",
         ),
     ] = None,
     log_texts: Annotated[
@@ -79,7 +101,7 @@ def serve_cmd(
         typer.Option(
             "--graceful-timeout",
             help="On SIGTERM, the longest wait for requests in flight (s).",
-            show_default="30",
+            show_default=common.default_text(ServeConfig, "graceful_timeout"),
         ),
     ] = None,
     access_log: Annotated[
@@ -100,20 +122,22 @@ def serve_cmd(
     Logs are JSON lines on stderr; every answer also goes to the prediction log (for
     `ftctl harvest`). More settings: [serve] in ftctl.toml (docs/serve.md).
 
-    Example: `ftctl serve --model-dir /srv/models/classifier/final --port 8000 --access-log`
+    Example: `ftctl serve --model-path /srv/models/classifier/final --port 8000 --access-log`
     """
     from ftctl import serve as core
 
     cfg = override(
         common.config(ctx).serve,
-        model_dir=model_dir, host=host, port=port, max_length=max_length, device=device,
+        model_path=model_path, host=host, port=port, max_length=max_length, device=device,
         threads=threads, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
         max_pending=max_pending, prediction_log=prediction_log, log_texts=log_texts,
         graceful_timeout=graceful_timeout, access_log=access_log,
     )  # fmt: skip
     check(cfg)
-    if cfg.model_dir is None:
-        raise ConfigError("no model directory", hint="pass --model-dir DIR (or [serve] model_dir)")
+    if cfg.model_path is None:
+        raise ConfigError(
+            "no model directory", hint="pass --model-path DIR (or [serve] model_path)"
+        )
     core.serve(cfg, log=_log_line)
 
 

@@ -14,7 +14,9 @@ import typer
 from rich.table import Table
 
 from ftctl import config as cfgmod
+from ftctl.base import BaseConfig
 from ftctl.cli import common
+from ftctl.config import TrainConfig
 
 PathOpt = Annotated[Path | None, typer.Option()]
 
@@ -130,24 +132,41 @@ def train(
     output_path: Annotated[
         Path | None,
         typer.Option(
-            "--output-path", help="Writes OUTPUT/final/.", show_default="models/incremental"
+            "--output-path",
+            help="Writes OUTPUT/final/.",
+            show_default=common.default_text(TrainConfig, "output_path"),
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs.", show_default="2")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Batch size.", show_default="8")
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Epochs.", show_default=common.default_text(TrainConfig, "epochs")),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.", show_default="5e-6")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Batch size.",
+            show_default=common.default_text(TrainConfig, "batch_size"),
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate.", show_default=common.default_text(TrainConfig, "lr")),
+    ] = None,
     replay_ratio: Annotated[
         float | None,
-        typer.Option("--replay-ratio", help="Share of old data in the mix.", show_default="0.5"),
+        typer.Option(
+            "--replay-ratio",
+            help="Share of old data in the mix.",
+            show_default=common.default_text(TrainConfig, "replay_ratio"),
+        ),
     ] = None,
     freeze_layers: Annotated[
         int | None,
         typer.Option(
             "--freeze-layers",
             help="Freeze embeddings + the first N encoder layers (0: none).",
-            show_default="8",
+            show_default=common.default_text(TrainConfig, "freeze_layers"),
         ),
     ] = None,
     seed: common.SeedOpt = None,
@@ -159,10 +178,19 @@ def train(
     ] = None,
     val_ratio: Annotated[
         float | None,
-        typer.Option("--val-ratio", help="Stratified validation share.", show_default="0.1"),
+        typer.Option(
+            "--val-ratio",
+            help="Stratified validation share.",
+            show_default=common.default_text(TrainConfig, "val_ratio"),
+        ),
     ] = None,
     max_length: Annotated[
-        int | None, typer.Option("--max-length", help="Tokens per text.", show_default="64")
+        int | None,
+        typer.Option(
+            "--max-length",
+            help="Tokens per text.",
+            show_default=common.default_text(TrainConfig, "max_length"),
+        ),
     ] = None,
     device: common.DeviceOpt = None,
     resume: Annotated[
@@ -173,7 +201,7 @@ def train(
         typer.Option(
             "--add-labels/--no-add-labels",
             help="Grow the classifier head for labels the base model lacks.",
-            show_default="no",
+            show_default=common.default_text(TrainConfig, "add_labels"),
         ),
     ] = None,
     precision: Annotated[
@@ -181,7 +209,7 @@ def train(
         typer.Option(
             "--precision",
             help="auto (bf16 autocast on a CUDA GPU that has it, else fp32) | fp32 | bf16.",
-            show_default="auto",
+            show_default=common.default_text(TrainConfig, "precision"),
         ),
     ] = None,
     checkpoint: Annotated[
@@ -189,7 +217,7 @@ def train(
         typer.Option(
             "--checkpoint",
             help="epoch: keep OUTPUT/checkpoints/ for --resume | none.",
-            show_default="epoch",
+            show_default=common.default_text(TrainConfig, "checkpoint"),
         ),
     ] = None,
     require_improvement: Annotated[
@@ -197,7 +225,7 @@ def train(
         typer.Option(
             "--require-improvement/--no-require-improvement",
             help="Fail when no epoch beats the base model on the validation split.",
-            show_default="no",
+            show_default=common.default_text(TrainConfig, "require_improvement"),
         ),
     ] = None,
     nproc: Annotated[
@@ -205,12 +233,16 @@ def train(
         typer.Option(
             "--nproc",
             help="Processes on this machine (torchrun; one GPU each on CUDA).",
-            show_default="1",
+            show_default=common.default_text(TrainConfig, "nproc"),
         ),
     ] = None,
     nnodes: Annotated[
         int | None,
-        typer.Option("--nnodes", help="Machines, each running this command.", show_default="1"),
+        typer.Option(
+            "--nnodes",
+            help="Machines, each running this command.",
+            show_default=common.default_text(TrainConfig, "nnodes"),
+        ),
     ] = None,
     rdzv_endpoint: Annotated[
         str | None,
@@ -232,7 +264,7 @@ def train(
             "--save-format",
             help="Weights to write: auto (model.safetensors, plus pytorch_model.bin when the "
             "input had one), safetensors, bin or both.",
-            show_default="auto",
+            show_default=common.default_text(TrainConfig, "save_format"),
         ),
     ] = None,
     save_dtype: Annotated[
@@ -241,7 +273,7 @@ def train(
             "--save-dtype",
             help="dtype of the saved weights: auto (the input's), float32, float16 or bfloat16. "
             "Training itself always runs in float32.",
-            show_default="auto",
+            show_default=common.default_text(TrainConfig, "save_dtype"),
         ),
     ] = None,
     docker: common.DockerOpt = False,
@@ -269,8 +301,6 @@ def train(
         # --gpus auto asks for one GPU per training process
         used = int(ctx.params.get("nproc") or 1)
         raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image, gpus_used=used))
-    if json_out:
-        common.state(ctx).json = True
     cfg = cfgmod.override(
         common.config(ctx).train,
         new_data=new_data,
@@ -333,8 +363,16 @@ def base(
     output_path: Annotated[
         Path | None, typer.Option("--output-path", help="Writes OUTPUT/final/.")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs.", show_default="see docs")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Epochs.", show_default=common.default_text(BaseConfig, "epochs")),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak learning rate.", show_default=common.default_text(BaseConfig, "lr")
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size.")] = None,
     hidden_size: Annotated[
         int | None, typer.Option("--hidden-size", help="Hidden size (heads = hidden / 32).")
@@ -354,8 +392,6 @@ def base(
         ftctl base --data data/original_training_data.jsonl
         --output-path models/chinese-roberta-wwm-ext-classifier
     """
-    if json_out:
-        common.state(ctx).json = True
     if data is None or output_path is None:
         from ftctl.errors import ConfigError
 

@@ -42,10 +42,10 @@ __all__ = [
 
 def prediction_log_path(cfg: ServeConfig) -> str | None:
     """Where the prediction log goes: ``[serve] prediction_log``, "off" for none, default
-    ``<dir of model_dir>/logs/predictions.jsonl``."""
+    ``<dir of model_path>/logs/predictions.jsonl``."""
     if cfg.prediction_log == "off":
         return None
-    return cfg.prediction_log or str(default_path(cfg.model_dir))
+    return cfg.prediction_log or str(default_path(cfg.model_path))
 
 
 def limits(cfg: ServeConfig) -> Limits:
@@ -65,9 +65,9 @@ def build(cfg: ServeConfig, log: Callable[[dict], None]) -> tuple[ServeApp, Pred
         import torch
 
         torch.set_num_threads(cfg.threads)
-    log({"event": "loading", "model_dir": str(cfg.model_dir)})
+    log({"event": "loading", "model_dir": str(cfg.model_path)})
     holder = ModelHolder(
-        cfg.model_dir,
+        cfg.model_path,
         max_length=cfg.max_length,
         device=cfg.device,
         batch_size=cfg.batch_size,

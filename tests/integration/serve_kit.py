@@ -101,7 +101,7 @@ class ServeProcess:
             cfg = workdir / f"ftctl-{self.port}.toml"
             cfg.write_text(config, encoding="utf-8")
             cmd += ["--config", str(cfg)]
-        cmd += ["serve", "--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1"]
+        cmd += ["serve", "--model-path", str(model_dir), "--port", str(self.port), "--threads", "1"]
         self.cmd = cmd + list(args)
         self.proc: subprocess.Popen | None = None
 

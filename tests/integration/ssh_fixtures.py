@@ -112,7 +112,7 @@ def target_services(tmp_path_factory, sshd_server, deploy_models):
     _reset_remote(remote_dir, deploy_models["a"])
     port = free_port()
     ftctl = str(Path(sys.executable).parent / "ftctl")
-    cmd = [ftctl, "serve", "--model-dir", str(remote_dir / "final"), "--port", str(port)]
+    cmd = [ftctl, "serve", "--model-path", str(remote_dir / "final"), "--port", str(port)]
     # one torch thread: the CI machine has 2 cores shared with the test process and sshd
     sup = Supervisor(root / "supervisor", cmd, env={"OMP_NUM_THREADS": "1"}).start()
     if not wait_http(f"http://127.0.0.1:{port}/health", 60):

@@ -49,7 +49,7 @@ class Server:
         (root / "health.py").write_text(HEALTH)
         ftctl = str(Path(sys.executable).parent / "ftctl")
         final = root / "srv" / "model" / "final"
-        cmd = [ftctl, "serve", "--model-dir", str(final), "--port", str(self.port)]
+        cmd = [ftctl, "serve", "--model-path", str(final), "--port", str(self.port)]
         self.sup = Supervisor(root / "sup", cmd, env={"OMP_NUM_THREADS": "1"}).start()
         self.sshd = LocalSSHD(root.parent / f"sshd-{root.name}")
         if key is not None:  # one deploy key for the fleet, as in one [deploy.<profile>]

@@ -334,7 +334,7 @@ class SocketActivated:
         self.stop_file = workdir / "stop"
         self.log = workdir / "activated.log"
         unused = free_port()  # --port is ignored when a socket is passed
-        serve = f"{FTCTL} serve --model-dir {model_dir} --port {unused} --threads 1"
+        serve = f"{FTCTL} serve --model-path {model_dir} --port {unused} --threads 1"
         loop = f'while [ ! -e {self.stop_file} ]; do sh -c "LISTEN_PID=\\$\\$ exec {serve}"; done'
         self.cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{self.port}", "--",
                     "sh", "-c", loop]  # fmt: skip

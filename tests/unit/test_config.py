@@ -95,7 +95,7 @@ SAMPLES = {"intents": {"CLOCK_IN": ["帮我打卡", "我要签到", "上班打�
 def generate_json(tmp_path: Path, *extra: str) -> dict:
     cfg = toml(
         tmp_path,
-        f'[data]\nsamples = "{tmp_path / "s.yaml"}"\nout_dir = "{tmp_path / "from_toml"}"\n'
+        f'[data]\ntemplates = "{tmp_path / "s.yaml"}"\nout_dir = "{tmp_path / "from_toml"}"\n'
         'per_intent = 2\nformat = "jsonl"\n',
     )
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(SAMPLES, allow_unicode=True), "utf-8")

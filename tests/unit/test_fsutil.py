@@ -62,7 +62,7 @@ def test_generate_command_failure_keeps_old_outputs(tmp_path, monkeypatch):
     out.write_text("previous\n", encoding="utf-8")
     monkeypatch.setattr(fsutil.os, "replace", boom)
     result = runner.invoke(
-        app, ["data", "generate", "--samples", str(samples), "--out-dir", str(tmp_path),
+        app, ["data", "generate", "--templates", str(samples), "--out-dir", str(tmp_path),
               "--per-intent", "2", "--format", "jsonl"],
     )  # fmt: skip
     assert result.exit_code != 0

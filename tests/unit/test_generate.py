@@ -158,14 +158,14 @@ def test_templates_file_errors_name_file_and_entry(tmp_path, content, words):
 def test_cli_templates_error_exits_3_without_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("intents:\n  CLOCK_IN:\n    - 我在{room}打卡\n", encoding="utf-8")
-    result = runner.invoke(app, ["data", "generate", "--samples", str(path), "--out-dir", "x"])
+    result = runner.invoke(app, ["data", "generate", "--templates", str(path), "--out-dir", "x"])
     assert result.exit_code == ExitCode.DATA
     assert "unknown slot {room}" in flat(result.output)
     assert "Traceback" not in result.output
 
 
 def test_cli_missing_templates_file(tmp_path):
-    result = runner.invoke(app, ["data", "generate", "--samples", str(tmp_path / "no.yaml")])
+    result = runner.invoke(app, ["data", "generate", "--templates", str(tmp_path / "no.yaml")])
     assert result.exit_code == ExitCode.DATA
     assert "templates file not found" in flat(result.output)
 
@@ -176,7 +176,7 @@ def test_cli_missing_templates_file(tmp_path):
 def test_generate_command_json_gives_counts_and_paths(tmp_path):
     samples = write_yaml(tmp_path / "s.yaml", SMALL)
     out = tmp_path / "out"
-    args = ["data", "generate", "--samples", str(samples), "--out-dir", str(out)]
+    args = ["data", "generate", "--templates", str(samples), "--out-dir", str(out)]
     result = runner.invoke(app, [*args, "--per-intent", "6", "--name", "x", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -191,7 +191,7 @@ def test_generate_command_prints_a_count_table(tmp_path):
     samples = write_yaml(tmp_path / "s.yaml", SMALL)
     result = runner.invoke(
         app,
-        ["data", "generate", "--samples", str(samples), "--out-dir", str(tmp_path),
+        ["data", "generate", "--templates", str(samples), "--out-dir", str(tmp_path),
          "--per-intent", "5", "--format", "csv", "--ids"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -90,7 +90,7 @@ def test_cli_runs_every_stage_on_the_host_with_values_from_ftctl_toml(
     cfg.write_text(
         f"""
 [data]
-samples = "{repo_root / "data" / "incremental_samples.yaml"}"
+templates = "{repo_root / "data" / "incremental_samples.yaml"}"
 out_dir = "{tmp_path / "data"}"
 per_intent = 10
 
