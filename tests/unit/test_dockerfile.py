@@ -1,10 +1,13 @@
-"""The Dockerfile cannot import ftctl: what it repeats of ftctl's constants must stay equal."""
+"""The Dockerfile cannot import ftctl: what it repeats of ftctl's constants must stay equal
+(the library-silencing environment, the pinned base image), and so must the docs' mentions."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
+from ftctl.config import DEFAULT_BASE_IMAGE
 from ftctl.quiet import QUIET_ENV, silence_libraries
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,3 +44,23 @@ def test_silence_libraries_sets_each_entry_but_keeps_what_the_user_set():
     environ = {"TRANSFORMERS_VERBOSITY": "info", "PATH": "/bin"}
     silence_libraries(environ)
     assert environ == {**QUIET_ENV, "TRANSFORMERS_VERBOSITY": "info", "PATH": "/bin"}
+
+
+def test_the_dockerfile_default_base_is_the_configured_default():
+    args = dict(w.split("=", 1) for words in instructions((REPO / "Dockerfile").read_text(), "ARG")
+                for w in words if "=" in w)  # fmt: skip
+    assert args["BASE_IMAGE"] == DEFAULT_BASE_IMAGE
+
+
+def test_every_mention_of_the_base_is_the_configured_default_or_a_prefix_of_it():
+    """README, docs, docker/ and the code (help texts) quote it whole or cut short with an
+    ellipsis; either way it is DEFAULT_BASE_IMAGE's, never another tag or digest."""
+    files = [REPO / "README.md", REPO / "Dockerfile", *(REPO / "docs").rglob("*.md"),
+             *(REPO / "docker").iterdir(), *(REPO / "ftctl").rglob("*.py")]  # fmt: skip
+    seen = {}
+    for path in files:
+        for m in re.finditer(r"pytorch/pytorch:[^\s\"'`)|]+", path.read_text()):
+            ref = m.group(0).removesuffix("…").removesuffix("...")
+            seen[f"{path.relative_to(REPO)}: {m.group(0)}"] = DEFAULT_BASE_IMAGE.startswith(ref)
+    assert any("docs/docker.md" in where for where in seen), seen  # it does look
+    assert all(seen.values()), [where for where, ok in seen.items() if not ok]
