@@ -8,11 +8,9 @@ Everything lands under ``workdir`` (default models/demo/), which the demo owns.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 from ftctl.config import DeployConfig, EvalConfig, TrainConfig
 from ftctl.errors import FtctlError, GateFailed
+from ftctl.localserver import http_json
 from ftctl.progress import NULL, Reporter
 
 # The stand-in base model is tiny (hidden 64) and trained from scratch: the seed's 5e-6 suits a
@@ -130,13 +129,6 @@ class DemoResult:
 
 
 # --------------------------------------------------------------------------- small pieces
-
-
-def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> dict[str, Any]:
-    data = None if payload is None else json.dumps(payload, ensure_ascii=False).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
 
 
 def live_predictions(url: str, cases: Sequence[Any]) -> list[dict[str, Any]]:
