@@ -13,14 +13,13 @@ Prints cases/s for each way and the ratios; exits 1 if the labels disagree.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from ftctl.quiet import silence_libraries
+
+silence_libraries()
 
 ROOT = Path(__file__).resolve().parent.parent
 

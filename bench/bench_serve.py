@@ -29,15 +29,14 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.deploykit import build_base_size_model  # noqa: E402
 from ftctl.localserver import free_port, wait_http  # noqa: E402
+from ftctl.quiet import silence_libraries  # noqa: E402
+
+silence_libraries()
 
 FTCTL, PEER = "ftctl serve", "FastAPI + pipeline"
 

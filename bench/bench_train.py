@@ -294,9 +294,9 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from ftctl.quiet import silence_libraries
+
+    silence_libraries()
     import torch
 
     if args.threads:

@@ -8,10 +8,8 @@ Everything lands under ``workdir`` (default models/demo/), which the demo owns.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 from ftctl.config import DeployConfig, EvalConfig, TrainConfig
 from ftctl.errors import ConfigError, Problem
 from ftctl.evaluate import check_gate
+from ftctl.localserver import http_json
 from ftctl.pipeline import StageResult, Stages
 from ftctl.progress import NULL, Reporter
 
@@ -140,13 +139,6 @@ class DemoResult:
 
 
 # --------------------------------------------------------------------------- small pieces
-
-
-def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> dict[str, Any]:
-    data = None if payload is None else json.dumps(payload, ensure_ascii=False).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
 
 
 def live_predictions(url: str, cases: Sequence[Any]) -> list[dict[str, Any]]:

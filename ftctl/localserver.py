@@ -9,6 +9,7 @@ service manager. Nothing here is a mock; everything is stopped by ``close()`` / 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from ftctl.errors import EnvironmentProblem
 from ftctl.fsutil import atomic_write_text
@@ -53,6 +55,15 @@ def wait_http(url: str, timeout: float) -> bool:
                 return True
         time.sleep(0.2)
     return False
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """GET ``url`` (POST ``payload`` as JSON when given) and return the JSON answer; an HTTP
+    error status raises ``urllib.error.HTTPError``."""
+    data = None if payload is None else json.dumps(payload, ensure_ascii=False).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
 
 
 def _keygen(path: Path, comment: str) -> None:

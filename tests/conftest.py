@@ -3,16 +3,14 @@ in tests/integration/conftest.py."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from ftctl.quiet import silence_libraries
 from tests.helpers import make_tiny_model
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+silence_libraries()  # for the tests and every process they start (they inherit it)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -257,14 +257,9 @@ def silence_libraries(debug: bool = False) -> None:
     """transformers' own bars and advisories (and paramiko's tracebacks of a failed SSH
     handshake, which ftctl reports as an error with a hint) would drown ours."""
     import logging
-    import os
+
+    from ftctl import quiet
 
     if not debug:
         logging.getLogger("paramiko").addHandler(logging.NullHandler())
-
-    # Environment, not transformers' logging API: importing transformers here would add ~1 s
-    # to every command, also those that never load a model.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet.silence_libraries()

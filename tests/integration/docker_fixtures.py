@@ -2,9 +2,9 @@
 
 There is no Docker Hub here, so the CUDA base is replaced by local ones, all from one root:
 
-* ``docker_engine``: a client of a running engine; starts ``dockerd`` (no bridge, no iptables;
-  overlay2 if the kernel allows, else vfs) when none answers, and stops it at session end only
-  if it started it.
+* ``docker_engine``: a client of a running engine; starts ``dockerd`` through ``.ci/dockerd``
+  (no bridge, no iptables; overlay2 if the kernel allows, else vfs) when none answers, and
+  stops it at session end only if it started it.
 * ``root_base_image``: ``debootstrap --variant=minbase bookworm`` + a python3.11 venv at /opt/py
   on PATH + the host CA bundle (PIP_CERT, so pip works inside). No torch: the base that
   ``image build`` must refuse. Built once per machine (kept by tag).
@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -46,6 +47,7 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 IMAGE_CA = "/etc/ssl/certs/host-ca-bundle.crt"
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 REPO = Path(__file__).resolve().parents[2]
+DOCKERD = REPO / ".ci" / "dockerd"  # starts an engine when none answers (also for .ci/setup)
 
 
 def _engine_answers() -> docker.DockerClient | None:
@@ -57,75 +59,46 @@ def _engine_answers() -> docker.DockerClient | None:
         return None
 
 
-def storage_driver(data_root: Path = Path("/var/lib/docker")) -> str:
-    """overlay2 where the kernel and the file system allow it, else vfs.
+def start_dockerd(log: Path) -> int | None:
+    """Start an engine through .ci/dockerd (what .ci/setup runs: overlay2 where the kernel
+    allows it, else vfs; host network only) when none answers; the pid of the dockerd it
+    started, or None when one already answered."""
+    res = subprocess.run(["bash", str(DOCKERD), str(log)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{DOCKERD} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return int(res.stdout) if res.stdout.strip() else None
 
-    vfs copies the whole image for every container, and the classic builder makes a container
-    per Dockerfile step: measured here, one `ENV` step took 113 s on vfs and 1 s on overlay2.
-    """
-    probe = data_root.parent / f".ftctl-overlay-probe-{os.getpid()}"
-    dirs = {n: probe / n for n in ("lower", "upper", "work", "merged")}
+
+def _running(pid: int) -> bool:
+    """The process lives (a zombie no one reaps counts as gone)."""
     try:
-        for d in dirs.values():
-            d.mkdir(parents=True)
-        opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
-        res = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", opts, str(dirs["merged"])],
-            capture_output=True,
-        )
-        if res.returncode != 0:
-            return "vfs"
-        subprocess.run(["umount", str(dirs["merged"])], capture_output=True)
-        return "overlay2"
-    except OSError:
-        return "vfs"
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
-def start_dockerd(log_dir: Path) -> subprocess.Popen:
-    """Start a local engine the way ENVIRONMENT.md describes; wait until it answers."""
-    log = open(log_dir / "dockerd.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    proc = subprocess.Popen(
-        [
-            "dockerd",
-            "--iptables=false",
-            "--ip6tables=false",
-            "--bridge=none",
-            f"--storage-driver={storage_driver()}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dockerd exited with {proc.returncode}; see {log.name}")
-        if _engine_answers() is not None:
-            return proc
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"dockerd did not answer within 60 s; see {log.name}")
+def stop_dockerd(pid: int, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _running(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory):
-    """A client of a running Docker engine (started here if none answers)."""
-    proc = None
-    probe = _engine_answers()
-    if probe is None:
-        proc = start_dockerd(tmp_path_factory.mktemp("dockerd"))
-    else:
-        probe.close()
+    """A client of a running Docker engine (started here if none answers, and then stopped at
+    the end of the session)."""
+    pid = start_dockerd(tmp_path_factory.mktemp("dockerd") / "dockerd.log")
     client = docker.from_env(timeout=600)  # committing a 7 GB layer takes a minute
     yield client
     client.close()
-    if proc is not None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    if pid is not None:
+        stop_dockerd(pid)
 
 
 def chown_tree(root: Path, uid: int = UID) -> None:

@@ -18,9 +18,10 @@ import urllib.request
 from pathlib import Path
 
 from ftctl.localserver import free_port
+from ftctl.quiet import QUIET_ENV
 
 FTCTL = str(Path(sys.executable).parent / "ftctl")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {**os.environ, **QUIET_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def http(url: str, payload=None, *, data: bytes | None = None, timeout: float = 30):

@@ -9,26 +9,18 @@ import json
 import shutil
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from ftctl.config import DeployConfig
-from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http
+from ftctl.localserver import LocalSSHD, Supervisor, free_port, http_json, wait_http
 from ftctl.manifest import model_digest
 from ftctl.remote import connect, parse_host
 from tests.helpers import make_tiny_model
 
 __all__ = ["DeployTarget", "deploy_models", "deploy_target", "sshd_server", "target_services"]
-
-
-def http_json(url: str, payload: dict | None = None, timeout: float = 10) -> dict:
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
 
 
 @dataclass

@@ -145,6 +145,22 @@ def test_container_output_goes_to_the_given_streams_and_mount_is_read_only(
     )
     assert code == 0, err.getvalue().decode()
     assert b"a.jsonl" in out.getvalue() + err.getvalue()
+    # a write into the mount fails (the directory is the container user's own: only the
+    # read-only mount stops it), and the host side is left as it was
+    before = (src / "a.jsonl").read_bytes()
+    err = io.BytesIO()
+    code = run_in_image(
+        ["data", "convert", "/mnt/in/a.jsonl", "/mnt/in/a.csv"],
+        image=ftctl_image,
+        mounts=[Mount(src, "/mnt/in", read_only=True)],
+        stdout=io.BytesIO(),
+        stderr=err,
+        client=docker_engine,
+    )
+    assert code == ExitCode.ERROR, err.getvalue().decode()
+    assert b"Read-only file system" in err.getvalue()
+    assert sorted(p.name for p in src.iterdir()) == ["a.jsonl"]
+    assert (src / "a.jsonl").read_bytes() == before
     assert not docker_engine.containers.list(all=True, filters={"ancestor": ftctl_image})
 
 
@@ -397,6 +413,8 @@ def test_pipeline_runs_generate_and_train_in_the_image_then_gates_on_the_host(
     (root / "models").mkdir()
     shutil.copy(REPO / "data" / "incremental_samples.yaml", root / "data")
     shutil.copy(REPO / "data" / "test_cases.jsonl", root / "data")
+    # ./ftctl.toml reaches the train in the image: lr 1e-12 leaves the candidate the live model
+    (root / "ftctl.toml").write_text("[train]\nlr = 1e-12\n", encoding="utf-8")
     model = tmp_path / "live" / "final"  # outside the project: mounted read-only
     shutil.copytree(tiny_model_dir, model)
     chown_tree(root)
@@ -429,7 +447,10 @@ def test_pipeline_runs_generate_and_train_in_the_image_then_gates_on_the_host(
     manifest = json.loads((root / "models/incremental/final/manifest.json").read_text())
     assert manifest["image_id"] == ftctl_image
     assert (root / "models/incremental/final").stat().st_uid == UID
-    assert stages["gate"]["status"] in ("ok", "failed")  # ran on the host, on the image's output
-    assert (root / "reports" / "report.json").is_file()
+    assert manifest["hyperparameters"]["lr"] == 1e-12  # the project's ftctl.toml was read
+    # the gate ran on the host, on the image's output: the same answers as the live model
+    assert stages["gate"]["status"] == "ok" and stages["gate"]["detail"]["verdict"] == "PASS"
+    report = json.loads((root / "reports" / "report.json").read_text())
+    assert {c["change"] for c in report["gate"]["checks"]} == {"unchanged"}
     assert stages["deploy"]["status"] == "skipped"
-    assert result.exit_code == doc["exit_code"]
+    assert result.exit_code == doc["exit_code"] == ExitCode.OK

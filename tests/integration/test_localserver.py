@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import urllib.error
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http
+from ftctl.localserver import LocalSSHD, Supervisor, free_port, http_json, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -50,3 +54,43 @@ def test_supervisor_restarts_its_program(tmp_path):
         assert sup.ctl("restart", sup.name).returncode == 0
         assert wait_http(f"http://127.0.0.1:{port}/", 20)
     assert not wait_http(f"http://127.0.0.1:{port}/", 2)  # stopped with the supervisor
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """GET: {"method": "GET"}; POST: the body it got, as JSON, with its content type; 404
+    on /missing."""
+
+    def _answer(self, status: int, doc: dict) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._answer(404 if self.path == "/missing" else 200, {"method": "GET"})
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer(
+            200, {"got": json.loads(raw), "raw": raw.decode(), "type": self.headers["Content-Type"]}
+        )
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_json_gets_and_posts_json():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert http_json(f"{url}/health") == {"method": "GET"}
+        answer = http_json(f"{url}/predict", {"text": "帮我打卡"})
+        assert answer["got"] == {"text": "帮我打卡"} and answer["type"] == "application/json"
+        assert "帮我打卡" in answer["raw"]  # UTF-8 on the wire, not \u escapes
+        with pytest.raises(urllib.error.HTTPError):
+            http_json(f"{url}/missing")
+    finally:
+        server.shutdown()
+        server.server_close()

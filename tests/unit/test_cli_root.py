@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 from typer.testing import CliRunner
 
 from ftctl import __version__
@@ -17,12 +20,41 @@ def test_version_prints_package_version():
     assert result.output.strip() == f"ftctl {__version__}"
 
 
-def test_help_lists_every_command_group():
+# each command (or group) with something only its own --help shows: a subcommand or an option
+OWN_HELP = {
+    ("data",): "generate",
+    ("data", "generate"): "--per-intent",
+    ("image",): "build",
+    ("train",): "--replay-ratio",
+    ("base",): "--hidden-size",
+    ("eval",): "--baseline",
+    ("deploy",): "--restart-cmd",
+    ("rollback",): "--to",
+    ("releases",): "--accept-host-key",
+    ("status",): "--accept-host-key",
+    ("serve",): "--port",
+    ("harvest",): "--limit",
+    ("demo",): "--workdir",
+    ("pipeline",): "--old-data",
+}
+
+
+def test_root_help_lists_every_command_group():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in ("data", "image", "train", "base", "eval", "deploy", "rollback", "releases",
-                 "serve", "demo", "pipeline"):  # fmt: skip
-        assert name in result.output, name
+    listed = {m.group(1) for m in re.finditer(r"^│ ([a-z-]+) ", result.output, re.MULTILINE)}
+    assert {cmd[0] for cmd in OWN_HELP} <= listed, listed
+
+
+@pytest.mark.parametrize("cmd", list(OWN_HELP), ids=" ".join)
+def test_each_command_has_its_own_help(cmd):
+    """`ftctl CMD --help` is that command's help (its usage line, its own options), not the
+    root's, which would pass a test that only looks for the command's name."""
+    result = runner.invoke(app, [*cmd, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: ftctl {' '.join(cmd)} [OPTIONS]" in result.output, result.output
+    assert OWN_HELP[cmd] in result.output, result.output
+    assert "Typical flow" not in result.output  # the root's text
 
 
 def test_bad_config_file_lists_every_problem_and_exits_2(tmp_path):

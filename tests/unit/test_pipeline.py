@@ -97,6 +97,7 @@ per_intent = 10
 [train]
 output_path = "{tmp_path / "out"}"
 epochs = 1
+lr = 1e-12
 
 [eval]
 test_data = "{repo_root / "data" / "test_cases.jsonl"}"
@@ -124,6 +125,9 @@ report_dir = "{tmp_path / "rep"}"
     assert stages["generate"]["detail"]["examples"] == 100  # 10 intents x per_intent 10
     assert stages["train"]["status"] == "ok"
     assert (tmp_path / "out" / "final" / "manifest.json").is_file()
-    assert stages["gate"]["status"] in ("ok", "failed")  # a random tiny model: either verdict
-    assert (tmp_path / "rep" / "report.json").is_file()  # [eval] report_dir, not ./reports
+    # lr 1e-12 leaves the candidate the base model: the same answer on every case, so PASS
+    assert stages["gate"]["status"] == "ok" and stages["gate"]["detail"]["verdict"] == "PASS"
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())  # [eval] report_dir
+    assert {c["change"] for c in report["gate"]["checks"]} == {"unchanged"}
     assert stages["deploy"]["status"] == "skipped"
+    assert result.exit_code == ExitCode.OK
