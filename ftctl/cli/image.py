@@ -27,7 +27,7 @@ def build_cmd(
             "--tag",
             "-t",
             help="Tag(s) to give the image (repeatable); --docker runs [image] tag.",
-            show_default="ftctl:<version>-<git sha> and [image] tag (ftctl:latest)",
+            show_default=f"ftctl:<version>-<git sha> and [image] tag ({cfgmod.ImageConfig.tag})",
         ),
     ] = None,
     base_image: Annotated[
@@ -35,12 +35,16 @@ def build_cmd(
         typer.Option(
             "--base-image",
             help="BASE_IMAGE build arg: Python 3.11 + torch + pip, pinned by digest.",
-            show_default="pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime@sha256:7b32...",
+            show_default=cfgmod.DEFAULT_BASE_IMAGE[:64] + "...",
         ),
     ] = None,
     context: Annotated[
         Path | None,
-        typer.Option("--context", help="Build context (the project root).", show_default="."),
+        typer.Option(
+            "--context",
+            help="Build context (the project root).",
+            show_default=common.default_text(cfgmod.ImageConfig, "context"),
+        ),
     ] = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Rebuild every layer (ignore the build cache).")

@@ -35,7 +35,7 @@ def test_no_file_gives_defaults():
 def test_values_are_loaded_and_coerced(tmp_path):
     cfg = load_config(toml(tmp_path, '[data]\nper_intent = 7\nout-dir = "gen"\n[train]\nlr = 1\n'))
     assert cfg.data.per_intent == 7
-    assert cfg.data.out_dir == Path("gen")
+    assert cfg.data.out_dir == tmp_path / "gen"  # relative to the file
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.path == tmp_path / "ftctl.toml"
 

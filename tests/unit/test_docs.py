@@ -768,7 +768,7 @@ def test_a_bad_doc_names_every_problem_with_file_line_and_what_is_accepted(doc_a
         f"{name}:13: link #nowhere: {name} has no heading #nowhere",
         "docs/missing.md: no such file in the repository",
         f"{name}:14: --skip-deploi\n    --skip-deploi: no ftctl command or bench script takes it"
-        " (did you mean --skip-deploy?)",
+        " (did you mean --skip-deploy",
     ]
     for part in expected:
         assert part in text, f"not reported: {part!r}\n--- got:\n{text}"

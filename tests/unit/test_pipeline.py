@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.errors import ExitCode, GateFailed, StageFailed
-from ftctl.pipeline import run_stages
+from ftctl.pipeline import Stage, Stages, run_stages
 
 runner = CliRunner()
 
@@ -16,7 +16,7 @@ runner = CliRunner()
 def test_stages_run_in_order_and_record_details():
     calls = []
     result = run_stages(
-        [("a", lambda: calls.append("a") or {"n": 1}), ("b", lambda: calls.append("b") or {})]
+        [Stage("a", lambda: calls.append("a") or {"n": 1}), Stage("b", lambda: calls.append("b"))]
     )
     assert calls == ["a", "b"]
     assert result.exit_code == 0
@@ -30,7 +30,7 @@ def test_first_failure_stops_and_keeps_its_exit_code():
 
     calls = []
     result = run_stages(
-        [("train", lambda: {}), ("gate", gate), ("deploy", lambda: calls.append("deploy"))]
+        [Stage("train", dict), Stage("gate", gate), Stage("deploy", lambda: calls.append(1))]
     )
     assert calls == []
     assert result.exit_code == ExitCode.GATE
@@ -44,13 +44,51 @@ def test_a_stage_in_another_process_passes_its_exit_code_on():
     def in_image():
         raise StageFailed("train in the image exited 3", 3)
 
-    assert run_stages([("train", in_image)]).exit_code == 3
+    assert run_stages([Stage("train", in_image)]).exit_code == 3
 
 
 def test_skipped_stage_is_recorded():
-    result = run_stages([("gate", lambda: {}), ("deploy", None)])
+    result = run_stages([Stage("gate", dict), Stage("deploy", None)])
     assert [s.status for s in result.stages] == ["ok", "skipped"]
     assert result.exit_code == 0
+
+
+def test_a_dry_run_runs_each_stages_plan_and_none_of_its_work():
+    work = []
+    result = run_stages(
+        [
+            Stage("train", lambda: work.append("train"), lambda: {"would_write": "out"}),
+            Stage("deploy", lambda: work.append("deploy"), lambda: {"hosts": ["h"]}),
+        ],
+        dry_run=True,
+    )
+    assert work == []
+    assert [(s.status, s.detail) for s in result.stages] == [
+        ("planned", {"would_write": "out"}),
+        ("planned", {"hosts": ["h"]}),
+    ]
+    assert result.to_dict()["dry_run"] is True
+
+
+def test_the_stage_timer_numbers_stages_and_records_failures():
+    seen = []
+
+    class Rec:
+        def stage(self, name):
+            seen.append(name)
+
+    st = Stages("demo", 2, Rec())
+    with st.run("first") as rec:
+        rec.detail = {"x": 1}
+    try:
+        with st.run("second"):
+            raise GateFailed("worse")
+    except GateFailed:
+        pass
+    assert seen == ["demo 1/2: first", "demo 2/2: second"]
+    assert [(r.name, r.status) for r in st.results] == [("first", "ok"), ("second", "failed")]
+    assert st.results[1].error["exit_code"] == ExitCode.GATE
+    assert all(r.seconds >= 0 for r in st.results)
 
 
 def test_cli_stops_at_generate_on_bad_templates_with_exit_3(tmp_path, tiny_model_dir):

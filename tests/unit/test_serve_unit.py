@@ -267,10 +267,10 @@ def test_prediction_log_survives_its_directory_being_removed(tmp_path):
 
 
 def test_prediction_log_path_defaults_beside_the_link(tmp_path):
-    cfg = ServeConfig(model_dir=tmp_path / "srv" / "final")
+    cfg = ServeConfig(model_path=tmp_path / "srv" / "final")
     assert prediction_log_path(cfg) == str(tmp_path / "srv" / "logs" / "predictions.jsonl")
-    assert prediction_log_path(ServeConfig(model_dir=Path("x"), prediction_log="off")) is None
-    assert prediction_log_path(ServeConfig(model_dir=Path("x"), prediction_log="/l.j")) == "/l.j"
+    assert prediction_log_path(ServeConfig(model_path=Path("x"), prediction_log="off")) is None
+    assert prediction_log_path(ServeConfig(model_path=Path("x"), prediction_log="/l.j")) == "/l.j"
 
 
 # --------------------------------------------------------------------------- requests
