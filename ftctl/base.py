@@ -146,15 +146,11 @@ def build_base(
         "image_id": None,
     }
     final, manifest = write_final(out_dir, model, tokenizer, payload)
-    return TrainResult(
+    return TrainResult.of(
+        result,
+        mix,
         final_dir=final,
         manifest=manifest,
-        history=result.history,
-        best_epoch=result.best_epoch,
-        val_accuracy=result.best["val_accuracy"],
-        val_loss=result.best["val_loss"],
-        stopped_early=result.stopped_early,
-        replay=mix.counts(),
         frozen_layers=0,
         added_labels=[],
         device=device,

@@ -179,6 +179,20 @@ class TrainResult:
     precision: str = "fp32"
     processes: int = 1
 
+    @classmethod
+    def of(cls, fitted: FitResult, mix: Mix, **rest: Any) -> TrainResult:
+        """The result of a run whose loop gave ``fitted`` on ``mix``; ``rest``: the other
+        fields (final_dir, manifest, frozen_layers, ...)."""
+        return cls(
+            history=fitted.history,
+            best_epoch=fitted.best_epoch,
+            val_accuracy=fitted.best["val_accuracy"],
+            val_loss=fitted.best["val_loss"],
+            stopped_early=fitted.stopped_early,
+            replay=mix.counts(),
+            **rest,
+        )
+
     def summary(self) -> dict[str, Any]:
         return {
             "ok": True,
@@ -542,15 +556,11 @@ def train(
                 like=inputs.model_path, save_format=cfg.save_format, dtype=cfg.save_dtype,
             )  # fmt: skip
         world.barrier()  # every process ends once final/ is complete
-    return TrainResult(
+    return TrainResult.of(
+        result,
+        mix,
         final_dir=final,
         manifest=manifest,
-        history=result.history,
-        best_epoch=result.best_epoch,
-        val_accuracy=result.best["val_accuracy"],
-        val_loss=result.best["val_loss"],
-        stopped_early=result.stopped_early,
-        replay=mix.counts(),
         frozen_layers=cfg.freeze_layers,
         added_labels=built.added,
         device=device.split(":")[0],
