@@ -110,7 +110,14 @@ def _start_long_training(root: Path, model: Path, image: str, out: str, logs: Pa
         env=env,
         stdout=(logs / "out").open("wb"),
         stderr=(logs / "err").open("wb"),
+        preexec_fn=_ctrl_c_as_at_a_terminal,
     )
+
+
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A job a shell script starts in the background (`.ci/run &`, some CI runners) inherits
+    SIGINT ignored, and Python then keeps ignoring it; ftctl at a terminal has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -150,9 +157,11 @@ def test_a_signal_to_ftctl_reaches_the_inner_train_which_keeps_its_checkpoint(
         _wait_for_checkpoint(proc, root / out / "checkpoints", tmp_path)
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    except BaseException:  # the test failed: leave no client nor container behind
+        proc.kill()
+        for leftover in _containers_for(docker_engine, out.split("/")[-1]):
+            leftover.remove(force=True)
+        raise
     err = (tmp_path / "err").read_text()
     assert rc == code, err[-3000:]
     assert "sent SIGINT to the container" in err
