@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ class Protocol(H11Protocol):
     limits = ConnectionLimits()
 
     def connection_made(self, transport) -> None:
+        no_delay(transport.get_extra_info("socket"))
         super().connection_made(transport)
         self._header_timer = None
         self._waiting_cycle = None
@@ -141,6 +143,16 @@ class Protocol(H11Protocol):
             super().shutdown()
         else:
             self.cycle.keep_alive = False
+
+
+def no_delay(sock) -> None:
+    """TCP_NODELAY on an accepted connection. asyncio sets it only on sockets whose ``proto``
+    is IPPROTO_TCP, and a socket made by ``socket.create_server`` (or passed by systemd) has
+    proto 0: a response written in two parts then waits for the client's delayed ACK, 40 ms
+    per keep-alive request (measured: 104 ms instead of 60 ms for one text)."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def protocol_class(limits: ConnectionLimits) -> type[Protocol]:

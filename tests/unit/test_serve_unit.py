@@ -27,7 +27,7 @@ from ftctl.serve import (
     prediction_log_path,
 )
 from ftctl.serve.app import HTTPError, parse_request, read_body
-from ftctl.serve.server import inherited_sockets
+from ftctl.serve.server import bind, inherited_sockets, no_delay
 from tests.helpers import INTENTS, make_tiny_model
 
 TEXTS = ["帮我打卡", "查看在产批次的详细情况和负责人", "发货", "今天出勤了多少人？", "库存"]
@@ -394,3 +394,23 @@ def test_reload_from_many_threads_is_safe(link):
         t.join()
     holder.wait_reloads(60)
     assert 1 <= holder.reload_attempts <= 2 and holder.reload_failures == 0
+
+
+def test_accepted_connections_get_tcp_nodelay():
+    """A socket from socket.create_server (proto 0) is one asyncio leaves with Nagle on: the
+    service's protocol (connection_made) turns it off for every connection it accepts."""
+    import socket
+
+    listener = bind("127.0.0.1", 0, 8)
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    try:
+        assert conn.proto == 0  # what asyncio checks before it sets TCP_NODELAY itself
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        no_delay(conn)
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+    finally:
+        client.close()
+        conn.close()
+        listener.close()
