@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -58,7 +57,7 @@ def config(ctx: typer.Context) -> Config:
 
 def default_text(cls: type, name: str) -> str:
     """How ``--help`` shows the default of field ``name`` of config class ``cls``: help texts
-    read the defaults the code uses (tests/unit/test_cli_defaults.py compares them)."""
+    read the defaults the code uses (tests/unit/test_cli_vocabulary.py compares them)."""
     (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if isinstance(value, float):  # 5e-06 -> 5e-6, as people write it
@@ -101,9 +100,6 @@ GpusOpt = Annotated[
 ImageOpt = Annotated[
     str | None,
     typer.Option("--image", help="With --docker: the image to run (default: [image] tag)."),
-]
-ModelDirOpt = Annotated[
-    Path | None, typer.Option("--model", help="A model directory (HF format, e.g. .../final).")
 ]
 
 
