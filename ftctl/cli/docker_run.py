@@ -15,8 +15,9 @@ gave, minus --docker/--gpus/--image), host paths are rewritten to container path
   outputs (parameters named like ``out``/``output``/``report`` or declared writable), created
   first so that the caller owns them;
 * the config file in use (``--config``, ``$FTCTL_CONFIG`` or ./ftctl.toml) -> read-only, passed
-  as ``--config``. Paths *inside* it are used as written (relative ones resolve under
-  /workspace, i.e. data/ and models/ work).
+  as ``--config``. Relative paths inside it are relative to the file; a config in the project
+  directory is mounted at ``/workspace/<name>``, so its data/ and models/ paths mean the same
+  inside as outside.
 
 ``FTCTL_DOCKER_USER=uid:gid`` runs the container as someone else (default: the caller).
 
@@ -88,6 +89,15 @@ class PathMapper:
             return f"{self._mount(host.parent, read_only=False)}/{host.name}"
         host.mkdir(parents=True, exist_ok=True)
         return self._mount(host, read_only=False)
+
+    def config(self, host: Path) -> str:
+        """Where the config file ``host`` is seen inside. One in the project directory sits in
+        /workspace beside data/ and models/: the paths in it are relative to the file."""
+        if host.parent == Path(os.path.abspath(self.project)):
+            target = f"{WORKDIR}/{host.name}"
+            self.extra[str(host)] = Mount(host, target, read_only=True)
+            return target
+        return self._mount(host, read_only=True)
 
     def _mount(self, host: Path, *, read_only: bool) -> str:
         key = str(host)
@@ -192,7 +202,7 @@ def root_args(ctx: click.Context, mapper: PathMapper) -> list[str]:
     args: list[str] = []
     if st.config.path is not None:
         host = Path(os.path.abspath(st.config.path))
-        args += ["--config", mapper._mount(host, read_only=True)]
+        args += ["--config", mapper.config(host)]
     if st.debug:
         args.append("--debug")
     if st.quiet:

@@ -204,16 +204,22 @@ def _run_timed(cmd: list[str], cwd: Path) -> tuple[int, bytes, bytes, float]:
 def test_a_run_silent_longer_than_the_read_timeout_returns_its_whole_log_and_json(
     proj, ftctl_image, tmp_path_factory
 ):
-    """[image] read_timeout = 1 s; a --json run prints nothing until its document (imports and
-    training take several seconds); the document still arrives whole, in host paths."""
+    """[image] read_timeout = 1 s; a --quiet --json run prints nothing until its document
+    (imports and training take several seconds); the document still arrives whole, in host
+    paths. The old data comes from ftctl.toml as a path relative to the file: inside, it means
+    the same file."""
     root, model = proj
-    (root / "ftctl.toml").write_text("[image]\nread_timeout = 1\n")
+    (root / "ftctl.toml").write_text(
+        '[image]\nread_timeout = 1\n[train]\nold_data = "data/old.jsonl"\n'
+    )
     dest = tmp_path_factory.mktemp("dk")  # outside the project, like the issue's /tmp/dk
     chown_tree(dest)  # the caller's own directory
+    args = _train_args(model, str(dest), "--epochs", "4", "--freeze-layers", "0", "--json")
+    i = args.index("--old-data")
+    del args[i : i + 2]
     cmd = [
-        sys.executable, "-m", "ftctl",
-        *_train_args(model, str(dest), "--epochs", "4", "--freeze-layers", "0", "--json"),
-        "--docker", "--image", ftctl_image,
+        sys.executable, "-m", "ftctl", "--quiet",  # --json alone keeps the log on stderr
+        *args, "--docker", "--image", ftctl_image,
     ]  # fmt: skip
     env_user = os.environ.get("FTCTL_DOCKER_USER")
     assert env_user == f"{UID}:{UID}"
@@ -226,6 +232,8 @@ def test_a_run_silent_longer_than_the_read_timeout_returns_its_whole_log_and_jso
     assert doc["final_dir"] == str(dest / "final")  # the host path, not /mnt/host/...
     assert (dest / "final" / "model.safetensors").is_file()
     assert "/mnt/host" not in log and "/workspace" not in log
+    manifest = json.loads((dest / "final" / "manifest.json").read_text())
+    assert manifest["data"]["old"]["path"] == str(root / "data" / "old.jsonl")
 
 
 def test_a_dropped_log_connection_is_attached_again_without_losing_or_repeating_bytes(

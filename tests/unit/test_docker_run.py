@@ -205,11 +205,22 @@ def test_real_data_generate_with_config_debug_and_outside_out_dir(
     assert call["argv"][3:] == ["data", "generate", "--out-dir", mounts[out].container,
                                 "--seed", "7"]  # fmt: skip
     assert mounts[cfg].read_only and not mounts[out].read_only
+    # a config in the project sits in /workspace: its relative paths (relative to the file)
+    # mean inside what they mean outside
+    assert mounts[cfg].container == "/workspace/my.toml"
     assert (call["gpus"], call["configured_tag"], call["network_mode"]) == (
         "none",
         "ftctl:pinned",
         "host",
     )
+
+
+def test_a_config_outside_the_project_is_mounted_apart(project, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("conf") / "ftctl.toml"
+    elsewhere.write_text("")
+    mapper = docker_run.PathMapper(project)
+    assert mapper.config(elsewhere).startswith(docker_run.HOST_MOUNT_ROOT + "/")
+    assert mapper.config(project / "ftctl.toml") == "/workspace/ftctl.toml"
 
 
 # --------------------------------------------------------------------------- ftctl.image helpers
