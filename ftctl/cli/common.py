@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ftctl.config import Config, TrainConfig
+from ftctl.config import Config, DataConfig, TrainConfig
 from ftctl.errors import FtctlError
 
 out = Console(highlight=False, soft_wrap=True)  # results (stdout)
@@ -80,6 +80,14 @@ DeviceOpt = Annotated[
     str | None,
     typer.Option(
         "--device", help="auto | cpu | cuda.", show_default=default_text(TrainConfig, "device")
+    ),
+]
+MaxCharsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-chars",
+        help="Longest allowed text.",
+        show_default=default_text(DataConfig, "max_chars"),
     ),
 ]
 DockerOpt = Annotated[

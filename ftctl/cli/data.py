@@ -210,14 +210,7 @@ def validate_cmd(
             "with one label per line.",
         ),
     ] = None,
-    max_chars: Annotated[
-        int | None,
-        typer.Option(
-            "--max-chars",
-            help="Longest allowed text.",
-            show_default=common.default_text(DataConfig, "max_chars"),
-        ),
-    ] = None,
+    max_chars: common.MaxCharsOpt = None,
     label_map: Annotated[
         Path | None,
         typer.Option(
@@ -308,14 +301,7 @@ def convert_cmd(
     ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="Input file (.jsonl or .csv).")],
     dst: Annotated[Path, typer.Argument(help="Output file (.jsonl or .csv).")],
-    max_chars: Annotated[
-        int | None,
-        typer.Option(
-            "--max-chars",
-            help="Longest allowed text.",
-            show_default=common.default_text(DataConfig, "max_chars"),
-        ),
-    ] = None,
+    max_chars: common.MaxCharsOpt = None,
     json_: common.JsonOpt = False,
 ) -> None:
     """Convert JSONL <-> CSV (formats by extension), validating on the way; written atomically.

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftctl.cli import common, ssh
-from ftctl.config import Config, DataConfig, HarvestConfig, check, override
+from ftctl.config import Config, HarvestConfig, check, override
 
 
 def _incremental_data(conf: Config) -> Path:
@@ -200,14 +200,7 @@ def import_review_cmd(
             show_default="[train] old_data",
         ),
     ] = None,
-    max_chars: Annotated[
-        int | None,
-        typer.Option(
-            "--max-chars",
-            help="Longest allowed text.",
-            show_default=common.default_text(DataConfig, "max_chars"),
-        ),
-    ] = None,
+    max_chars: common.MaxCharsOpt = None,
     json_out: common.JsonOpt = False,
 ) -> None:
     """Append the reviewed rows of a harvest's review file to the incremental data.

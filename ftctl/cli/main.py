@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 # `ftctl serve`: a SIGHUP (reload) that comes while it starts must not kill it; this runs before
-# the slow imports below, and ftctl.serve.server.EarlySighup takes over once serve runs
+# the slow imports below, and ftctl.serve.server.PendingSignal takes over once serve runs
 if "serve" in sys.argv[1:]:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -106,7 +107,7 @@ def serve(cfg: ServeConfig, *, log: Callable[[dict], None] = lambda event: None)
     stopping, stopped, errors)."""
     from ftctl.serve import server as srv
 
-    early = srv.EarlySighup().install()
+    early = srv.PendingSignal(signal.SIGHUP).install()
     import uvicorn
 
     def events(event: dict) -> None:  # systemd learns when a reload has finished
@@ -148,7 +149,7 @@ def serve(cfg: ServeConfig, *, log: Callable[[dict], None] = lambda event: None)
 
     # a SIGTERM from now until uvicorn takes over is remembered; and uvicorn re-raises the
     # SIGTERM it caught once it has drained: that lands here too, instead of killing us
-    stop = srv.EarlyStop().install()
+    stop = srv.PendingSignal(signal.SIGTERM).install()
     p = app.holder.current
     log({"event": "listening", "address": ", ".join(srv.address(s) for s in sockets),
          "inherited": bool(inherited),

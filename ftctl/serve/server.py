@@ -242,30 +242,18 @@ def sd_notify(state: str) -> bool:
 # --------------------------------------------------------------------------- signals
 
 
-class EarlyStop:
-    """SIGTERM between the model load and uvicorn taking over its signals: remembered, and
-    the server stops as soon as it has started (nothing is in flight yet)."""
+class PendingSignal:
+    """A signal from the first moment, before the server takes it over: the handler only sets
+    a flag (all a handler may safely do while anything else runs), and the server acts on it
+    once it is up. SIGHUP: a reload asked for while the model loads; SIGTERM: stop as soon as
+    the server has started (nothing is in flight yet)."""
 
-    def __init__(self) -> None:
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
         self.pending = False
 
-    def install(self) -> EarlyStop:
-        signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def _handler(self, _sig, _frame) -> None:
-        self.pending = True
-
-
-class EarlySighup:
-    """SIGHUP from the first moment: until the model is up, a SIGHUP only sets a flag
-    (setting a flag is all a handler may safely do while anything else runs)."""
-
-    def __init__(self) -> None:
-        self.pending = False
-
-    def install(self) -> EarlySighup:
-        signal.signal(signal.SIGHUP, self._handler)
+    def install(self) -> PendingSignal:
+        signal.signal(self.signum, self._handler)
         return self
 
     def _handler(self, _sig, _frame) -> None:
@@ -274,7 +262,7 @@ class EarlySighup:
 
 def ignore_sighup_early(argv: list[str]) -> None:
     """Called first thing by the CLI: when the command is ``serve``, SIGHUP is ignored until
-    :class:`EarlySighup` takes over (a reload asked for before the model loads needs nothing
+    :class:`PendingSignal` takes over (a reload asked for before the model loads needs nothing
     done: the load reads the link afterwards)."""
     if "serve" in argv[1:] and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -284,8 +272,8 @@ async def run_server(
     server,
     sockets: list[socket.socket],
     on_hup: Callable[[], None],
-    early: EarlySighup,
-    stop: EarlyStop,
+    early: PendingSignal,
+    stop: PendingSignal,
 ) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP calls ``on_hup`` in the event loop."""
     if stop.pending:

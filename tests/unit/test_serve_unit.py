@@ -371,11 +371,11 @@ def test_no_inherited_socket_unless_listen_pid_is_ours(monkeypatch):
 def test_sighup_handler_only_sets_a_flag():
     import signal
 
-    from ftctl.serve.server import EarlySighup
+    from ftctl.serve.server import PendingSignal
 
     before = signal.getsignal(signal.SIGHUP)
     try:
-        early = EarlySighup().install()
+        early = PendingSignal(signal.SIGHUP).install()
         os.kill(os.getpid(), signal.SIGHUP)
         deadline = time.monotonic() + 5
         while not early.pending and time.monotonic() < deadline:
