@@ -113,7 +113,8 @@ def _sigterm_is_ctrl_c() -> None:
 
 
 def _host_line(h) -> str:
-    what = f"{h.action}: {h.host} now serves {h.release}"
+    verb = "served" if h.state == "reverted" else "now serves"
+    what = f"{h.action}: {h.host} {verb} {h.release}"
     if h.reused or h.action != "deploy":
         extra = " (nothing uploaded)"
     else:

@@ -86,7 +86,10 @@ def watch(
     """Watch the canaries (already live) for ``cfg.canary_wait`` seconds; stop at the first
     failed check (``failure`` says which host and why)."""
     w = CanaryWatch([s.hr.host for s in canaries], cfg.canary_wait, watch_text(cfg))
-    if not canaries or cfg.canary_wait <= 0:
+    if not canaries:
+        w.watched = "nothing: no canary switched (the new release was live there already)"
+        return w
+    if cfg.canary_wait <= 0:
         return w
     if not (cfg.health_cmd or cfg.health_url):
         reporter.warn(f"canary wait ({cfg.canary_wait:g}s): watching {w.watched}")

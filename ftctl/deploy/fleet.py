@@ -214,6 +214,10 @@ class _Rollout:
                     if exc is not None:
                         self._stop(n, exc, canary=True)
                         return
+        except KeyboardInterrupt:  # not silent: say where each host was left
+            states = ", ".join(f"{h} {s}" for h, s in self.result.states.items())
+            self.reporter.warn(f"interrupted; hosts: {states} (`ftctl status` tells more)")
+            raise
         finally:
             for s in self.staged:
                 s.close()

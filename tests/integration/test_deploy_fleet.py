@@ -432,3 +432,16 @@ def _wait_done(server: Server, timeout: float = 90) -> dict:
                 return doc
         time.sleep(0.2)
     raise AssertionError(f"{server.root.name}: the go-live did not end")
+
+
+def test_the_canary_wait_polls_the_health_url_from_the_server(deploy_target, deploy_models):
+    """One host, `ftctl serve` behind a health URL: the canary wait checks it over SSH, on the
+    server, until the wait is over."""
+    t = deploy_target
+    cfg = t.with_(canary=1, canary_wait=4.0)
+    res = deploy(deploy_models["b"], cfg, t.specs(), t.connect(cfg))
+    assert res.ok, res.error
+    assert res.canary.watched.startswith(f"{t.health_url} polled")
+    assert res.canary.polls >= 2 and res.canary.failure is None
+    assert res.states == {res.hosts[0].host: "switched"}
+    t.wait_serving(model_digest(deploy_models["b"]))

@@ -3,6 +3,12 @@ lines, the rollout plan, the canary wait without a health check, the fleet's fin
 
 from __future__ import annotations
 
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,3 +128,75 @@ def test_the_fleet_error_exits_6_while_a_host_may_still_serve_the_new_model():
     assert res.to_dict()["states"] == {"h0": "switched", "h1": "unknown"}
     single = fleet_error(first, _hosts("rolled_back"), [], reverting=True)
     assert single is first
+
+
+PY36 = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions/3.6.15/bin/python3"
+
+
+@pytest.fixture(scope="module")
+def health_server():
+    """/ok serves the digest, /other another one, /plain text, /down 503; a raw port that
+    answers garbage; a closed port."""
+    bodies = {
+        "/ok": (200, b'{"sha256": "' + b"a" * 64 + b'"}'),
+        "/other": (200, b'{"sha256": "' + b"b" * 64 + b'"}'),
+        "/plain": (200, b"fine"),
+        "/down": (503, b"{}"),
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            code, body = bodies[self.path]
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    garbage = socket.create_server(("127.0.0.1", 0))
+
+    def answer_garbage():
+        while True:
+            try:
+                conn, _ = garbage.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"garbage\r\n\r\n")
+
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    yield {
+        "http": f"http://127.0.0.1:{httpd.server_address[1]}",
+        "garbage": f"http://127.0.0.1:{garbage.getsockname()[1]}/health",
+        "closed": f"http://127.0.0.1:{closed_port}/health",
+    }
+    httpd.shutdown()
+    garbage.close()
+
+
+@pytest.mark.parametrize("python", [sys.executable, str(PY36)], ids=["client", "py3.6"])
+def test_the_canary_url_check_passes_only_a_200_serving_the_new_model(health_server, python):
+    """The check the canary wait runs on the server, with the server's oldest python3."""
+
+    def check(url: str) -> tuple[int, str]:
+        out = subprocess.run([python, "-c", canary.HEALTH_PY, url, "a" * 64],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        return out.returncode, out.stdout.strip()
+
+    base = health_server["http"]
+    assert check(f"{base}/ok") == (0, "healthy")
+    assert check(f"{base}/plain") == (0, "healthy")  # no digest reported: the status decides
+    rc, why = check(f"{base}/other")
+    assert rc == 1 and why == "serves bbbbbbbb, not the new model aaaaaaaa"
+    rc, why = check(f"{base}/down")
+    assert rc == 1 and "503" in why
+    for name in ("garbage", "closed"):
+        rc, why = check(health_server[name])
+        assert rc == 1 and why, name
