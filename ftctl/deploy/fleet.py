@@ -334,7 +334,7 @@ def fleet_error(
     failed = [h for h in hosts if h.state == "failed"]
     mixed = [h for h in hosts if h.state in MAY_SERVE_NEW] if reverting else []
     unknown = [h for h in hosts if h.state == "unknown"]
-    if len(hosts) == 1 and not (failed or mixed or unknown or problems):
+    if len(hosts) == 1 and hosts[0].state in ("untouched", "rolled_back") and not problems:
         return first
     message = f"{first.message}; hosts: " + ", ".join(f"{h.host} {h.state}" for h in hosts)
     message += "".join(f"; {p}" for p in problems)
@@ -350,7 +350,14 @@ def fleet_error(
             hint="an unknown host's go-live goes on on the server and ends on a checked model "
             "(the new one or the one before): `ftctl status --host ...` tells which",
         )
-    return type(first)(message, hint=first.hint)
+    back = all(h.state in ("untouched", "rolled_back", "reverted") for h in hosts)
+    hint = (
+        "no host serves the new model: each is on the release live before (its deploys.log "
+        "says so); fix the cause named above and deploy again"
+        if back and any(h.state == "reverted" for h in hosts)
+        else first.hint
+    )
+    return type(first)(message, hint=hint)
 
 
 def rollback(

@@ -15,7 +15,6 @@ import json
 import shutil
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http
 from ftctl.manifest import model_digest
 from ftctl.progress import NullReporter
 from ftctl.remote import connect, parse_host
+from tests.integration.test_deploy_resilience import Blackhole
 
 pytestmark = pytest.mark.integration
 
@@ -119,37 +119,9 @@ class Server:
         self.sshd.close()
 
 
-class Relay:
+class Relay(Blackhole):
     """A TCP relay on loopback to an sshd: ``cut()`` closes every connection through it (the
     link drops), ``stop()`` refuses new ones too (the host stays unreachable)."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := a.recv(65536):
-                b.sendall(data)
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
         conns, self.conns = self.conns, []

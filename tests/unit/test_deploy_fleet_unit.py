@@ -117,6 +117,7 @@ def test_the_fleet_error_exits_6_while_a_host_may_still_serve_the_new_model():
     assert ok.exit_code == ExitCode.DEPLOY and "h0 reverted, h1 rolled_back, h2 untouched" in (
         ok.message
     )
+    assert ok.hint.startswith("no host serves the new model")
     lost = LinkDead("h1: lost the go-live's progress")
     gone = fleet_error(lost, _hosts("reverted", "unknown"), ["h1: not reached"], reverting=True)
     assert gone.exit_code == ExitCode.ROLLBACK_FAILED and "h1 unknown" in gone.message
