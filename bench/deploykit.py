@@ -210,10 +210,10 @@ def seed_deploy(sshd: LocalSSHD, model: Path, remote_dir: Path, restart_cmd: str
     ]
     dest = f"{sshd.user}@{sshd.address}:{remote_dir}/"
     subprocess.run(
-        ["scp", "-q", "-r", "-P", str(sshd.port), *ssh_opts, str(model), dest], check=True
+        ["scp", "-q", "-r", "-P", str(sshd.port), *ssh_opts, "--", str(model), dest], check=True
     )
     subprocess.run(
-        ["ssh", "-p", str(sshd.port), *ssh_opts, f"{sshd.user}@{sshd.address}", restart_cmd],
+        ["ssh", "-p", str(sshd.port), *ssh_opts, "--", f"{sshd.user}@{sshd.address}", restart_cmd],
         check=True,
         capture_output=True,
     )

@@ -233,7 +233,9 @@ class DeployConfig:
     link_timeout: float = 20.0  # seconds without an answer after which the SSH link is dead
     require_health: bool = False  # refuse a deploy whose new model nothing would check
     canary: int = 0  # the first N hosts go live (health + smoke) before the rest
+    canary_wait: float = 60.0  # seconds the canaries are watched (health polled) before the rest
     on_failure: str = "revert"  # revert: put switched hosts back | stop: leave them as they are
+    reconnect_timeout: float = 120.0  # revert: seconds to reach a host whose link dropped
 
     def problems(self, where: str = "deploy") -> list[Problem]:
         out = []
@@ -256,6 +258,9 @@ class DeployConfig:
             out.append(Problem("must be revert or stop", field=f"{where}.on_failure"))
         if self.bwlimit_kbps < 0 or self.canary < 0:
             out.append(Problem("must be >= 0", field=f"{where}.bwlimit_kbps/canary"))
+        if self.canary_wait < 0 or self.reconnect_timeout < 0:
+            out.append(Problem("must be >= 0", field=f"{where}.canary_wait/reconnect_timeout"))
+        out += self._host_problems(where)
         if not 5 <= self.link_timeout <= 50:
             out.append(Problem("must be 5..50 seconds", field=f"{where}.link_timeout"))
         if self.require_health and not (self.health_url or self.health_cmd):
@@ -266,6 +271,20 @@ class DeployConfig:
                     field=f"{where}.require_health",
                 )
             )
+        return out
+
+    def _host_problems(self, where: str) -> list[Problem]:
+        """A user or host that ssh/rsync would read as an option (``-oProxyCommand=...``)."""
+        from ftctl.remote import parse_host
+
+        out = []
+        if self.user.startswith("-"):
+            out.append(Problem("must not start with '-'", field=f"{where}.user"))
+        for i, text in enumerate(self.hosts):
+            try:
+                parse_host(text, "root", 22)
+            except ConfigError as exc:
+                out.append(Problem(exc.message, field=f"{where}.hosts[{i}]"))
         return out
 
 

@@ -28,11 +28,18 @@ _HOST_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?:
 
 @dataclass(frozen=True)
 class HostSpec:
-    """One target: user@host:port."""
+    """One target: user@host:port. A user or host that starts with ``-`` is refused: ssh, scp
+    and rsync would read it as an option (``-oProxyCommand=...`` runs a command here)."""
 
     user: str
     host: str
     port: int
+
+    def __post_init__(self) -> None:
+        for part in ("user", "host"):
+            problem = _option_like(part, getattr(self, part))
+            if problem:
+                raise ConfigError(f"bad host '{self.user}@{self.host}': {problem}", hint=_HINT)
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
@@ -43,17 +50,31 @@ class HostSpec:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
 
-def parse_host(text: str, default_user: str = "root", default_port: int = 22) -> HostSpec:
-    """``user@host[:port]`` (IPv6 in brackets) -> HostSpec; defaults fill what is missing."""
+_HINT = "write it as user@host or user@host:port (e.g. root@10.0.0.5)"
+
+
+def _option_like(part: str, value: str) -> str | None:
+    if value.startswith("-"):
+        return f"the {part} '{value}' starts with '-' (ssh and rsync would read it as an option)"
+    return None
+
+
+def parse_host(
+    text: str, default_user: str = "root", default_port: int = 22, *, where: str = ""
+) -> HostSpec:
+    """``user@host[:port]`` (IPv6 in brackets) -> HostSpec; defaults fill what is missing.
+    ``where`` (a flag or a config key) starts the error message."""
+    lead = f"{where}: " if where else ""
     m = _HOST_RE.match(text.strip())
     if not m:
-        raise ConfigError(
-            f"bad host '{text}'",
-            hint="write it as user@host or user@host:port (e.g. root@10.0.0.5)",
-        )
+        raise ConfigError(f"{lead}bad host '{text}'", hint=_HINT)
+    for part in ("user", "host"):
+        problem = _option_like(part, m[part] or "")
+        if problem:
+            raise ConfigError(f"{lead}bad host '{text}': {problem}", hint=_HINT)
     port = int(m["port"]) if m["port"] else default_port
     if not 0 < port < 65536:
-        raise ConfigError(f"bad port in host '{text}'", hint="use a TCP port 1..65535")
+        raise ConfigError(f"{lead}bad port in host '{text}'", hint="use a TCP port 1..65535")
     return HostSpec(m["user"] or default_user, m["host"].strip("[]"), port)
 
 

@@ -53,14 +53,36 @@ RequireHealthOpt = Annotated[
 ]
 CanaryOpt = Annotated[
     int | None,
-    typer.Option("--canary", help="The first N hosts go live (health + smoke) before the rest."),
+    typer.Option(
+        "--canary",
+        help="The first N hosts go live (health + smoke) and are watched for --canary-wait "
+        "before the rest; a canary failure reverts them and stops.",
+    ),
+]
+CanaryWaitOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--canary-wait",
+        help="Seconds the canaries are watched (health polled every few seconds).",
+        show_default=common.default_text(DeployConfig, "canary_wait"),
+    ),
 ]
 OnFailureOpt = Annotated[
     str | None,
     typer.Option(
         "--on-failure",
-        help="revert: put hosts already switched back (the fleet never stays mixed) | stop.",
+        help="revert: put back every host that may serve the new model (the fleet never stays "
+        "mixed) | stop: leave them.",
         show_default=common.default_text(DeployConfig, "on_failure"),
+    ),
+]
+ReconnectOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--reconnect-timeout",
+        help="Seconds a revert tries to reach a host whose link dropped mid-go-live; "
+        "unreached, it is named 'unknown' (exit 6).",
+        show_default=common.default_text(DeployConfig, "reconnect_timeout"),
     ),
 ]
 
@@ -91,7 +113,8 @@ def _sigterm_is_ctrl_c() -> None:
 
 
 def _host_line(h) -> str:
-    what = f"{h.action}: {h.host} now serves {h.release}"
+    verb = "served" if h.state == "reverted" else "now serves"
+    what = f"{h.action}: {h.host} {verb} {h.release}"
     if h.reused or h.action != "deploy":
         extra = " (nothing uploaded)"
     else:
@@ -100,6 +123,27 @@ def _host_line(h) -> str:
             f"files, {h.linked_files} files hard-linked)"
         )
     return what + extra + f" in {h.seconds:.1f}s; health: {h.health or 'n/a'}"
+
+
+def _fleet_lines(result) -> None:
+    """The fleet's plan (--dry-run), the canary wait, and every host's state."""
+    fleet = len(result.hosts) > 1 or any(h.canary for h in result.hosts)
+    dry = any(h.dry_run for h in result.hosts)
+    if dry and fleet:
+        common.out.print("fleet:", markup=False)
+        for line in result.plan:
+            common.out.print(f"  - {line}", markup=False)
+    if result.canary is not None:
+        w = result.canary
+        end = f"FAILED: {w.failure}" if w.failure else "passed"
+        common.out.print(
+            f"canary wait: {', '.join(w.hosts)} for {w.seconds:g}s, watching {w.watched} "
+            f"({w.polls} checks): {end}",
+            markup=False,
+        )
+    if not dry and (fleet or not result.ok):
+        states = ", ".join(f"{h} {s}" for h, s in result.states.items())
+        common.out.print(f"hosts: {states}", markup=False)
 
 
 def _finish(ctx: typer.Context, result, as_json: bool) -> None:
@@ -117,10 +161,12 @@ def _finish(ctx: typer.Context, result, as_json: bool) -> None:
                     common.out.print(f"  original model kept as releases/{h.backup}", markup=False)
                 if h.pruned:
                     common.out.print(f"  removed old releases: {', '.join(h.pruned)}", markup=False)
-                if h.reverted:
+                if h.state == "reverted":
                     common.out.print(
-                        f"  reverted to {h.previous}: another host failed", markup=False
+                        f"  reverted to {h.previous}: another host or a canary failed",
+                        markup=False,
                     )
+        _fleet_lines(result)
         if result.ok and not any(h.dry_run for h in result.hosts) and result.action == "deploy":
             health = result.health or "n/a"
             note = (
@@ -164,7 +210,9 @@ def deploy_cmd(
     bwlimit: BwlimitOpt = None,
     require_health: RequireHealthOpt = None,
     canary: CanaryOpt = None,
+    canary_wait: CanaryWaitOpt = None,
     on_failure: OnFailureOpt = None,
+    reconnect_timeout: ReconnectOpt = None,
     accept_host_key: ssh.AcceptKeyOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
     dry_run: common.DryRunOpt = False,
@@ -180,8 +228,13 @@ def deploy_cmd(
     Example: `ftctl deploy --model-path models/incremental/final --host root@47.100.235.168
     --health-url http://127.0.0.1:8000/health --smoke 帮我打卡=CLOCK_IN --require-health`
 
-    Example (two hosts, the first as canary): `ftctl deploy --profile prod --host root@a
-    --host root@b --canary 1 --on-failure revert`
+    Several hosts: uploaded in parallel, live one at a time. --canary N: the first N go live
+    and are watched for --canary-wait seconds first. On a failure the rest stay untouched and
+    every host that may serve the new model is put back (--on-failure revert), a host whose
+    link dropped included (reached again within --reconnect-timeout, else exit 6).
+
+    Example (three hosts, the first as canary, watched 2 minutes): `ftctl deploy --profile
+    prod --host root@a --host root@b --host root@c --canary 1 --canary-wait 120`
     """
     from ftctl import deploy as core
 
@@ -190,7 +243,8 @@ def deploy_cmd(
         restart_cmd=restart_cmd, reload_cmd=reload_cmd, health_url=health_url,
         health_cmd=health_cmd, health_timeout=health_timeout, smoke=_smoke(smoke),
         keep_releases=keep_releases, transfer=transfer, bwlimit_kbps=bwlimit,
-        require_health=require_health, canary=canary, on_failure=on_failure,
+        require_health=require_health, canary=canary, canary_wait=canary_wait,
+        on_failure=on_failure, reconnect_timeout=reconnect_timeout,
     )  # fmt: skip
     _sigterm_is_ctrl_c()
     result = core.deploy(

@@ -45,6 +45,8 @@ def target(ctx, profile, hosts, **flags) -> tuple[DeployConfig, list]:
     from ftctl.remote import parse_host
 
     cfg = common.config(ctx).deploy_profile(profile)
+    for h in hosts or ():
+        parse_host(h, cfg.user, cfg.port, where="--host")
     cfg = override(cfg, hosts=tuple(hosts) if hosts else None, **flags)
     check(cfg)
     if not cfg.hosts:

@@ -19,6 +19,7 @@ Where to look:
 ``session.py``   commands over one SSH connection, the lock tied to it
 ``host.py``      one server's phases: stage (lock ... verify), publish (go live, follow)
 ``fleet.py``     several servers: parallel upload, one-at-a-time go-live, canary, revert
+``canary.py``    the canary wait: the first hosts' health polled before the rest go live
 ``history.py``   releases, deploys.log, the last go-live's status
 """
 

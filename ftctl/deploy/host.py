@@ -395,9 +395,11 @@ def rollback_target(session: Session, st: RemoteState, to: str | None) -> str:
     return st.previous
 
 
-def log_failure(session: Session, hr: HostResult, deploy_id: str, digest: str | None) -> None:
-    """A line in deploys.log for a deploy that failed before going live (the go-live writes
-    its own)."""
+def log_failure(
+    session: Session, hr: HostResult, deploy_id: str, digest: str | None, error: str | None = None
+) -> None:
+    """A line in deploys.log for a deploy that failed or stopped before going live (the go-live
+    writes its own); ``error`` (default: the host's error) says why."""
     from datetime import UTC, datetime
 
     entry = {
@@ -413,7 +415,7 @@ def log_failure(session: Session, hr: HostResult, deploy_id: str, digest: str | 
         "method": hr.method,
         "uploaded_bytes": hr.uploaded_bytes,
         "rolled_back": False,
-        "error": golive.bounded((hr.error or {}).get("message", ""), 500),
+        "error": golive.bounded(error or (hr.error or {}).get("message", ""), 500),
         "ftctl": __version__,
     }
     line = q(json.dumps(entry, ensure_ascii=False, default=str))

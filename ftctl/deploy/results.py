@@ -6,6 +6,19 @@ from dataclasses import asdict, dataclass, field
 
 from ftctl.errors import FtctlError
 
+# Where each host ends (``HostResult.state``); a fleet deploy reports every host's.
+HOST_STATES = {
+    "untouched": "this deploy did not change what the host serves (never went live there)",
+    "switched": "the new release is live and passed its checks",
+    "rolled_back": "its go-live failed and the server put the previous release back",
+    "reverted": "it went live, then was put back because another host or a canary failed",
+    "unknown": "the link dropped during its go-live and it could not be reached again: it "
+    "serves the new release or the previous one (`ftctl status` tells)",
+    "failed": "neither the new release nor the previous one is known to be live and checked",
+}
+# States in which the host may serve the new model (what a revert has to undo).
+MAY_SERVE_NEW = ("switched", "unknown")
+
 
 @dataclass
 class HostResult:
@@ -13,6 +26,7 @@ class HostResult:
     action: str  # deploy | rollback | revert
     ok: bool = False
     dry_run: bool = False
+    state: str = "untouched"  # one of HOST_STATES
     release: str | None = None
     previous: str | None = None
     backup: str | None = None
@@ -24,7 +38,6 @@ class HostResult:
     linked_files: int = 0  # unchanged files hard-linked on the server
     reused: bool = False
     rolled_back: bool = False
-    reverted: bool = False  # switched, then put back because another host failed
     canary: bool = False
     pruned: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)
@@ -40,12 +53,28 @@ class HostResult:
 
 
 @dataclass
+class CanaryWatch:
+    """What the canary wait watched and how it ended."""
+
+    hosts: list[str]
+    seconds: float  # how long the canaries were to be watched
+    watched: str  # what was polled (or why nothing could be)
+    polls: int = 0  # checks made, all canaries together
+    failure: str | None = None  # the first failed check
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class DeployResult:
     action: str
     model: str | None
     sha256: str | None
     id: str | None = None  # one deploy id across the fleet (also in each deploys.log line)
     hosts: list[HostResult] = field(default_factory=list)
+    plan: list[str] = field(default_factory=list)  # the fleet's order (--dry-run)
+    canary: CanaryWatch | None = None
     error: FtctlError | None = None
 
     @property
@@ -60,6 +89,11 @@ class DeployResult:
             return "unchecked"
         return values.pop() if len(values) == 1 else None
 
+    @property
+    def states(self) -> dict[str, str]:
+        """Each host's state (``HOST_STATES``), by host."""
+        return {h.host: h.state for h in self.hosts}
+
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,
@@ -68,6 +102,9 @@ class DeployResult:
             "model": self.model,
             "sha256": self.sha256,
             "health": self.health,
+            "states": self.states,
+            "canary": self.canary.to_dict() if self.canary else None,
+            "plan": self.plan,
             "hosts": [h.to_dict() for h in self.hosts],
             "error": self.error.to_dict() if self.error else None,
         }

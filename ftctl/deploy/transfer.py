@@ -68,7 +68,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 def ssh_args(session: Session) -> list[str]:
-    """OpenSSH options matching the Fabric connection: port, identity, strict known_hosts."""
+    """OpenSSH options matching the Fabric connection: port, identity, strict known_hosts.
+    Options only: a command line adds ``--`` and then the target (never an option)."""
     from ftctl.remote import known_hosts_path
 
     cfg = session.cfg
@@ -88,6 +89,11 @@ def ssh_args(session: Session) -> list[str]:
     return args
 
 
+def master_argv(session: Session, control_path: str, target: str) -> list[str]:
+    """The ControlMaster's command line: options, ``--``, the target."""
+    return ["ssh", "-M", "-N", "-S", control_path, *ssh_args(session), "--", target]
+
+
 class Master:
     """One OpenSSH ControlMaster connection; rsync's ssh runs through it."""
 
@@ -96,9 +102,8 @@ class Master:
         self.dir = tempfile.mkdtemp(prefix="ftctl-ssh-")
         self.path = os.path.join(self.dir, "cm")
         self.target = f"{session.conn.user}@{session.conn.host}"
-        cmd = ["ssh", "-M", "-N", "-S", self.path, *ssh_args(session), self.target]
         self.proc = subprocess.Popen(
-            cmd,
+            master_argv(session, self.path, self.target),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -157,19 +162,11 @@ def rsync_send(
     reporter: Reporter,
     bar: bool,
 ) -> Sent:
-    cfg = session.cfg
     fd, listing_path = tempfile.mkstemp(prefix="ftctl-files-", suffix=".txt")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write("\n".join(files) + "\n")
-    cmd = [
-        "rsync", "--recursive", "--ignore-times", "--no-whole-file", "--stats",
-        "--info=progress2", f"--files-from={listing_path}", "-e", master.ssh_e(),
-        f"--timeout={int(max(30, 2 * cfg.link_timeout))}",
-    ]  # fmt: skip
-    if cfg.bwlimit_kbps:
-        cmd.append(f"--bwlimit={cfg.bwlimit_kbps}")
-    dest = f"{master.target}:{incoming}/"
-    cmd += [f"{model.path}/", dest]
+    cmd = rsync_argv(session.cfg, master.ssh_e(), listing_path, f"{model.path}/",
+                     f"{master.target}:{incoming}/")  # fmt: skip
     total = sum(model.sizes[r] for r in files)
     output = bytearray()
     try:
@@ -196,6 +193,19 @@ def rsync_send(
         )
     stats = {k: _num(m.group(1)) for k, r in _STAT_RE.items() if (m := r.search(text))}
     return Sent("rsync", len(files), stats.get("literal", 0), stats.get("wire", 0))
+
+
+def rsync_argv(cfg, ssh_e: str, listing_path: str, src: str, dest: str) -> list[str]:
+    """rsync's command line: options, ``--``, the source and the ``user@host:dir/`` target.
+    (rsync hands the user to ssh as ``-l USER``; a host never starts with '-': HostSpec.)"""
+    cmd = [
+        "rsync", "--recursive", "--ignore-times", "--no-whole-file", "--stats",
+        "--info=progress2", f"--files-from={listing_path}", "-e", ssh_e,
+        f"--timeout={int(max(30, 2 * cfg.link_timeout))}",
+    ]  # fmt: skip
+    if cfg.bwlimit_kbps:
+        cmd.append(f"--bwlimit={cfg.bwlimit_kbps}")
+    return [*cmd, "--", src, dest]
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ def test_sshd_from_a_relative_workdir_accepts_the_client_key_and_strict_host_che
                 "StrictHostKeyChecking=yes",
                 "-o",
                 "BatchMode=yes",
+                "--",
                 f"{sshd.user}@127.0.0.1",
                 "echo ready",
             ],
