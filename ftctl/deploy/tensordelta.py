@@ -218,7 +218,7 @@ class EncodeStats:
     copied_bytes: int = 0  # new bytes referenced from the basis (C records)
     xor_bytes: int = 0  # new bytes sent as XOR planes (X records), before compression
     literal_bytes: int = 0  # header and other bytes (L records)
-    planes: dict[str, int] = field(default_factory=lambda: {"stored": 0, "zlib": 0})
+    planes: dict[str, int] = field(default_factory=lambda: {"stored": 0, "zlib": 0})  # of X
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process, all threads
 
@@ -268,17 +268,18 @@ def pieces(new: Layout, basis: Layout, size: int, block: int = BLOCK) -> Iterato
     yield from literal(cursor, size)
 
 
-def _payload(raw, level: int, stats: EncodeStats) -> list[bytes]:
-    """A payload of ``raw`` (a contiguous buffer): zlib when it pays, else stored."""
+def _payload(raw, level: int, planes: dict[str, int]) -> list[bytes]:
+    """A payload of ``raw`` (a contiguous buffer): zlib when it pays, else stored; counted
+    in ``planes``."""
     n = len(raw)
     if level and n:
         sample = raw[:SAMPLE]
         if n <= SAMPLE or len(zlib.compress(sample, 1)) <= STORE_ABOVE * len(sample):
             packed = zlib.compress(raw, level)
             if len(packed) < n:
-                stats.planes["zlib"] += 1
+                planes["zlib"] += 1
                 return [wire.PAYLOAD.pack(wire.ZLIB, len(packed)), packed]
-    stats.planes["stored"] += 1
+    planes["stored"] += 1
     return [wire.PAYLOAD.pack(wire.STORED, n), bytes(raw)]
 
 
@@ -290,7 +291,7 @@ def _record(p: Piece, new_buf, basis_buf, level: int) -> tuple[list[bytes], Enco
     x = new_buf[p.start : p.start + p.length]
     if p.kind == "L":
         st.literal_bytes = p.length
-        return [b"L", wire.LITERAL.pack(p.length), *_payload(x, level, st)], st
+        return [b"L", wire.LITERAL.pack(p.length), *_payload(x, level, {"zlib": 0, "stored": 0})], st
     y = basis_buf[p.basis : p.basis + p.length]
     crc = zlib.crc32(y)
     if np.array_equal(x, y):
@@ -300,7 +301,7 @@ def _record(p: Piece, new_buf, basis_buf, level: int) -> tuple[list[bytes], Enco
     planes = np.bitwise_xor(x, y).reshape(-1, p.k).T.copy()
     out = [b"X" + wire.XOR.pack(p.basis, p.length, p.k, crc)]
     for plane in planes:
-        out += _payload(plane, level, st)
+        out += _payload(plane, level, st.planes)
     return out, st
 
 

@@ -33,6 +33,7 @@ Command line (what the deploy's dispatch calls; also handy by hand)::
     python3 tensordelta.py header FILE               # prints header_info(FILE) as JSON
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -171,12 +172,11 @@ def xor_planes(planes, basis, k):
 class Basis:
     """The basis file, read by range, each range checked against the client's CRC-32."""
 
-    def __init__(self, path, expected_size):
+    def __init__(self, fh, path, expected_size):
         self.path = path
-        self.fh = open(path, "rb")
-        self.size = os.fstat(self.fh.fileno()).st_size
+        self.fh = fh
+        self.size = os.fstat(fh.fileno()).st_size
         if self.size != expected_size:
-            self.fh.close()
             raise DeltaError(
                 f"basis {path} is {self.size} bytes, the delta was made against "
                 f"{expected_size}: not the file the client chose"
@@ -204,9 +204,6 @@ class Basis:
 
     def read(self, offset, length, crc):
         return b"".join(self.ranges(offset, length, crc, length or 1))
-
-    def close(self):
-        self.fh.close()
 
 
 class Writer:
@@ -244,10 +241,8 @@ class Writer:
     def discard(self):
         if not self.fh.closed:
             self.fh.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
 
 
 def read_head(rd):
@@ -290,6 +285,17 @@ def apply_record(tag, rd, basis, out):
     out.write(xor_planes(planes, basis.read(offset, length, crc), k))
 
 
+def apply_records(rd, basis, out, progress):
+    """Apply records up to the end record; its (size, sha256 digest)."""
+    while True:
+        tag = rd.exact(1, "record type")
+        if tag == b"E":
+            return rd.unpack(END, "end record")
+        apply_record(tag, rd, basis, out)
+        if progress is not None:
+            progress(out.size)
+
+
 def apply(delta_stream, basis_path, out_path, progress=None):
     """Rebuild the new file at ``out_path`` from ``basis_path`` and the delta read from
     ``delta_stream`` (a binary file object: stdin, a socket file, an open file). Returns the
@@ -298,32 +304,22 @@ def apply(delta_stream, basis_path, out_path, progress=None):
     ``out_path`` (nor a temp file). ``progress(bytes_written)`` is called after each record."""
     rd = Reader(delta_stream)
     basis_size, new_size = read_head(rd)
-    basis = Basis(basis_path, basis_size)
-    out = None
-    try:
+    with open(basis_path, "rb") as fh:
+        basis = Basis(fh, basis_path, basis_size)
         out = Writer(out_path, new_size)
-        while True:
-            tag = rd.exact(1, "record type")
-            if tag == b"E":
-                size, digest = rd.unpack(END, "end record")
-                break
-            apply_record(tag, rd, basis, out)
-            if progress is not None:
-                progress(out.size)
-        if size != new_size or out.size != new_size:
-            raise DeltaError(f"delta wrote {out.size} bytes, announced {new_size} and {size}")
-        if out.sha.digest() != digest:
-            raise DeltaError(
-                f"the rebuilt file's sha256 {out.sha.hexdigest()} is not the client's "
-                f"{digest.hex()}"
-            )
-        out.commit()
-    except BaseException:
-        if out is not None:
+        try:
+            size, digest = apply_records(rd, basis, out, progress)
+            if size != new_size or out.size != new_size:
+                raise DeltaError(f"delta wrote {out.size} bytes, announced {new_size} and {size}")
+            if out.sha.digest() != digest:
+                raise DeltaError(
+                    f"the rebuilt file's sha256 {out.sha.hexdigest()} is not the client's "
+                    f"{digest.hex()}"
+                )
+            out.commit()
+        except BaseException:
             out.discard()
-        raise
-    finally:
-        basis.close()
+            raise
     return out.sha.hexdigest()
 
 
