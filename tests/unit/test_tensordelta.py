@@ -21,7 +21,7 @@ from ftctl.deploy import tensordelta as td
 from ftctl.deploy.server import tensordelta as wire
 from ftctl.errors import DeployError
 from ftctl.fsutil import sha256_file
-from tests.helpers import patch_safetensors
+from tests.helpers import CHILD_RUSAGE, child_rusage, patch_safetensors
 
 PY36 = Path("/root/.pyenv/versions/3.6.15/bin/python")
 SERVER_FILE = Path(wire.__file__)
@@ -444,3 +444,89 @@ def test_server_header_under_python36(tmp_path, fp32_pair):
     assert res.returncode == 0
     assert json.loads(res.stdout) == server_view(basis)
     assert run36(tmp_path, "header", str(tmp_path / "missing")).returncode == 1
+
+
+# ------------------------------------------------------------------ killed, stalled, memory
+
+
+def start36(tmp_path: Path, basis: Path, out: Path) -> subprocess.Popen:
+    alone = tmp_path / "server36"
+    alone.mkdir(exist_ok=True)
+    shutil.copy(SERVER_FILE, alone / "tensordelta.py")
+    cmd = [str(PY36), "-I", str(alone / "tensordelta.py"), "apply", str(basis), str(out)]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=alone)
+
+
+def wait_for_part(out: Path, timeout: float = 20) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.name.startswith(out.name + ".tdelta-") for p in out.parent.iterdir()):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the apply never started writing")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_server_apply_killed_midway_leaves_no_file_at_the_output(tmp_path, fp32_pair, sig):
+    """Killed while the delta arrives: never a partial file at the output path. SIGTERM and
+    SIGHUP (a dropped session) also remove the temp file; after SIGKILL it stays beside the
+    output (inside the upload directory, which the next deploy removes)."""
+    import signal
+
+    new, basis = fp32_pair
+    data = delta_bytes(new, basis)
+    out = tmp_path / "out.safetensors"
+    proc = start36(tmp_path, basis, out)
+    proc.stdin.write(data[: len(data) // 2])
+    proc.stdin.flush()
+    wait_for_part(out)
+    proc.send_signal(getattr(signal, sig))
+    rc = proc.wait(20)
+    proc.stdin.close()
+    assert not out.exists()
+    if sig == "SIGKILL":
+        assert rc == -9
+    else:
+        assert rc == 128 + getattr(signal, sig)
+        assert_nothing_left(out)
+
+
+def test_encode_into_a_server_that_stops_reading_raises(tmp_path, fp32_pair):
+    """The server side went away mid-stream: encode fails at once (no hang, no half success)."""
+    new, basis = fp32_pair
+    with subprocess.Popen(["head", "-c", "100"], stdin=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL) as proc:  # fmt: skip
+        with pytest.raises(BrokenPipeError):
+            td.encode(new, basis, proc.stdin, block=4096)
+        with pytest.raises(BrokenPipeError):
+            proc.stdin.close()
+
+
+@pytest.mark.slow
+def test_server_peak_memory_stays_under_three_largest_tensors(tmp_path):
+    """The real shape's largest tensor (word embeddings, 21128 x 768 fp32 = 65 MB), all of it
+    changed: the apply under Python 3.6 holds a few 4 MiB blocks, not the tensor (measured:
+    ru_maxrss of the child, less the bare interpreter's)."""
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "bert.embeddings.word_embeddings.weight": torch.randn(21128, 768, generator=g),
+        "bert.encoder.layer.0.intermediate.dense.weight": torch.randn(3072, 768, generator=g),
+    }
+    basis = write(tmp_path / "basis.safetensors", base)
+    new = write(tmp_path / "new.safetensors", {k: nudge(v) for k, v in base.items()})
+    delta = tmp_path / "delta"
+    with open(delta, "wb") as fh:
+        td.encode(new, basis, fh)
+    largest = 21128 * 768 * 4
+    rss = {}
+    apply = [str(SERVER_FILE), "apply", str(basis), str(tmp_path / "o")]
+    for what, args in (("bare", ["-c", "pass"]), ("apply", apply)):
+        with open(delta, "rb") as stdin:
+            cmd = [str(PY36), "-c", CHILD_RUSAGE, str(PY36), "-I", *args]
+            res = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, check=True)
+        rss[what] = child_rusage(res.stderr)["maxrss_kb"] * 1024
+    assert (tmp_path / "o").read_bytes() == new.read_bytes()
+    print(f"apply peak RSS {rss['apply'] / 1e6:.1f} MB, bare {rss['bare'] / 1e6:.1f} MB")
+    assert rss["apply"] - rss["bare"] <= 3 * largest, rss

@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import struct
 import sys
 import zlib
@@ -326,8 +327,14 @@ def apply(delta_stream, basis_path, out_path, progress=None):
 # ------------------------------------------------------------------------ command line
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through apply, which removes its temp file
+
+
 def main(argv):
     if len(argv) == 3 and argv[0] == "apply":
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _exit_on_signal)
         try:
             sha = apply(sys.stdin.buffer, argv[1], argv[2])
         except (DeltaError, OSError) as exc:
