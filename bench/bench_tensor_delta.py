@@ -283,12 +283,15 @@ def report(figures: dict, runs: dict[str, list[dict]], args) -> list[str]:
              f"  {'codec alone':22s} {'delta bytes':>14s} {'x file':>7s} {'wall s':>7s} "
              f"{'cpu s':>6s} {'MB/s':>6s}"]  # fmt: skip
     for name, c in figures["codec"].items():
-        wall, speed = c.get("seconds", 0), c.get("mb_per_s", 0)
-        lines.append(f"  {name:22s} {c['delta_bytes']:14,d} {c['ratio']:7.3f} {wall:7.2f} "
-                     f"{c['cpu_s']:6.2f} {speed:6.0f}")  # fmt: skip
+        wall = f"{c['seconds']:7.2f}" if "seconds" in c else f"{'-':>7s}"
+        speed = f"{c['mb_per_s']:6.0f}" if "mb_per_s" in c else f"{'-':>6s}"
+        lines.append(f"  {name:22s} {c['delta_bytes']:14,d} {c['ratio']:7.3f} {wall} "
+                     f"{c['cpu_s']:6.2f} {speed}")  # fmt: skip
     scp = figures["scp -r"]
     lines += [f"\n  loopback over sshd, median of {args.rounds} (tensor delta: zlib-{args.level}; "
-              "bytes: what each tool wrote into ssh; lo: the loopback counter, shared)",
+              "bytes: what each tool wrote into ssh; lo: the loopback counter, shared;",
+              "  server cpu: the apply's, or for rsync the verify's (the receiving rsync's is "
+              "not counted))",
               f"  {'':46s} {'wall s':>7s} {'bytes':>12s} {'lo bytes':>12s} {'client cpu':>10s} "
               f"{'server cpu':>10s} {'server RSS':>10s}",
               f"  {'scp -r of the directory (the seed)':46s} {scp['wall_s']:7.2f} "

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -100,7 +101,12 @@ def parse_layout(header: Mapping[str, Any], header_len: int, size: int | None = 
         if size is not None and 8 + header_len + end > size:
             raise NotUsable(f"tensor {name!r} ends beyond the file")
         tensors[name] = Tensor(name, dtype, shape, begin, end)
-    return Layout(8 + header_len, tensors)
+    layout = Layout(8 + header_len, tensors)
+    ordered = layout.ordered()
+    for a, b in pairwise(ordered):
+        if b.begin < a.end:
+            raise NotUsable(f"tensors {a.name!r} and {b.name!r} overlap")
+    return layout
 
 
 def read_layout(path: str | os.PathLike) -> Layout:
@@ -176,13 +182,12 @@ def find_local_basis(
     one), then ``candidates`` (e.g. a cache of what was deployed). A file qualifies only when
     its size is one of the server's and its sha256, computed now, is that file's."""
     found = []
-    manifest = model_dir and Path(model_dir) / "manifest.json"
-    try:
-        base = json.loads(manifest.read_text(encoding="utf-8")).get("base_model") or {}
-        if isinstance(base, dict) and isinstance(base.get("path"), str):
-            found.append((Path(base["path"]) / rel, "base model (manifest)"))
-    except (OSError, ValueError, AttributeError):
-        pass
+    base = _manifest_base(Path(model_dir))
+    if base is not None:
+        path, recorded = base
+        # the manifest's sha256 is that of the base's weights (manifest.model_sha256)
+        if rel != WEIGHTS or recorded is None or recorded in server_files:
+            found.append((path / rel, "base model (manifest)"))
     found += [(Path(c), "candidate") for c in candidates]
     sizes = set(server_files.values())
     for path, how in found:
@@ -195,6 +200,20 @@ def find_local_basis(
         if digest in server_files:
             return LocalBasis(path, digest, how)
     return None
+
+
+def _manifest_base(model_dir: Path) -> tuple[Path, str | None] | None:
+    """(directory, recorded sha256 of its weights) of the base model ``model_dir``'s manifest
+    names (a relative path is taken from the current directory, as train was given it)."""
+    try:
+        manifest = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = manifest.get("base_model") if isinstance(manifest, dict) else None
+    if not isinstance(base, dict) or not isinstance(base.get("path"), str):
+        return None
+    sha = base.get("sha256")
+    return Path(base["path"]), sha if isinstance(sha, str) else None
 
 
 # ------------------------------------------------------------------------ encoding
@@ -213,6 +232,8 @@ class CountingSink:
 
 @dataclass
 class EncodeStats:
+    """What one :func:`encode` made and what it cost."""
+
     new_size: int = 0
     delta_bytes: int = 0  # the stream, everything included
     copied_bytes: int = 0  # new bytes referenced from the basis (C records)
@@ -291,7 +312,8 @@ def _record(p: Piece, new_buf, basis_buf, level: int) -> tuple[list[bytes], Enco
     x = new_buf[p.start : p.start + p.length]
     if p.kind == "L":
         st.literal_bytes = p.length
-        return [b"L", wire.LITERAL.pack(p.length), *_payload(x, level, {"zlib": 0, "stored": 0})], st
+        head = [b"L", wire.LITERAL.pack(p.length)]
+        return head + _payload(x, level, {"zlib": 0, "stored": 0}), st
     y = basis_buf[p.basis : p.basis + p.length]
     crc = zlib.crc32(y)
     if np.array_equal(x, y):
@@ -340,7 +362,7 @@ def encode(
         raise DeployError(f"tensor delta of {new_path} against {basis_path}: {why}")
     size, basis_size = os.path.getsize(new_path), os.path.getsize(basis_path)
     stats = EncodeStats(new_size=size)
-    new_buf = np.memmap(new_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    new_buf = np.memmap(new_path, dtype=np.uint8, mode="r")
     basis_buf = np.memmap(basis_path, dtype=np.uint8, mode="r")
     workers = workers or os.cpu_count() or 1
 
@@ -382,3 +404,31 @@ def _write_next(pending: deque[Future], write, stats: EncodeStats) -> None:
     chunks, part = pending.popleft().result()
     write(chunks)
     _merge(stats, part)
+
+
+# ------------------------------------------------------------------------ choosing
+
+
+TENSOR_DELTA = "tensor-delta"
+
+
+def choose(
+    new_path: str | os.PathLike,
+    basis: LocalBasis | None,
+    server_header: Mapping[str, Any] | None = None,
+) -> tuple[str | None, str]:
+    """(``"tensor-delta"``, why) when ``new_path`` can go as a tensor delta against ``basis``
+    (see :func:`find_local_basis`), else (None, why not: the file goes by rsync, then SFTP).
+    There is no link-speed condition: measured, the delta is never slower than rsync + the
+    server's verify on loopback and sends 0.63x its bytes (bench/README.md "Tensor delta").
+    ``server_header`` (the probe's ``header_info`` of the live file) only sharpens the reason
+    when there is no local basis."""
+    if basis is None:
+        why = "no local copy of a server's version of this file (the manifest's base model "
+        why += "is not one)"
+        layout = usable(new_path, server_header) if server_header else None
+        return None, f"{why}; also {layout}" if layout else why
+    layout = usable(new_path, wire.header_info(os.fspath(basis.path)))
+    if layout:
+        return None, layout
+    return TENSOR_DELTA, f"XOR against {basis.how} {basis.path} (sha256 {basis.sha256[:8]})"

@@ -365,9 +365,9 @@ def test_find_local_basis_through_the_manifest(tmp_path, fp32_pair):
     model = tmp_path / "final"
     model.mkdir()
     shutil.copyfile(new, model / "model.safetensors")
-    manifest = {"files": {}, "base_model": {"path": str(base_dir), "sha256": "x"}}
-    (model / "manifest.json").write_text(json.dumps(manifest))
     sha = sha256_file(basis)
+    manifest = {"files": {}, "base_model": {"path": str(base_dir), "sha256": sha}}
+    (model / "manifest.json").write_text(json.dumps(manifest))
     found = td.find_local_basis(model, {sha: basis.stat().st_size})
     assert found == td.LocalBasis(base_dir / "model.safetensors", sha, "base model (manifest)")
     # the server holds another file: no local basis (the deploy falls back to rsync)
@@ -412,6 +412,21 @@ def test_server_apply_under_python36(tmp_path, fp32_pair):
     res = run36(tmp_path, "apply", str(basis), str(out), stdin=delta_bytes(new, basis, level=6))
     assert res.returncode == 0, res.stderr.decode()
     assert json.loads(res.stdout) == {"sha256": sha256_file(new), "size": new.stat().st_size}
+    assert out.read_bytes() == new.read_bytes()
+
+
+@pytest.mark.parametrize("version", ["3.7.16", "3.8.18", "3.9.18", "3.10.13", "3.12.1", "3.13.0"])
+def test_server_apply_under_every_server_python(tmp_path, fp32_pair, version):
+    """The server's python3 may be anything from 3.6 (above) to 3.13: pyenv's, isolated."""
+    new, basis = fp32_pair
+    python = PY36.parent.parent.parent / version / "bin" / "python"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(SERVER_FILE, alone / "tensordelta.py")
+    out = tmp_path / "out.safetensors"
+    cmd = [str(python), "-I", "-W", "error", "tensordelta.py", "apply", str(basis), str(out)]
+    res = subprocess.run(cmd, input=delta_bytes(new, basis), capture_output=True, cwd=alone)
+    assert res.returncode == 0, res.stderr.decode()
     assert out.read_bytes() == new.read_bytes()
 
 
@@ -530,3 +545,24 @@ def test_server_peak_memory_stays_under_three_largest_tensors(tmp_path):
     assert (tmp_path / "o").read_bytes() == new.read_bytes()
     print(f"apply peak RSS {rss['apply'] / 1e6:.1f} MB, bare {rss['bare'] / 1e6:.1f} MB")
     assert rss["apply"] - rss["bare"] <= 3 * largest, rss
+
+
+# ------------------------------------------------------------------ choosing per file
+
+
+def test_choose_the_delta_with_a_local_basis_of_the_same_layout(tmp_path, fp32_pair):
+    new, basis = fp32_pair
+    local = td.LocalBasis(basis, sha256_file(basis), "base model (manifest)")
+    method, why = td.choose(new, local)
+    assert method == td.TENSOR_DELTA and "base model (manifest)" in why
+
+
+def test_choose_falls_back_without_a_local_basis_or_when_the_layout_differs(tmp_path, fp32_pair):
+    new, _ = fp32_pair
+    method, why = td.choose(new, None)
+    assert method is None and "no local copy" in why
+    other = write(tmp_path / "other.safetensors", {"w": torch.zeros(2)})
+    method, why = td.choose(new, None, server_view(other))
+    assert method is None and "no local copy" in why and "not in the basis" in why
+    local = td.LocalBasis(other, sha256_file(other), "candidate")
+    assert td.choose(new, local) == (None, td.usable(new, server_view(other)))
