@@ -62,3 +62,21 @@ def patch_safetensors(path: Path, select, change) -> int:
     data.flush()
     del data
     return changed
+
+
+# `python -c CHILD_RUSAGE CMD...` runs CMD as its only child, then writes the child's peak RSS,
+# CPU and wall time on stderr as one line `RUSAGE {json}` (stdlib only: runs on a server's old
+# python3 too). Read it back with child_rusage(stderr).
+CHILD_RUSAGE = (
+    "import json,resource,subprocess,sys,time;t=time.monotonic();rc=subprocess.call(sys.argv[1:]);"
+    "r=resource.getrusage(resource.RUSAGE_CHILDREN);sys.stderr.write('RUSAGE '+json.dumps("
+    "{'maxrss_kb':r.ru_maxrss,'cpu_s':r.ru_utime+r.ru_stime,'wall_s':time.monotonic()-t})+'\\n');"
+    "sys.exit(rc)"
+)
+
+
+def child_rusage(stderr: str) -> dict:
+    """The figures CHILD_RUSAGE wrote into ``stderr``: maxrss_kb, cpu_s, wall_s."""
+    import json
+
+    return json.loads(stderr.rsplit("RUSAGE ", 1)[1].splitlines()[0])
