@@ -12,7 +12,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ftctl.deploy.golive import utc_stamp
 from ftctl.deploy.host import (
     ConnectFn,
     Staged,
@@ -23,6 +22,7 @@ from ftctl.deploy.host import (
 )
 from ftctl.deploy.local import load_local_model
 from ftctl.deploy.results import DeployResult, HostResult
+from ftctl.deploy.server.shared import utc_stamp
 from ftctl.deploy.session import Session
 from ftctl.deploy.transfer import Hooks
 from ftctl.errors import FtctlError, RollbackFailed
@@ -73,7 +73,7 @@ def deploy(
             try:
                 conn = connect(spec)
                 try:
-                    dry_run_host(conn, cfg, model, hr)
+                    dry_run_host(conn, cfg, model, hr, reporter)
                 finally:
                     conn.close()
             except FtctlError as exc:
@@ -186,7 +186,9 @@ def rollback(
         try:
             conn = connect(spec)
             try:
-                s = stage_rollback(conn, cfg, to, deploy_id, hr, "rollback", dry_run=dry_run)
+                s = stage_rollback(
+                    conn, cfg, to, deploy_id, hr, "rollback", dry_run=dry_run, reporter=reporter
+                )
                 if not dry_run:
                     publish(s, "rollback", deploy_id, reporter)
             finally:
