@@ -20,7 +20,32 @@ from ftctl.manifest import model_digest
 from ftctl.remote import connect, parse_host
 from tests.helpers import make_tiny_model
 
-__all__ = ["DeployTarget", "deploy_models", "deploy_target", "sshd_server", "target_services"]
+__all__ = [
+    "DeployTarget",
+    "deploy_models",
+    "deploy_target",
+    "lock_free",
+    "sshd_server",
+    "target_services",
+]
+
+
+def lock_free(remote_dir: Path) -> bool:
+    """No process holds the deploy lock (flock on <remote_dir>/.deploy.lock) now."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(Path(remote_dir) / ".deploy.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 @dataclass
@@ -128,6 +153,9 @@ def deploy_target(target_services, deploy_models) -> DeployTarget:
     Deploys reload (SIGHUP) by default: a restart re-imports torch (~10 s here); tests that
     need the restart path set ``restart_cmd`` and ``reload_cmd=None``."""
     sshd, sup, remote_dir, port = target_services
+    deadline = time.monotonic() + 30  # the last test's go-live may still be on its last step
+    while not lock_free(remote_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
     _reset_remote(remote_dir, deploy_models["a"])
     if sup.ctl("signal", "HUP", sup.name).returncode != 0:  # not running (a test broke it)
         sup.ctl("restart", sup.name)

@@ -22,6 +22,7 @@ from ftctl.deploy import deploy
 from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http
 from ftctl.manifest import model_digest
 from ftctl.remote import connect, parse_host
+from tests.integration.ssh_fixtures import lock_free
 
 pytestmark = pytest.mark.integration
 
@@ -198,4 +199,4 @@ def test_on_failure_stop_leaves_the_switched_host_on_the_new_model(fleet, deploy
     a.wait_serving(model_digest(deploy_models["c"]))
     b.wait_serving(model_digest(deploy_models["a"]))
     for s in fleet:
-        assert not (s.root / "srv" / "model" / ".deploy.lock").exists()
+        assert lock_free(s.root / "srv" / "model")

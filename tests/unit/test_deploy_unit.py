@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import DeployConfig, check
-from ftctl.deploy import golive, load_local_model
+from ftctl.deploy import load_local_model
 from ftctl.deploy.history import previous_release, retention
 from ftctl.deploy.plan import RemoteState, make_plan, plan_lines
+from ftctl.deploy.server import fsops, golive, shared
 from ftctl.deploy.session import describe_lock
 from ftctl.errors import ConfigError, ModelError
 from ftctl.fsutil import atomic_write_text, sha256_tree
@@ -33,13 +34,13 @@ def test_parse_host_fills_defaults_and_reads_port():
 
 def test_release_names_order_original_before_same_second_release():
     names = ["20261129051300-1a2b3c4d", "20261129051300-original", "20261129051259-ffffffff"]
-    assert sorted(names, key=golive.release_key) == [
+    assert sorted(names, key=shared.release_key) == [
         "20261129051259-ffffffff",
         "20261129051300-original",
         "20261129051300-1a2b3c4d",
     ]
-    assert golive.release_tag("20261129051300-1a2b3c4d") == "1a2b3c4d"
-    assert golive.release_tag("20261129051300-original") is None
+    assert shared.release_tag("20261129051300-1a2b3c4d") == "1a2b3c4d"
+    assert shared.release_tag("20261129051300-original") is None
 
 
 R = [f"2026112905130{i}-0000000{i}" for i in range(6)]
@@ -85,15 +86,17 @@ def test_a_failed_reload_is_read_at_once():
 
 def test_output_kept_in_the_log_is_bounded():
     text = "x" * 10_000 + "END"
-    cut = golive.bounded(text)
-    assert len(cut) <= golive.OUTPUT_MAX + 20 and cut.endswith("END")
-    checks = golive._log_checks({"checks": {"output": text, "smoke": [{"ok": True}]}})
-    assert len(checks["output"]) <= golive.OUTPUT_MAX + 20 and checks["smoke"] == "1/1 ok"
+    cut = fsops.bounded(text)
+    assert len(cut) <= shared.OUTPUT_MAX + 20 and cut.endswith("END")
+    checks = golive.log_checks({"checks": {"output": text, "smoke": [{"ok": True}]}})
+    assert len(checks["output"]) <= shared.OUTPUT_MAX + 20 and checks["smoke"] == "1/1 ok"
 
 
-def test_describe_lock_names_owner_pid_and_holder():
-    text = describe_lock({"owner": "a@b", "client_pid": 5, "time": "t", "holder": "golive"}, 3)
-    assert "a@b" in text and "pid 5" in text and "golive" in text and "3s ago" in text
+def test_describe_lock_names_owner_since_and_holder():
+    lock = {"owner": "root@ci-3", "client_pid": 5, "time": "T", "holder": "golive", "pid": 9}
+    text = describe_lock(lock)
+    assert text.startswith("root@ci-3 since T") and "client pid 5" in text
+    assert "golive pid 9" in text
 
 
 def test_digest_uses_the_manifest_map_and_matches_without_it(tiny_model_dir, tmp_path):

@@ -7,7 +7,6 @@ is killed outright (SIGKILL, OOM, reboot) leaves the journal; :mod:`.recovery` f
 """
 
 import contextlib
-import http.client
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPException
 
 from . import journal
 from .fsops import (
@@ -28,6 +28,7 @@ from .fsops import (
     write_json,
 )
 from .layout import link_state, prune, swap_link
+from .lock import Lock
 from .shared import HEALTHY, OUTPUT_MAX, SETTLED, STATUS, UNCHECKED, release_tag
 
 SYSTEMCTL_RE = re.compile(
@@ -135,7 +136,7 @@ def http(url, text=None, timeout=5):
                 return r.status, raw[:200]
     except urllib.error.HTTPError as exc:
         return exc.code, None
-    except (OSError, ValueError, http.client.HTTPException) as exc:
+    except (OSError, ValueError, HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
         return 0, bounded("%s: %s" % (type(exc).__name__, reason), 300)
 
@@ -444,4 +445,5 @@ def run_detached(chan, lock_fd):
         _quiet_signals()
         out = {"state": "failed", "ok": False, "error": why(exc), "nothing_changed": True}
     finish(job, st, out, time.monotonic() - t0)
+    Lock(job["remote_dir"], lock_fd).release()  # exiting would do it too; this is sooner
     return 0
