@@ -25,6 +25,7 @@ __all__ = [
     "deploy_models",
     "deploy_target",
     "lock_free",
+    "sshd_py36",
     "sshd_server",
     "target_services",
 ]
@@ -120,6 +121,44 @@ def sshd_server(tmp_path_factory):
     sshd = LocalSSHD(tmp_path_factory.mktemp("sshd")).start()
     yield sshd
     sshd.close()
+
+
+PY36 = Path("/root/.pyenv/versions/3.6.15/bin/python3.6")  # pyenv's, on these machines
+# where a root session finds `python3`: root's login shell puts pyenv's shims first on PATH
+PYTHON3_PATHS = ("/usr/bin/python3", "/root/.pyenv/shims/python3")
+
+
+@pytest.fixture(scope="session")
+def sshd_py36(tmp_path_factory):
+    """An sshd whose sessions' `python3` IS Python 3.6.15 (CentOS 7's and Ubuntu 18.04's
+    generation): it runs in a private mount namespace where 3.6 is bound over every python3 a
+    session could find. Same filesystem otherwise: it serves the same remote_dir."""
+    sshd = LocalSSHD(tmp_path_factory.mktemp("sshd-py36"))
+    binds = " ".join(PYTHON3_PATHS)
+    sshd.prefix = [
+        "unshare", "--mount", "--propagation", "private", "sh", "-c",
+        f'for t in {binds}; do mount --bind "$0" "$t" || exit 1; done; exec "$@"', str(PY36),
+    ]  # fmt: skip
+    sshd.start()
+    try:
+        got = ssh_run(sshd, "command -v python3; python3 -V 2>&1")
+        assert got.split() == ["/root/.pyenv/shims/python3", "Python", "3.6.15"], got
+        yield sshd
+    finally:
+        sshd.close()
+
+
+def ssh_run(sshd: LocalSSHD, cmd: str) -> str:
+    """The output of ``cmd`` run over OpenSSH as a session of ``sshd`` (its login shell)."""
+    import subprocess
+
+    res = subprocess.run(
+        ["ssh", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={sshd.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+         f"{sshd.user}@{sshd.address}", cmd],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return res.stdout
 
 
 @pytest.fixture(scope="session")
