@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,13 +30,24 @@ __all__ = [
     "sshd_py36",
     "sshd_server",
     "target_services",
+    "wait_until",
 ]
+
+
+def wait_until(pred, timeout: float, what: str, step: float = 0.02):
+    """``pred()``'s first truthy value within ``timeout`` seconds (else AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def lock_free(remote_dir: Path) -> bool:
     """No process holds the deploy lock (flock on <remote_dir>/.deploy.lock) now."""
     import fcntl
-    import os
 
     try:
         fd = os.open(Path(remote_dir) / ".deploy.lock", os.O_RDONLY)
@@ -78,6 +91,34 @@ class DeployTarget:
         cfg = cfg or self.cfg
         return lambda spec: connect(spec, cfg)
 
+    def ssh_args(self, cfg: DeployConfig | None = None) -> list[str]:
+        """The CLI flags that reach this target as ``cfg`` does (any ftctl command)."""
+        c = cfg or self.cfg
+        return [
+            "--host", c.hosts[0], "--identity", str(c.identity), "--known-hosts",
+            str(c.known_hosts), "--remote-dir", c.remote_dir, "--remote-python", c.remote_python,
+        ]  # fmt: skip
+
+    def cli_args(self, cfg: DeployConfig | None = None) -> list[str]:
+        """``ssh_args`` and the go-live's commands (deploy, rollback)."""
+        c = cfg or self.cfg
+        args = self.ssh_args(c)
+        args += ["--reload-cmd", c.reload_cmd] if c.reload_cmd else ["--restart-cmd", c.restart_cmd]
+        if c.health_url:
+            args += ["--health-url", c.health_url, "--health-timeout", f"{c.health_timeout:g}"]
+        return args
+
+    def client(self, model: Path, log: Path, *extra: str, cfg: DeployConfig | None = None,
+               env: dict | None = None) -> subprocess.Popen:  # fmt: skip
+        """`ftctl deploy` of ``model`` as its own process, its output in ``log``."""
+        args = [sys.executable, "-m", "ftctl", "deploy", "--model", str(model),
+                *self.cli_args(cfg), *extra]  # fmt: skip
+        with open(log, "wb") as fh:
+            return subprocess.Popen(
+                args, stdout=fh, stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            )  # fmt: skip
+
     def with_(self, **changes) -> DeployConfig:
         return dataclasses.replace(self.cfg, **changes)
 
@@ -91,6 +132,13 @@ class DeployTarget:
     def log_lines(self) -> list[dict]:
         log = self.remote_dir / "deploys.log"
         return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    def status_doc(self) -> dict:
+        """The go-live's status file on the server ({} while there is none)."""
+        try:
+            return json.loads((self.remote_dir / ".ftctl" / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def wait_serving(self, digest: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -150,8 +198,6 @@ def sshd_py36(tmp_path_factory):
 
 def ssh_run(sshd: LocalSSHD, cmd: str) -> str:
     """The output of ``cmd`` run over OpenSSH as a session of ``sshd`` (its login shell)."""
-    import subprocess
-
     res = subprocess.run(
         ["ssh", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "BatchMode=yes",
          "-o", f"UserKnownHostsFile={sshd.known_hosts}", "-o", "StrictHostKeyChecking=yes",

@@ -31,14 +31,6 @@ def _deploy(target, model, cfg=None, **kw):
     return deploy(model, cfg, target.specs(), target.connect(cfg), **kw)
 
 
-def _cli_target_args(t) -> list[str]:
-    c = t.cfg
-    return [
-        "--host", t.host, "--identity", str(c.identity), "--known-hosts", str(c.known_hosts),
-        "--remote-dir", c.remote_dir, "--reload-cmd", c.reload_cmd, "--health-url", c.health_url,
-    ]  # fmt: skip
-
-
 def test_first_deploy_backs_up_real_final_and_swaps(deploy_target, deploy_models):
     t = deploy_target
     cfg = t.with_(reload_cmd=None)  # the restart path (supervisorctl restart python-services)
@@ -91,7 +83,7 @@ def test_rollback_cli_returns_to_previous_release(deploy_target, deploy_models):
     t = deploy_target
     b = _deploy(t, deploy_models["b"]).hosts[0]
     c = _deploy(t, deploy_models["c"]).hosts[0]
-    r = runner.invoke(app, ["rollback", *_cli_target_args(t), "--json"])
+    r = runner.invoke(app, ["rollback", *t.cli_args(), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["ok"] and out["hosts"][0]["release"] == b.release
@@ -213,7 +205,7 @@ def test_unknown_host_key_is_refused_with_fingerprint_then_accepted(
     assert isinstance(res.error, HostKeyError)
     fp = res.error.hint.split("--accept-host-key ")[1].split()[0]
     assert fp.startswith("SHA256:") and fp in res.error.message
-    args = _cli_target_args(t)
+    args = t.cli_args()
     args[args.index("--known-hosts") + 1] = str(known)
     r = runner.invoke(
         app,
@@ -231,7 +223,7 @@ def test_cli_deploy_failure_exits_5_with_json(deploy_target, deploy_models):
     t = deploy_target
     r = runner.invoke(
         app,
-        ["deploy", "--model", str(deploy_models["b"]), *_cli_target_args(t),
+        ["deploy", "--model", str(deploy_models["b"]), *t.cli_args(),
          "--smoke", "帮我打卡=NO_SUCH_LABEL", "--health-timeout", "20", "--json"],
     )  # fmt: skip
     assert r.exit_code == int(ExitCode.DEPLOY), r.output

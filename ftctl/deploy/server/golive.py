@@ -270,12 +270,23 @@ def smoke_test(job):
     return results
 
 
-def activate(job, st, release, before):
-    """Restart or reload, then every check; returns what was checked. Raises Failure."""
+REPAIR_TRIES = 3  # a swap back's restart may meet the one it interrupted still under way
+REPAIR_PAUSE_S = 3.0
+
+
+def activate(job, st, release, before, tries=1):
+    """Restart or reload, then every check; returns what was checked. Raises Failure. With
+    ``tries`` > 1 a failing command is run again after a pause (a swap back, a recovery: the
+    service manager may still be busy with the restart that was cut short)."""
     what = "reload" if job.get("reload_cmd") else "restart"
     cmd = job.get("reload_cmd") or job["restart_cmd"]
-    st.step(what, cmd)
-    rc, out = run_shell(cmd, float(job.get("command_timeout", 600)))
+    for attempt in range(tries):
+        st.step(what, cmd if attempt == 0 else "%s (try %d)" % (cmd, attempt + 1))
+        rc, out = run_shell(cmd, float(job.get("command_timeout", 600)))
+        if rc == 0:
+            break
+        if attempt + 1 < tries:
+            time.sleep(REPAIR_PAUSE_S)
     checks = {"command": cmd, "exit": rc, "output": out}
     if rc != 0:
         raise Failure("%s command exited %d: %s" % (what, rc, bounded(out, 300)))
@@ -355,7 +366,7 @@ def swap_back(job, st, previous, reason):
     try:
         st.step("swap back", "%s; %s -> releases/%s" % (reason, link, previous))
         swap_link(d, link, "releases/" + previous)
-        checks = activate(dict(job, smoke=[]), st, previous, health_before(job))
+        checks = activate(dict(job, smoke=[]), st, previous, health_before(job), REPAIR_TRIES)
     except BaseException as exc:
         out.update(
             state="rollback_failed",

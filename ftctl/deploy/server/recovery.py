@@ -13,7 +13,7 @@ any machine. Nobody else can be running (we hold the lock), so the journal's wri
 
 from . import journal
 from .fsops import now_iso
-from .golive import Status, activate, finish, why
+from .golive import REPAIR_TRIES, Status, activate, finish, why
 from .layout import link_state, swap_link
 from .upload import repair_backup
 
@@ -75,7 +75,7 @@ def _put_back(job, st, prev, out):
     try:
         st.step("recover", "%s -> releases/%s" % (link, prev))
         swap_link(d, link, "releases/" + prev)
-        checks = activate(dict(job, smoke=[]), st, prev, None)
+        checks = activate(dict(job, smoke=[]), st, prev, None, REPAIR_TRIES)
     except BaseException as exc:
         out.update(state="rollback_failed")
         return "putting back %s failed: %s" % (prev, why(exc))
@@ -93,7 +93,7 @@ def _recheck(job, st, live, out):
     """No release to go back to: run the checks again on the live one and say how they went."""
     try:
         st.step("recover", "re-check %s" % live)
-        checks = activate(dict(job, smoke=[]), st, live, None)
+        checks = activate(dict(job, smoke=[]), st, live, None, REPAIR_TRIES)
     except BaseException as exc:
         out.update(state="rollback_failed")
         return "no release to go back to, and %s fails its checks: %s" % (live, why(exc))
