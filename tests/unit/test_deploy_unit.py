@@ -14,6 +14,7 @@ from ftctl.deploy import load_local_model
 from ftctl.deploy.history import previous_release, retention
 from ftctl.deploy.plan import RemoteState, make_plan, plan_lines
 from ftctl.deploy.server import fsops, golive, shared
+from ftctl.deploy.server.shared import SETTLED
 from ftctl.deploy.session import describe_lock
 from ftctl.errors import ConfigError, ModelError
 from ftctl.fsutil import atomic_write_text, sha256_tree
@@ -222,3 +223,48 @@ def test_a_failure_to_reach_one_host_stops_before_anything_goes_live(tiny_model_
     assert sorted(tried) == ["root@a:22", "root@b:22"]  # staged in parallel
     assert not res.ok and isinstance(res.error, EnvironmentProblem)
     assert all(h.error for h in res.hosts) and res.id
+
+
+def test_remote_python_and_health_settle_come_from_the_profile_and_are_checked(tmp_path):
+    from ftctl.config import load_config
+
+    path = tmp_path / "ftctl.toml"
+    path.write_text('[deploy.prod]\nremote_python = "/usr/bin/python3.8"\nhealth_settle = 3\n')
+    cfg = load_config(path).deploy_profile("prod")
+    assert cfg.remote_python == "/usr/bin/python3.8" and cfg.health_settle == 3.0
+    path.write_text('[deploy.prod]\nremote_python = " "\nhealth_settle = -1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    fields = {p.field for p in info.value.problems}
+    assert fields == {"deploy.prod.remote_python", "deploy.prod.health_settle"}
+
+
+def test_cli_remote_python_and_health_settle_flags_reach_the_config(tiny_model_dir):
+    r = CliRunner().invoke(
+        app, ["deploy", "--model", str(tiny_model_dir), "--host", "h", "--health-settle", "-2"]
+    )
+    assert r.exit_code == 2 and "health_settle" in r.output
+    for cmd in ("deploy", "rollback", "releases", "status"):
+        r = CliRunner().invoke(app, [cmd, "--help"])
+        assert "--remote-python" in r.output, cmd
+    assert "--health-settle" in CliRunner().invoke(app, ["deploy", "--help"]).output
+
+
+def test_the_plan_names_the_server_python_and_a_job_left_to_finish(tiny_model_dir):
+    model = load_local_model(tiny_model_dir)
+    st = _state(python={"path": "/usr/bin/python3", "version": "3.6.8"}, pending=True)
+    plan = make_plan(model, st, DeployConfig(), local_conn=False)
+    lines = plan_lines(DeployConfig(remote_python="python3"), st, model, plan)
+    assert lines[0] == "server python: /usr/bin/python3 3.6.8 (remote_python = python3)"
+    assert lines[1].startswith("first: finish the job a process that died left under the lock")
+    weak = next(x for x in lines if x.startswith("health:"))
+    assert "watched for 10s" in weak and "settled (no health URL)" in weak
+
+
+def test_the_weakest_health_of_the_fleet_is_the_result():
+    from ftctl.deploy.results import DeployResult, HostResult
+
+    hosts = [HostResult("a", "deploy", ok=True, health=h) for h in ("healthy", SETTLED)]
+    assert DeployResult("deploy", None, None, hosts=hosts).health == SETTLED
+    hosts.append(HostResult("c", "deploy", ok=True, health="unchecked"))
+    assert DeployResult("deploy", None, None, hosts=hosts).health == "unchecked"
