@@ -337,7 +337,12 @@ def _finish_dead(session: Session, hr: HostResult, doc: dict, reporter: Reporter
     except FtctlError as exc:
         rec = {"ok": False, "did": f"could not finish it: {exc.message}"}
     note_recovery(session, hr, rec, reporter)
-    rec = rec or {"ok": False, "did": "nothing to finish (someone else did?)", "state": None}
+    if rec is None:  # no journal: it died before it wrote one, so before the swap
+        rec = {
+            "ok": True,
+            "state": "failed",
+            "did": "it died before its first step: nothing changed",
+        }
     state = rec.get("state") if rec.get("ok") else "rollback_failed"
     return {
         "state": state or "rollback_failed",
@@ -450,9 +455,11 @@ def rollback_target(session: Session, st: RemoteState, to: str | None) -> str:
     return st.previous
 
 
-def log_failure(session: Session, hr: HostResult, deploy_id: str, digest: str | None) -> None:
-    """A line in deploys.log for a deploy that failed before going live (the go-live writes
-    its own)."""
+def log_failure(
+    session: Session, hr: HostResult, deploy_id: str, digest: str | None, error: str | None = None
+) -> None:
+    """A line in deploys.log for a deploy that failed or stopped before going live (the go-live
+    writes its own); ``error`` (default: the host's error) says why."""
     from datetime import UTC, datetime
 
     entry = {
@@ -468,7 +475,7 @@ def log_failure(session: Session, hr: HostResult, deploy_id: str, digest: str | 
         "method": hr.method,
         "uploaded_bytes": hr.uploaded_bytes,
         "rolled_back": False,
-        "error": (hr.error or {}).get("message", ""),
+        "error": error or (hr.error or {}).get("message", ""),
         "ftctl": __version__,
     }
     session.reopen()

@@ -233,6 +233,27 @@ def test_a_go_live_killed_after_the_swap_is_finished_by_ftctl_status(
     _ends_good(t, model_digest(deploy_models["b"]))
 
 
+def test_a_go_live_killed_after_the_swap_is_finished_by_the_next_deploy(
+    deploy_target, deploy_models, tmp_path
+):
+    t = deploy_target
+    proc = t.client(deploy_models["b"], tmp_path / "client.log", cfg=_restart_path(t))
+    doc = _after_swap(t)
+    proc.kill()
+    proc.wait(30)
+    os.kill(doc["pid"], signal.SIGKILL)
+    wait_until(lambda: lock_free(t.remote_dir), 10, "the kernel releases the dead one's lock")
+    res = _deploy(t, deploy_models["c"])  # from "another machine": it finishes the job first
+    assert res.ok, res.error
+    h = res.hosts[0]
+    assert h.recovered["state"] == "rolled_back" and h.recovered["run"] == doc["run"]
+    assert any(f"put back {doc['previous']}" in w for w in h.warnings)
+    assert h.previous == doc["previous"]  # not the unchecked release
+    dead, new = t.log_lines()[-2:]
+    assert dead["run"] == doc["run"] and dead["recovered"] and new["ok"]
+    _ends_good(t, model_digest(deploy_models["c"]))
+
+
 def test_a_go_live_killed_while_its_client_follows_is_finished_by_that_client(
     deploy_target, deploy_models, tmp_path
 ):
