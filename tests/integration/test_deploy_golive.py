@@ -69,6 +69,18 @@ def _after_swap(t) -> dict:
     )
 
 
+def _killed_past_the_swap(t, model, tmp_path) -> dict:
+    """A restart-path deploy whose client and go-live are both SIGKILLed past the swap (the
+    deploying machine gone, then the OOM killer): the dead go-live's status."""
+    proc = t.client(model, tmp_path / "client.log", cfg=_restart_path(t))
+    doc = _after_swap(t)
+    proc.kill()
+    proc.wait(30)
+    os.kill(doc["pid"], signal.SIGKILL)
+    wait_until(lambda: lock_free(t.remote_dir), 10, "the kernel releases the dead one's lock")
+    return doc
+
+
 def _ends_good(t, digest: str) -> None:
     t.wait_serving(digest)
     wait_until(lambda: lock_free(t.remote_dir), 15, "the lock free")
@@ -207,12 +219,7 @@ def test_a_go_live_killed_after_the_swap_is_finished_by_ftctl_status(
     server, deploy_models, tmp_path
 ):
     t = server
-    proc = t.client(deploy_models["b"], tmp_path / "client.log", cfg=_restart_path(t))
-    doc = _after_swap(t)
-    proc.kill()  # the deploying machine is gone too (a reboot, a CI runner killed)
-    proc.wait(30)
-    os.kill(doc["pid"], signal.SIGKILL)  # the OOM killer
-    wait_until(lambda: lock_free(t.remote_dir), 10, "the kernel releases the dead one's lock")
+    doc = _killed_past_the_swap(t, deploy_models["b"], tmp_path)
     assert t.link_target() == f"releases/{doc['release']}"  # the unchecked release is live
     assert (t.remote_dir / ".ftctl" / "journal.json").exists()
     r = runner.invoke(app, ["status", *t.ssh_args()])
@@ -237,12 +244,7 @@ def test_a_go_live_killed_after_the_swap_is_finished_by_the_next_deploy(
     deploy_target, deploy_models, tmp_path
 ):
     t = deploy_target
-    proc = t.client(deploy_models["b"], tmp_path / "client.log", cfg=_restart_path(t))
-    doc = _after_swap(t)
-    proc.kill()
-    proc.wait(30)
-    os.kill(doc["pid"], signal.SIGKILL)
-    wait_until(lambda: lock_free(t.remote_dir), 10, "the kernel releases the dead one's lock")
+    doc = _killed_past_the_swap(t, deploy_models["b"], tmp_path)
     res = _deploy(t, deploy_models["c"])  # from "another machine": it finishes the job first
     assert res.ok, res.error
     h = res.hosts[0]

@@ -178,7 +178,7 @@ def follow(chan, job, proc, out_path, offset):
         if time.monotonic() - tick > TICK_S:
             chan.send({"tick": time.time()})
             tick = time.monotonic()
-        time.sleep(0.02)
+        time.sleep(0.05)
     chan.send({"timeout": True})
     return 1
 
