@@ -236,6 +236,8 @@ class DeployConfig:
     canary_wait: float = 60.0  # seconds the canaries are watched (health polled) before the rest
     on_failure: str = "revert"  # revert: put switched hosts back | stop: leave them as they are
     reconnect_timeout: float = 120.0  # revert: seconds to reach a host whose link dropped
+    remote_python: str = "python3"  # the server's Python (3.6 or newer) that runs ftctl's program
+    health_settle: float = 10.0  # no health URL: seconds `systemctl show` must see the unit stay up
 
     def problems(self, where: str = "deploy") -> list[Problem]:
         out = []
@@ -256,6 +258,10 @@ class DeployConfig:
             out.append(Problem("must be auto, rsync or sftp", field=f"{where}.transfer"))
         if self.on_failure not in ("revert", "stop"):
             out.append(Problem("must be revert or stop", field=f"{where}.on_failure"))
+        if self.health_settle < 0:
+            out.append(Problem("must be >= 0 (seconds)", field=f"{where}.health_settle"))
+        if not self.remote_python.strip():
+            out.append(Problem("must name a Python (e.g. python3)", field=f"{where}.remote_python"))
         if self.bwlimit_kbps < 0 or self.canary < 0:
             out.append(Problem("must be >= 0", field=f"{where}.bwlimit_kbps/canary"))
         if self.canary_wait < 0 or self.reconnect_timeout < 0:

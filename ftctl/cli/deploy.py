@@ -9,6 +9,7 @@ import typer
 
 from ftctl.cli import common, ssh
 from ftctl.config import DeployConfig
+from ftctl.deploy.server.shared import SETTLED, UNCHECKED
 from ftctl.errors import ConfigError, FtctlError
 
 RestartOpt = Annotated[str | None, typer.Option("--restart-cmd", help="Remote restart command.")]
@@ -24,6 +25,14 @@ HealthCmdOpt = Annotated[
 ]
 HealthTimeoutOpt = Annotated[
     float | None, typer.Option("--health-timeout", help="Seconds to wait for healthy.")
+]
+HealthSettleOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--health-settle",
+        help="No health URL: seconds the unit of `systemctl restart X` must stay up unchanged.",
+        show_default=common.default_text(DeployConfig, "health_settle"),
+    ),
 ]
 SmokeOpt = Annotated[
     list[str] | None,
@@ -85,6 +94,14 @@ ReconnectOpt = Annotated[
         show_default=common.default_text(DeployConfig, "reconnect_timeout"),
     ),
 ]
+
+
+WEAK_HEALTH_NOTES = {
+    UNCHECKED: " (nothing checked the new model: set health_url or health_cmd, "
+    "--require-health makes this an error)",
+    SETTLED: " (only the unit was watched: set health_url so a model that loads but answers "
+    "wrong is caught)",
+}
 
 
 def _smoke(items: list[str] | None):
@@ -169,12 +186,7 @@ def _finish(ctx: typer.Context, result, as_json: bool) -> None:
         _fleet_lines(result)
         if result.ok and not any(h.dry_run for h in result.hosts) and result.action == "deploy":
             health = result.health or "n/a"
-            note = (
-                " (nothing checked the new model: set health_url or health_cmd, "
-                "--require-health makes this an error)"
-                if health == "unchecked"
-                else ""
-            )
+            note = WEAK_HEALTH_NOTES.get(health, "")
             common.out.print(
                 f"{result.action} {result.id}: ok on {len(result.hosts)} host(s); "
                 f"health: {health}{note}",
@@ -204,6 +216,7 @@ def deploy_cmd(
     health_url: HealthUrlOpt = None,
     health_cmd: HealthCmdOpt = None,
     health_timeout: HealthTimeoutOpt = None,
+    health_settle: HealthSettleOpt = None,
     smoke: SmokeOpt = None,
     keep_releases: KeepOpt = None,
     transfer: TransferOpt = None,
@@ -213,6 +226,7 @@ def deploy_cmd(
     canary_wait: CanaryWaitOpt = None,
     on_failure: OnFailureOpt = None,
     reconnect_timeout: ReconnectOpt = None,
+    remote_python: ssh.RemotePythonOpt = None,
     accept_host_key: ssh.AcceptKeyOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
     dry_run: common.DryRunOpt = False,
@@ -241,10 +255,11 @@ def deploy_cmd(
     cfg, hosts = ssh.target(
         ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir,
         restart_cmd=restart_cmd, reload_cmd=reload_cmd, health_url=health_url,
-        health_cmd=health_cmd, health_timeout=health_timeout, smoke=_smoke(smoke),
-        keep_releases=keep_releases, transfer=transfer, bwlimit_kbps=bwlimit,
-        require_health=require_health, canary=canary, canary_wait=canary_wait,
-        on_failure=on_failure, reconnect_timeout=reconnect_timeout,
+        health_cmd=health_cmd, health_timeout=health_timeout, health_settle=health_settle,
+        smoke=_smoke(smoke), keep_releases=keep_releases, transfer=transfer,
+        bwlimit_kbps=bwlimit, require_health=require_health, canary=canary,
+        canary_wait=canary_wait, on_failure=on_failure, reconnect_timeout=reconnect_timeout,
+        remote_python=remote_python,
     )  # fmt: skip
     _sigterm_is_ctrl_c()
     result = core.deploy(
@@ -273,6 +288,8 @@ def rollback_cmd(
     health_url: HealthUrlOpt = None,
     health_cmd: HealthCmdOpt = None,
     health_timeout: HealthTimeoutOpt = None,
+    health_settle: HealthSettleOpt = None,
+    remote_python: ssh.RemotePythonOpt = None,
     accept_host_key: ssh.AcceptKeyOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
     dry_run: common.DryRunOpt = False,
@@ -288,7 +305,8 @@ def rollback_cmd(
     cfg, hosts = ssh.target(
         ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir,
         restart_cmd=restart_cmd, reload_cmd=reload_cmd, health_url=health_url,
-        health_cmd=health_cmd, health_timeout=health_timeout,
+        health_cmd=health_cmd, health_timeout=health_timeout, health_settle=health_settle,
+        remote_python=remote_python,
     )  # fmt: skip
     _sigterm_is_ctrl_c()
     result = core.rollback(
@@ -309,6 +327,7 @@ def releases_cmd(
     identity: ssh.IdentityOpt = None,
     known_hosts: ssh.KnownHostsOpt = None,
     remote_dir: ssh.RemoteDirOpt = None,
+    remote_python: ssh.RemotePythonOpt = None,
     accept_host_key: ssh.AcceptKeyOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
     json_out: common.JsonOpt = False,
@@ -320,8 +339,9 @@ def releases_cmd(
     from ftctl import deploy as core
 
     cfg, hosts = ssh.target(
-        ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir
-    )
+        ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir,
+        remote_python=remote_python,
+    )  # fmt: skip
     connect = ssh.connector(cfg, accept_host_key, accept_new_host_key)
     listing = core.per_host(cfg, hosts, connect, core.releases)
     if json_out:
@@ -356,6 +376,7 @@ def status_cmd(
     identity: ssh.IdentityOpt = None,
     known_hosts: ssh.KnownHostsOpt = None,
     remote_dir: ssh.RemoteDirOpt = None,
+    remote_python: ssh.RemotePythonOpt = None,
     accept_host_key: ssh.AcceptKeyOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
     json_out: common.JsonOpt = False,
@@ -363,41 +384,53 @@ def status_cmd(
     """How the last deploy, rollback or revert ended on each server (from any machine).
 
     Reads the go-live's status file, the lock and the newest lines of deploys.log; useful
-    when the deploying machine died or lost its link while the server went on.
+    when the deploying machine died or lost its link while the server went on. A go-live that
+    died on the server (kill -9, OOM, reboot) is finished here: the last checked release is
+    put back and restarted, and the output says so.
 
     Example: `ftctl status --profile prod` or `ftctl status --host root@47.100.235.168 --json`
     """
     from ftctl import deploy as core
 
     cfg, hosts = ssh.target(
-        ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir
-    )
+        ctx, profile, host, identity=identity, known_hosts=known_hosts, remote_dir=remote_dir,
+        remote_python=remote_python,
+    )  # fmt: skip
     listing = core.per_host(cfg, hosts, ssh.connector(cfg, accept_host_key, accept_new_host_key),
                             core.status)  # fmt: skip
     if json_out:
         common.emit_json(ctx, {"ok": True, "hosts": listing})
         return
     for host_name, st in listing.items():
-        doc = st.get("status") or {}
-        common.out.print(f"{host_name}  {cfg.remote_dir}", markup=False)
-        common.out.print(f"  live: {st.get('live') or st.get('link')}", markup=False)
-        if doc:
-            common.out.print(
-                f"  last: {doc.get('action')} {doc.get('id')} -> {doc.get('release')}: "
-                f"{doc.get('state')} (step {doc.get('step')}, health {doc.get('health')})"
-                + (f": {doc['error']}" if doc.get("error") else ""),
-                markup=False,
-            )
-        if st.get("lock"):
-            from ftctl.deploy.session import describe_lock
+        _print_status(cfg, host_name, st)
 
-            common.out.print(f"  lock: held by {describe_lock(st['lock'])}", markup=False)
-        for e in st.get("log", [])[-3:]:
-            common.out.print(
-                f"  log: {e.get('time')} {e.get('action')} {e.get('release')} "
-                f"ok={e.get('ok')} health={e.get('health')}",
-                markup=False,
-            )
+
+def _print_status(cfg: DeployConfig, host_name: str, st: dict) -> None:
+    from ftctl.deploy.plan import python_text
+    from ftctl.deploy.session import describe_lock
+
+    say = lambda text: common.out.print(text, markup=False)  # noqa: E731
+    doc = st.get("status") or {}
+    say(f"{host_name}  {cfg.remote_dir}")
+    say(f"  live: {st.get('live') or st.get('link')}")
+    say(f"  python: {python_text(cfg, st.get('python'))}")
+    rec = st.get("recovered")
+    if rec:
+        say(f"  recovered: a job that died under the lock was finished now: {rec.get('did')}")
+    if doc:
+        say(
+            f"  last: {doc.get('action')} {doc.get('id')} -> {doc.get('release')}: "
+            f"{doc.get('state')} (step {doc.get('step')}, health {doc.get('health')})"
+            + (f": {doc['error']}" if doc.get("error") else "")
+        )
+    if st.get("lock"):
+        say(f"  lock: held by {describe_lock(st['lock'])}")
+    for e in st.get("log", [])[-3:]:
+        say(
+            f"  log: {e.get('time')} {e.get('action')} {e.get('release')} "
+            f"ok={e.get('ok')} health={e.get('health')}"
+            + (" (finished by a later command)" if e.get("recovered") else "")
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -31,6 +31,14 @@ KnownHostsOpt = Annotated[
 RemoteDirOpt = Annotated[
     str | None, typer.Option("--remote-dir", help="Server directory holding final and releases/.")
 ]
+RemotePythonOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--remote-python",
+        help="The server's Python (3.6 or newer) that runs ftctl's server program.",
+        show_default=common.default_text(DeployConfig, "remote_python"),
+    ),
+]
 AcceptKeyOpt = Annotated[
     str | None,
     typer.Option("--accept-host-key", help="Trust this host key fingerprint (SHA256:...)."),

@@ -6,16 +6,17 @@ Remote layout under ``remote_dir``::
     final -> releases/<...>                 what the service loads (the seed's path)
     .incoming-<id>/                         upload target; renamed into releases/ once verified
     deploys.log                             one JSON line per deploy/rollback/revert
-    .deploy.lock                            held by a process on the server (see session.py)
-    .ftctl/                                 the go-live program, its status file, file indexes
+    .deploy.lock                            flock()ed by the process deploying (see session.py)
+    .ftctl/                                 root-only: status file, journal, file indexes
 
 Where to look:
 
 ``local.py``     the model directory to ship (manifest checks)
 ``plan.py``      what will happen on a server (``--dry-run``): reuse, hard links, delta, bytes
 ``transfer.py``  bytes to the server: rsync over OpenSSH, or the SFTP fallback; verify
-``golive.py``    the program that runs ON the server (standard library only): lock holder,
-                 prepare, verify, the detached go-live transaction, its status file
+``server/``      the program that runs ON the server (standard library only, Python 3.6+):
+                 lock holder, prepare, verify, the detached go-live, recovery of one that died
+``program.py``   that program as shipped: zipped in memory, sent on stdin, checked by sha256
 ``session.py``   commands over one SSH connection, the lock tied to it
 ``host.py``      one server's phases: stage (lock ... verify), publish (go live, follow)
 ``fleet.py``     several servers: parallel upload, one-at-a-time go-live, canary, revert

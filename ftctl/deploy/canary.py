@@ -16,36 +16,12 @@ from collections.abc import Callable
 
 from ftctl.deploy.host import Staged
 from ftctl.deploy.results import CanaryWatch
-from ftctl.deploy.session import Session, q
+from ftctl.deploy.session import Session
 from ftctl.errors import FtctlError
 from ftctl.progress import NULL, Reporter
 
 POLL_S = 3.0  # seconds between two rounds of checks
 CHECK_TIMEOUT_S = 30.0  # one check (an SSH command) that takes longer has failed
-
-# One GET of the health URL on the server; runs on the server's python3 (3.6+, stdlib only).
-HEALTH_PY = r"""
-import json, sys, urllib.request
-url, digest = sys.argv[1], sys.argv[2]
-try:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        code, raw = r.status, r.read(1 << 16)
-except Exception as exc:
-    print("%s: %s" % (type(exc).__name__, str(exc)[:200]))
-    sys.exit(1)
-try:
-    body = json.loads(raw.decode("utf-8", "replace"))
-except ValueError:
-    body = None
-sha = body.get("sha256") if isinstance(body, dict) else None
-if code != 200:
-    print("HTTP %d" % code)
-    sys.exit(1)
-if sha and digest and sha != digest:
-    print("serves %s, not the new model %s" % (sha[:8], digest[:8]))
-    sys.exit(1)
-print("healthy")
-"""
 
 
 def watch_text(cfg) -> str:
@@ -61,18 +37,21 @@ def watch_text(cfg) -> str:
 
 
 def check_once(session: Session, digest: str | None) -> str | None:
-    """One health check of a canary, on the server. None when healthy, else why not."""
+    """One health check of a canary, made on the server by the server program's ``health``
+    command (the go-live's own check: the health command, or the URL answering 200 and, when it
+    reports a digest, serving ``digest``). None when healthy, else why not."""
     cfg = session.cfg
-    url_check = f"python3 -c {q(HEALTH_PY)} {q(cfg.health_url or '')} {q(digest or '')}"
-    cmd = cfg.health_cmd or url_check
+    req = {
+        "health_url": cfg.health_url,
+        "health_cmd": cfg.health_cmd,
+        "health_timeout": cfg.health_timeout,
+        "digest": digest,
+    }
     try:
-        rc, out, err = session.run(cmd, check=False, what="canary health check")
+        ans = session.call("health", req, what="canary health check", ok_codes=(0, 1))
     except FtctlError as exc:
         return exc.message
-    if rc == 0:
-        return None
-    tail = (out + err).strip()[-300:]
-    return f"health check exited {rc}" + (f": {tail}" if tail else "")
+    return None if ans.get("healthy") else str(ans.get("detail") or "unhealthy")
 
 
 def watch(

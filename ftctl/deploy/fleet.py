@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftctl.deploy import canary
-from ftctl.deploy.golive import utc_stamp
 from ftctl.deploy.host import (
     ConnectFn,
     Staged,
@@ -34,6 +33,7 @@ from ftctl.deploy.host import (
 from ftctl.deploy.local import load_local_model
 from ftctl.deploy.plan import health_text
 from ftctl.deploy.results import MAY_SERVE_NEW, DeployResult, HostResult
+from ftctl.deploy.server.shared import utc_stamp
 from ftctl.deploy.session import LinkDead, Session
 from ftctl.deploy.transfer import Hooks
 from ftctl.errors import DeployError, FtctlError, HostKeyError, LockHeld, RollbackFailed
@@ -86,7 +86,7 @@ def deploy(
             try:
                 conn = connect(spec)
                 try:
-                    dry_run_host(conn, cfg, model, hr)
+                    dry_run_host(conn, cfg, model, hr, reporter)
                 finally:
                     conn.close()
             except FtctlError as exc:
@@ -379,7 +379,9 @@ def rollback(
         try:
             conn = connect(spec)
             try:
-                s = stage_rollback(conn, cfg, to, deploy_id, hr, "rollback", dry_run=dry_run)
+                s = stage_rollback(
+                    conn, cfg, to, deploy_id, hr, "rollback", dry_run=dry_run, reporter=reporter
+                )
                 exc = None if dry_run else go_live(s, "rollback", deploy_id, reporter)
             finally:
                 conn.close()

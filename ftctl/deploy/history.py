@@ -7,9 +7,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from ftctl.deploy.golive import LOG, STATE_DIR, STATUS, release_key, release_tag
 from ftctl.deploy.local import EVAL_REPORT
 from ftctl.deploy.plan import RemoteState, probe_request
+from ftctl.deploy.server.shared import release_key, release_tag
 from ftctl.deploy.session import Session, q
 from ftctl.manifest import MANIFEST
 
@@ -21,6 +21,7 @@ def probe(session: Session, model=None) -> RemoteState:
     req = probe_request(session.cfg, model)
     st = RemoteState.from_probe(session.call("probe", req, what="probe"))
     st.previous = previous_release(st.log, st.live, st.releases)
+    session.python = st.python or session.python
     return st
 
 
@@ -127,32 +128,26 @@ def list_releases(session: Session) -> list[dict]:
 
 
 def last_status(session: Session, entries: int = 5) -> dict:
-    """The last go-live's status file, the lock, and the newest lines of deploys.log."""
-    d = q(session.cfg.remote_dir)
+    """The last go-live's status file, the lock, the newest lines of deploys.log, the server's
+    Python. A go-live (or a backup) that died under the lock is finished first, from its
+    journal: ``recovered`` says what was done."""
+    from ftctl.deploy.session import lock_info
+
+    req = {
+        "remote_dir": session.cfg.remote_dir,
+        "link": session.cfg.link_name,
+        "entries": entries,
+        "lock": lock_info("status", "status"),
+    }
+    ans = session.call("status", req, what="read the status")
     st = probe(session)
-    _rc, out, _err = session.run(
-        f"cat {d}/{STATE_DIR}/{STATUS} 2>/dev/null; echo; echo =====; "
-        f"tail -n {int(entries)} {d}/{LOG} 2>/dev/null; true",
-        what="read the status",
-    )
-    head, _, tail = out.partition("=====")
-    status = None
-    if head.strip():
-        try:
-            status = json.loads(head)
-        except json.JSONDecodeError:
-            status = {"raw": head.strip()[:500]}
-    log = []
-    for line in tail.splitlines():
-        try:
-            log.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return {
         "live": st.live,
         "link": st.link,
         "previous": st.previous,
-        "lock": st.lock,
-        "status": status,
-        "log": log,
+        "lock": ans.get("lock"),
+        "status": ans.get("status"),
+        "log": ans.get("log", []),
+        "python": ans.get("python"),
+        "recovered": ans.get("recovered"),
     }

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -18,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftctl import __version__
-from ftctl.deploy import golive
 from ftctl.deploy.history import probe, retention
 from ftctl.deploy.local import LocalModel
-from ftctl.deploy.plan import Plan, RemoteState, make_plan, plan_lines
+from ftctl.deploy.plan import Plan, RemoteState, make_plan, plan_lines, python_text
 from ftctl.deploy.results import HostResult
+from ftctl.deploy.server.shared import FINAL_STATES, utc_stamp
 from ftctl.deploy.session import LinkDead, Lock, Session, lock_info, lock_owner, q
 from ftctl.deploy.transfer import Hooks, Master, send, verify
 from ftctl.errors import DeployError, FtctlError, RollbackFailed
@@ -57,7 +56,7 @@ def check_state(session: Session, st: RemoteState) -> None:
     if st.missing_tools:
         raise DeployError(
             f"{host}: remote tools missing: {', '.join(st.missing_tools)}",
-            hint="install them on the server (coreutils, python3)",
+            hint="install them on the server (coreutils)",
         )
     path = f"{cfg.remote_dir}/{cfg.link_name}"
     if st.link == "other":
@@ -84,15 +83,29 @@ def _check_space(session: Session, st: RemoteState, plan: Plan) -> None:
         )
 
 
-def dry_run_host(conn, cfg, model: LocalModel, hr: HostResult) -> None:
-    session = Session(conn, cfg)
+def dry_run_host(conn, cfg, model: LocalModel, hr: HostResult, reporter: Reporter = NULL) -> None:
+    session = Session(conn, cfg, reporter)
     st = probe(session, model)
     plan = make_plan(model, st, cfg, session.local)
     _record_plan(hr, cfg, st, model, plan)
     hr.ok = True
 
 
+def note_recovery(session: Session, hr: HostResult, rec: dict | None, reporter: Reporter) -> None:
+    """Say what the server finished of a job that died under the lock (before this one)."""
+    if not rec:
+        return
+    hr.recovered = rec
+    if rec.get("op") == "golive":
+        what = f"the {rec.get('action')} {rec.get('id')} whose go-live died"
+    else:
+        what = "a first deploy's backup that was killed"
+    hr.warnings.append(f"finished {what}: {rec.get('did')}")
+    reporter.warn(f"{session.host}: {hr.warnings[-1]}")
+
+
 def _record_plan(hr: HostResult, cfg, st: RemoteState, model: LocalModel, plan: Plan) -> None:
+    hr.python = python_text(cfg, st.python)
     hr.plan = plan_lines(cfg, st, model, plan)
     hr.method = plan.method
     hr.expected_bytes = plan.expected_bytes
@@ -111,16 +124,14 @@ def stage(
     bar: bool = True,
 ) -> Staged:
     """Upload ``model`` next to the live one; the live model is untouched. Raises DeployError."""
-    session = Session(conn, cfg)
+    session = Session(conn, cfg, reporter)
     hr.host = f"{conn.user}@{conn.host}:{conn.port}"
     reporter.stage(f"{session.host}: lock and look")
     lock = Lock(session, "deploy", lock_info("deploy", deploy_id)).acquire()
     master = _maybe_master(session)
     incoming = None
     try:
-        if lock.broke:
-            hr.warnings.append(f"removed a dead deploy's lock ({json.dumps(lock.broke)[:200]})")
-            reporter.warn(f"{session.host}: {hr.warnings[-1]}")
+        note_recovery(session, hr, lock.recovered, reporter)
         st = probe(session, model)
         check_state(session, st)
         plan = make_plan(model, st, cfg, session.local)
@@ -134,7 +145,7 @@ def stage(
             hr.release, hr.reused = st.live, True
             return Staged(session, hr, lock, None, st.live, model.digest)
         _check_space(session, st, plan)
-        name = plan.reuse or f"{golive.utc_stamp()}-{model.sha8}"
+        name = plan.reuse or f"{utc_stamp()}-{model.sha8}"
         incoming = None if plan.reuse else f".incoming-{os.urandom(6).hex()}"
         prep = _prepare(session, plan, incoming)
         hr.backup = prep.get("backup")
@@ -180,6 +191,7 @@ def _prepare(session: Session, plan: Plan, incoming: str | None) -> dict:
         "shas": plan.shas,
         "bases": plan.bases,
         "dirs": sorted({os.path.dirname(s.rel) for s in plan.steps} - {""}),
+        **server_knobs(),
     }
     ans = session.call("prepare", req, what="prepare the release directory")
     for rel in ans.get("unlinked", []):  # the old final/'s manifest did not match its files
@@ -187,6 +199,18 @@ def _prepare(session: Session, plan: Plan, incoming: str | None) -> dict:
             if s.rel == rel:
                 plan.steps[i] = FileStep(rel, s.size, "send", expect=s.size, sha=s.sha)
     return ans
+
+
+def server_knobs() -> dict:
+    """Knobs for tests, from the environment: ``FTCTL_NO_RENAMEAT2=1`` takes the backup's
+    two-rename path (the one of glibc < 2.28); ``FTCTL_TEST_PAUSE_AT=backup-renames`` stops
+    between those renames for a while (a test kills the process there)."""
+    knobs: dict = {}
+    if os.environ.get("FTCTL_NO_RENAMEAT2") == "1":
+        knobs["renameat2"] = False
+    if os.environ.get("FTCTL_TEST_PAUSE_AT"):
+        knobs["pause_at"] = os.environ["FTCTL_TEST_PAUSE_AT"]
+    return knobs
 
 
 def _upload(session, model, plan, incoming, name, hr, reporter, hooks, master, bar) -> None:
@@ -231,17 +255,17 @@ def job_for(s: Staged, action: str, deploy_id: str, release: str, previous: str 
         "release": release,
         "previous": previous,
         "digest": s.digest if action == "deploy" else None,
-        "token": s.lock.info["token"] if s.lock else None,
         "restart_cmd": cfg.restart_cmd,
         "reload_cmd": cfg.reload_cmd,
         "health_url": cfg.health_url,
         "health_cmd": cfg.health_cmd,
         "health_timeout": cfg.health_timeout,
+        "health_settle": cfg.health_settle,
         "command_timeout": cfg.command_timeout,
         "predict_url": predict_url(cfg),
         "smoke": [list(x) for x in cfg.smoke] if action == "deploy" else [],
         "prune": s.prune if action == "deploy" else [],
-        "follow_s": cfg.command_timeout + 2 * cfg.health_timeout + 60,
+        "follow_s": 2 * (cfg.command_timeout + cfg.health_timeout + cfg.health_settle) + 60,
         "log": {
             "by": lock_owner(),
             "host": hr.host,
@@ -278,12 +302,18 @@ def publish(s: Staged, action: str, deploy_id: str, reporter: Reporter = NULL) -
     pipe = s.lock.hand_over(job)  # the go-live owns the lock now
     s.lock = None
     doc = follow(session, pipe, reporter)
+    if doc.get("died"):
+        doc = _finish_dead(session, hr, doc, reporter)
     _record_outcome(hr, doc)
     hr.seconds = time.monotonic() - s.started
     if doc["state"] == "ok":
         hr.ok = True
         return
     err = doc.get("error") or doc["state"]
+    if doc["state"] == "failed" and doc.get("nothing_changed"):
+        raise DeployError(
+            f"{session.host}: {err}", hint="the previous model is still live; see deploys.log"
+        )
     if doc["state"] == "rolled_back":
         raise DeployError(
             f"{session.host}: {err}; rolled back to {s.previous}",
@@ -293,6 +323,34 @@ def publish(s: Staged, action: str, deploy_id: str, reporter: Reporter = NULL) -
         f"{session.host}: {err}",
         hint="the service may be down: look at the server now (`ftctl status`)",
     )
+
+
+def _finish_dead(session: Session, hr: HostResult, doc: dict, reporter: Reporter) -> dict:
+    """The go-live died on the server (killed): finish its job now, as the next ftctl command
+    anywhere would (put back the last checked release), and say what was done."""
+    from ftctl.deploy.history import last_status
+
+    reporter.warn(f"{session.host}: {doc.get('error')}; finishing its job")
+    session.reopen()
+    try:
+        rec = last_status(session).get("recovered")
+    except FtctlError as exc:
+        rec = {"ok": False, "did": f"could not finish it: {exc.message}"}
+    note_recovery(session, hr, rec, reporter)
+    if rec is None:  # no journal: it died before it wrote one, so before the swap
+        rec = {
+            "ok": True,
+            "state": "failed",
+            "did": "it died before its first step: nothing changed",
+        }
+    state = rec.get("state") if rec.get("ok") else "rollback_failed"
+    return {
+        "state": state or "rollback_failed",
+        "rolled_back": state == "rolled_back",
+        "health": rec.get("health"),
+        "error": f"{doc.get('error')}; {rec.get('did')}",
+        "nothing_changed": state == "failed",
+    }
 
 
 def _record_outcome(hr: HostResult, doc: dict) -> None:
@@ -328,7 +386,7 @@ def follow(session: Session, pipe, reporter: Reporter = NULL) -> dict:
                 step = doc.get("step")
                 detail = (doc.get("steps") or [{}])[-1].get("detail", "")
                 reporter.info(f"{session.host}: {step}" + (f" ({detail})" if detail else ""))
-            if doc.get("state") in golive.FINAL_STATES:
+            if doc.get("state") in FINAL_STATES:
                 return doc
     finally:
         pipe.close()
@@ -338,19 +396,21 @@ def follow(session: Session, pipe, reporter: Reporter = NULL) -> dict:
 
 
 def stage_rollback(conn, cfg, to: str | None, deploy_id: str, hr: HostResult, action: str,
-                   dry_run: bool = False) -> Staged:  # fmt: skip
+                   dry_run: bool = False, reporter: Reporter = NULL) -> Staged:  # fmt: skip
     """Lock and choose the release to return to (default: the one live before, by history)."""
-    session = Session(conn, cfg)
+    session = Session(conn, cfg, reporter)
     hr.host = f"{conn.user}@{conn.host}:{conn.port}"
     if dry_run:
         st = probe(session)
         target = rollback_target(session, st, to)
         hr.release, hr.previous = target, st.live
+        hr.python = python_text(cfg, st.python)
         hr.plan = _rollback_plan(cfg, st, target)
         hr.ok = True
         return Staged(session, hr, None, None, st.live, None)
     lock = Lock(session, action, lock_info(action, deploy_id)).acquire()
     try:
+        note_recovery(session, hr, lock.recovered, reporter)
         st = probe(session)
         target = rollback_target(session, st, to)
     except BaseException:
@@ -415,14 +475,9 @@ def log_failure(
         "method": hr.method,
         "uploaded_bytes": hr.uploaded_bytes,
         "rolled_back": False,
-        "error": golive.bounded(error or (hr.error or {}).get("message", ""), 500),
+        "error": error or (hr.error or {}).get("message", ""),
         "ftctl": __version__,
     }
-    line = q(json.dumps(entry, ensure_ascii=False, default=str))
     session.reopen()
     with contextlib.suppress(FtctlError):
-        session.run(
-            f"mkdir -p {q(session.cfg.remote_dir)} && printf '%s\\n' {line} >> "
-            f"{q(session.cfg.remote_dir)}/{golive.LOG}",
-            what="log",
-        )
+        session.call("log", {"remote_dir": session.cfg.remote_dir, "entry": entry}, what="log")

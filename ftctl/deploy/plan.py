@@ -9,20 +9,19 @@ send it whole; and how many bytes that should put on the wire.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ftctl.deploy.golive import SAMPLE_BLOCK, release_key, release_tag, sample_offsets
 from ftctl.deploy.local import LocalModel
+from ftctl.deploy.server.shared import release_key, release_tag, sample_hashes
 from ftctl.errors import DeployError
 
 if TYPE_CHECKING:
     from ftctl.config import DeployConfig
 
-TOOLS = ("ln", "mv", "mkdir", "rm", "cat", "cp", "python3")
+TOOLS = ("cp", "rm")  # the server program runs them (the backup, a discarded upload)
 SAMPLES = 32  # blocks compared per file to choose delta or whole
 SAMPLE_MIN_BYTES = 1 << 20  # smaller files are sent whole
 MIN_SIMILAR = 0.05  # share of equal sampled blocks from which a delta pays
@@ -44,6 +43,8 @@ class RemoteState:
     previous: str | None = None  # the release live before the live one (from ``log``)
     log: list[dict] = field(default_factory=list)  # deploys.log, newest last (compact)
     samples: dict[str, dict] = field(default_factory=dict)
+    python: dict | None = None  # {"path", "version"} of remote_python
+    pending: bool = False  # a job that died under the lock (its journal); finished next
 
     @classmethod
     def from_probe(cls, d: dict) -> RemoteState:
@@ -65,13 +66,7 @@ def probe_request(cfg: DeployConfig, model: LocalModel | None) -> dict:
 
 
 def local_samples(model: LocalModel, rel: str) -> list[str]:
-    size = model.sizes[rel]
-    out = []
-    with open(model.path / rel, "rb") as fh:
-        for off in sample_offsets(size, SAMPLES):
-            fh.seek(off)
-            out.append(hashlib.sha1(fh.read(SAMPLE_BLOCK)).hexdigest())
-    return out
+    return sample_hashes(str(model.path / rel), model.sizes[rel], SAMPLES)
 
 
 @dataclass
@@ -200,8 +195,20 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def python_text(cfg: DeployConfig, python: dict | None) -> str:
+    """'/usr/bin/python3 3.6.15 (remote_python = python3)'."""
+    if not python:
+        return f"remote_python = {cfg.remote_python}"
+    return f"{python.get('path')} {python.get('version')} (remote_python = {cfg.remote_python})"
+
+
 def plan_lines(cfg: DeployConfig, st: RemoteState, model: LocalModel, plan: Plan) -> list[str]:
-    lines = []
+    lines = [f"server python: {python_text(cfg, st.python)}"]
+    if st.pending:
+        lines.append(
+            "first: finish the job a process that died left under the lock (its journal "
+            "on the server): put back the last checked release, or complete the backup"
+        )
     if st.link == "dir":
         lines.append(f"back up the real {cfg.link_name}/ to releases/<ts>-original/ (hard links)")
     elif st.link == "other":
@@ -246,7 +253,7 @@ def plan_lines(cfg: DeployConfig, st: RemoteState, model: LocalModel, plan: Plan
     if st.lock:
         from ftctl.deploy.session import describe_lock
 
-        lines.append(f"NOTE: lock held by {describe_lock(st.lock)}")
+        lines.append(f"NOTE: the lock is held by {describe_lock(st.lock)}")
     return lines
 
 
@@ -254,7 +261,8 @@ def health_text(cfg: DeployConfig) -> str:
     if cfg.health_cmd or cfg.health_url:
         return str(cfg.health_cmd or cfg.health_url)
     return (
-        "none configured: only the command's exit status (and `systemctl is-active` after "
-        "systemctl) -> health 'unchecked'"
-        + (" (refused: require_health)" if cfg.require_health else "")
+        "no health URL: after `systemctl restart X` the unit is watched for "
+        f"{cfg.health_settle:g}s (same MainPID, no restart, still active) -> health "
+        "'settled (no health URL)'; after any other command only its exit status -> "
+        "'unchecked'" + (" (refused: require_health)" if cfg.require_health else "")
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ftctl.deploy.server.shared import SETTLED, UNCHECKED
 from ftctl.errors import FtctlError
 
 # Where each host ends (``HostResult.state``); a fleet deploy reports every host's.
@@ -42,7 +43,9 @@ class HostResult:
     pruned: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)
     smoke: list[dict] = field(default_factory=list)
-    health: str | None = None  # healthy | unchecked | None (not reached)
+    health: str | None = None  # healthy | settled (no health URL) | unchecked | None
+    python: str | None = None  # the server's remote_python: path, version
+    recovered: dict | None = None  # what was finished of a job that died under the lock
     checks: dict = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -83,10 +86,12 @@ class DeployResult:
 
     @property
     def health(self) -> str | None:
-        """ "unchecked" if any host's new model went unchecked, else the hosts' common value."""
+        """The weakest check any host's new model got: "unchecked" (nothing looked at it),
+        then "settled (no health URL)" (only the unit was watched), then the common value."""
         values = {h.health for h in self.hosts if h.ok and not h.dry_run}
-        if "unchecked" in values:
-            return "unchecked"
+        for weak in (UNCHECKED, SETTLED):
+            if weak in values:
+                return weak
         return values.pop() if len(values) == 1 else None
 
     @property

@@ -1,21 +1,22 @@
-"""Talking to one server: shell commands, the go-live program's subcommands, the lock.
+"""Talking to one server: shell commands, the server program's subcommands, the lock.
 
-A :class:`Session` wraps a Fabric ``Connection`` (or the demo's local stand-in). Short calls
-send the go-live program on stdin (``python3 - probe JSON``: nothing is installed for a dry
-run); the lock holder and the detached go-live need it as a file, installed once per version
-under ``<remote_dir>/.ftctl/``.
+A :class:`Session` wraps a Fabric ``Connection`` (or the demo's local stand-in). The server
+program (:mod:`ftctl.deploy.program`) is sent on stdin every time it runs and checked by its
+sha256 there: short calls run it once (``probe``, ``status``), the lock holder runs it for a
+whole deploy. Messages both ways are frames (any size); every line the program writes to
+stderr reaches the user (the session's reporter, and the error when it fails).
 
-The lock is held by a small process on the server (``golive.py hold``) tied to this SSH session:
-a heartbeat thread keeps it; if this process dies (kill -9 included) or the link goes dead,
-the holder sees EOF or a missed heartbeat and removes the lock. A link that stops answering is
-detected here too: the session is closed and the step in progress fails with a clear error.
+The lock is ``flock()`` on ``.deploy.lock``, taken on the server by ``hold`` and held by that
+process for as long as this SSH session lives: a heartbeat thread keeps it; if this process
+dies (kill -9 included) or the link goes dead, the holder sees EOF or a missed heartbeat and
+ends, and the kernel releases the lock. At the go-live the holder hands the same open file to
+the detached go-live, which holds it until it has finished.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import hashlib
-import json
 import os
 import queue
 import shlex
@@ -23,16 +24,16 @@ import socket
 import subprocess
 import threading
 import time
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from ftctl.errors import DeployError, FtctlError, LockHeld
+from ftctl.deploy.program import program
+from ftctl.deploy.server.shared import EXIT_BAD_PROGRAM, EXIT_TOO_OLD, Frames, decode, frame
+from ftctl.errors import DeployError, EnvironmentProblem, FtctlError, LockHeld
+from ftctl.progress import NULL, Reporter
 
 if TYPE_CHECKING:
     from ftctl.config import DeployConfig
 
-PROGRAM = resources.files("ftctl.deploy").joinpath("golive.py").read_bytes()
-PROGRAM_SHA8 = hashlib.sha256(PROGRAM).hexdigest()[:8]
 HEARTBEAT_S = 3.0  # the client's heartbeat to the lock holder
 
 
@@ -45,46 +46,59 @@ class LinkDead(DeployError):
 
 
 class Pipe:
-    """A remote process with line-wise stdin/stdout (a paramiko channel or a local process)."""
+    """A remote process that speaks frames on stdin/stdout (a paramiko channel, or a local
+    process for the demo). Its stderr, line by line, goes to ``on_stderr`` and is kept."""
 
-    def __init__(self, conn: Any, cmd: str) -> None:
-        self._buf = b""
-        self._lines: queue.Queue[str | None] = queue.Queue()
+    def __init__(self, conn: Any, cmd: str, on_stderr=None) -> None:
+        self._frames = Frames()
+        self._msgs: queue.Queue[dict | None] = queue.Queue()
+        self.stderr: collections.deque[str] = collections.deque(maxlen=40)
+        self._on_stderr = on_stderr or (lambda line: None)
+        self._proc: subprocess.Popen | None = None
+        self._chan = None
         if getattr(conn, "ftctl_local", False):
-            self._proc: subprocess.Popen | None = subprocess.Popen(
-                cmd, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-            )
-            self._chan = None
-            threading.Thread(target=self._pump_local, daemon=True).start()
+            self._proc = subprocess.Popen(
+                cmd, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = self._proc.stdout.read1, self._proc.stderr.read1  # type: ignore[union-attr]
         else:
-            self._proc = None
             self._chan = conn.client.get_transport().open_session()
             self._chan.exec_command(cmd)
-            threading.Thread(target=self._pump_chan, daemon=True).start()
+            out, err = self._chan.recv, self._chan.recv_stderr
+        self._err_thread = threading.Thread(target=self._pump_err, args=(err,), daemon=True)
+        self._err_thread.start()
+        threading.Thread(target=self._pump_out, args=(out,), daemon=True).start()
 
-    def _pump_local(self) -> None:
-        assert self._proc and self._proc.stdout
-        for raw in self._proc.stdout:
-            self._lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
-        self._lines.put(None)
-
-    def _pump_chan(self) -> None:
-        chan = self._chan
+    def _pump_out(self, read) -> None:
         try:
-            while True:
-                chunk = chan.recv(65536)
-                if not chunk:
-                    break
-                self._buf += chunk
-                while b"\n" in self._buf:
-                    line, _, self._buf = self._buf.partition(b"\n")
-                    self._lines.put(line.decode("utf-8", "replace"))
+            while chunk := read(1 << 16):
+                payloads, noise = self._frames.feed(chunk)
+                for line in noise.decode("utf-8", "replace").splitlines():
+                    self._line(line)
+                for p in payloads:
+                    self._msgs.put(decode(p))
         except Exception:  # a dead transport ends the stream like EOF
             pass
-        self._lines.put(None)
+        self._msgs.put(None)
 
-    def send(self, line: str) -> None:
-        self.send_bytes((line + "\n").encode())
+    def _pump_err(self, read) -> None:
+        pending = b""
+        with contextlib.suppress(Exception):
+            while chunk := read(1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self._line(line.decode("utf-8", "replace"))
+        if pending:
+            self._line(pending.decode("utf-8", "replace"))
+
+    def _line(self, line: str) -> None:
+        if line.strip():
+            self.stderr.append(line.rstrip())
+            self._on_stderr(line.rstrip())
+
+    def send(self, obj: dict) -> None:
+        self.send_bytes(frame(obj))
 
     def send_bytes(self, data: bytes) -> None:
         if self._proc is not None:
@@ -95,20 +109,26 @@ class Pipe:
             self._chan.sendall(data)
 
     def recv(self, timeout: float) -> dict | None:
-        """The next JSON line (None at EOF); TimeoutError when nothing came in ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """The next message (None at EOF); TimeoutError when nothing came in ``timeout``."""
+        try:
+            msg = self._msgs.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        if msg is None:
+            self._msgs.put(None)  # stay at EOF
+        return msg
+
+    def ended(self, timeout: float = 5.0) -> tuple[int | None, str]:
+        """(exit status, stderr) of a process that has ended (None: not known in time)."""
+        self._err_thread.join(timeout)
+        if self._proc is not None:
             try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError from None
-            if line is None:
-                self._lines.put(None)  # stay at EOF
-                return None
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if isinstance(doc, dict):
-                    return doc
+                rc = self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+        else:
+            rc = self._chan.exit_status if self._chan.status_event.wait(timeout) else None
+        return rc, "\n".join(self.stderr)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -123,18 +143,23 @@ class Pipe:
 class Session:
     """One server: ``conn`` plus the deploy config that names its directory and timeouts."""
 
-    def __init__(self, conn: Any, cfg: DeployConfig) -> None:
+    def __init__(self, conn: Any, cfg: DeployConfig, reporter: Reporter = NULL) -> None:
         self.conn = conn
         self.cfg = cfg
         self.host = conn.host
+        self.reporter = reporter
         self.state_dir = f"{cfg.remote_dir}/.ftctl"
-        self.program = f"{self.state_dir}/golive-{PROGRAM_SHA8}.py"
         self.dead: str | None = None  # why the link counts as dead
         self.agent: Lock | None = None  # the lock holder, which also runs subcommands
+        self.python: dict | None = None  # {"path", "version"} of remote_python, once known
 
     @property
     def local(self) -> bool:
         return bool(getattr(self.conn, "ftctl_local", False))
+
+    def server_said(self, line: str) -> None:
+        """A line the server program wrote to stderr: the user sees it."""
+        self.reporter.warn(f"{self.host}: server: {line}")
 
     # ------------------------------------------------------------------ commands
 
@@ -152,32 +177,31 @@ class Session:
 
     def run(self, cmd: str, *, check: bool = True, what: str = "", stdin: bytes | None = None):
         """(exit status, stdout, stderr) of one shell command on the server."""
-        what = what or "remote command"
+        rc, out, err = self.run_bytes(cmd, what=what, stdin=stdin)
+        out_s, err_s = out.decode(errors="replace"), err.decode(errors="replace")
+        if check and rc != 0:
+            tail = (err_s or out_s).strip()[-500:]
+            raise DeployError(
+                f"{self.host}: {what or 'remote command'} exited {rc}: {tail}",
+                hint="fix the server side problem named above and rerun",
+            )
+        return rc, out_s, err_s
+
+    def run_bytes(self, cmd: str, *, what: str = "", stdin: bytes | None = None):
         try:
-            rc, out, err = self._exec(cmd, stdin)
+            return self._exec(cmd, stdin)
         except FtctlError:
             raise
         except Exception as exc:  # paramiko/invoke raise many kinds (timeouts, dropped sessions)
-            raise self.fail(what, exc) from None
-        if check and rc != 0:
-            tail = (err or out).strip()[-500:]
-            raise DeployError(
-                f"{self.host}: {what} exited {rc}: {tail}",
-                hint="fix the server side problem named above and rerun",
-            )
-        return rc, out, err
+            raise self.fail(what or "remote command", exc) from None
 
-    def _exec(self, cmd: str, stdin: bytes | None) -> tuple[int, str, str]:
+    def _exec(self, cmd: str, stdin: bytes | None) -> tuple[int, bytes, bytes]:
         timeout = self.cfg.command_timeout
         if self.local:
             res = subprocess.run(
                 cmd, shell=True, input=stdin or b"", capture_output=True, timeout=timeout
             )
-            return (
-                res.returncode,
-                res.stdout.decode(errors="replace"),
-                res.stderr.decode(errors="replace"),
-            )
+            return res.returncode, res.stdout, res.stderr
         chan = self.conn.client.get_transport().open_session()
         try:
             chan.settimeout(timeout)
@@ -200,48 +224,41 @@ class Session:
                     chan.status_event.wait(0.05)
             while chan.recv_stderr_ready():
                 err += chan.recv_stderr(1 << 16)
-            return (
-                chan.recv_exit_status(),
-                out.decode(errors="replace"),
-                err.decode(errors="replace"),
-            )
+            return chan.recv_exit_status(), bytes(out), bytes(err)
         finally:
             chan.close()
 
+    def program_command(self, sub: str, *args: str) -> str:
+        return program().command(self.cfg.remote_python, sub, *args)
+
     def call(self, sub: str, req: dict, *, what: str, ok_codes: tuple[int, ...] = (0,)) -> dict:
-        """Run a go-live subcommand, return its JSON answer: through the lock holder while one
-        is held (no new process), else as ``python3 -`` with the program on stdin."""
+        """Run a server program subcommand, return its answer: through the lock holder while
+        one is held (no new process), else once, on its own."""
         if self.agent is not None:
             ans = self.agent.call(sub, req, what)
-            rc, text = ans["rc"], str(ans.get("error", ans))
-        else:
-            cmd = f"python3 - {sub} {q(json.dumps(req, ensure_ascii=False))}"
-            rc, out, err = self.run(cmd, check=False, what=what, stdin=PROGRAM)
-            lines = [x for x in out.splitlines() if x.startswith("{")]
-            ans = {"rc": rc, **json.loads(lines[-1])} if lines else {"rc": rc}
-            text = (err or out).strip()
-        if rc not in ok_codes or len(ans) == 1:
-            raise DeployError(
-                f"{self.host}: {what} exited {rc}: {text[-500:]}",
-                hint="the server needs python3 >= 3.8; fix the problem named above and rerun",
-            )
-        return ans
+            if ans["rc"] not in ok_codes:
+                raise DeployError(
+                    f"{self.host}: {what} failed on the server: {ans.get('error', ans)}",
+                    hint="fix the problem named above and rerun",
+                )
+            return ans
+        rc, out, err = self.run_bytes(
+            self.program_command(sub), what=what, stdin=program().stdin(req)
+        )
+        payloads, noise = Frames().feed(out)
+        lines = (noise + err).decode("utf-8", "replace").splitlines()
+        for line in lines:
+            if line.strip():
+                self.server_said(line.rstrip())
+        if rc not in ok_codes or not payloads:
+            raise program_error(self, what, rc, "\n".join(lines))
+        return {"rc": rc, **decode(payloads[-1])}
 
-    def pipe(self, sub: str, req: dict, *, install: bool = False) -> Pipe:
-        """The go-live program's ``sub`` as a process with line-wise stdin/stdout. With
-        ``install``, the program is first read from stdin (exactly its size) and kept as a
-        file if that version is not there yet: one round trip, not two."""
-        cmd = f"exec python3 {q(self.program)} {sub} {q(json.dumps(req, ensure_ascii=False))}"
-        if install:
-            prog, d, n = q(self.program), q(self.state_dir), len(PROGRAM)
-            cmd = (
-                f"mkdir -p {d} && if test -f {prog}; then head -c {n} >/dev/null; else "
-                f"head -c {n} > {prog}.tmp.$$ && mv {prog}.tmp.$$ {prog}; fi && {cmd}"
-            )
+    def pipe(self, sub: str, req: dict) -> Pipe:
+        """The server program's ``sub`` as a process that speaks frames, request sent."""
         try:
-            pipe = Pipe(self.conn, cmd)
-            if install:
-                pipe.send_bytes(PROGRAM)
+            pipe = Pipe(self.conn, self.program_command(sub), self.server_said)
+            pipe.send_bytes(program().stdin(req))
             return pipe
         except Exception as exc:
             raise self.fail(sub, exc) from None
@@ -264,14 +281,43 @@ class Session:
             self.conn.client.get_transport().close()
 
 
+def program_error(s: Session, what: str, rc: int | None, stderr: str) -> FtctlError:
+    """The error for a server program that gave no answer, from its exit status and stderr:
+    a missing or too old ``remote_python`` is named as such (exit 7)."""
+    py = s.cfg.remote_python
+    tail = stderr.strip()[-800:] or "(nothing on stderr)"
+    fix = (
+        "install Python 3.6 or newer on the server, or point remote_python (in "
+        "[deploy.<profile>] of ftctl.toml, or --remote-python) at one, e.g. /usr/bin/python3.8"
+    )
+    if rc in (126, 127):
+        return EnvironmentProblem(
+            f"{s.host}: remote_python = {py!r} cannot be run on the server (exit {rc}): {tail}",
+            hint=fix,
+        )
+    if rc == EXIT_TOO_OLD:
+        return EnvironmentProblem(f"{s.host}: remote_python = {py!r}: {tail}", hint=fix)
+    if rc == EXIT_BAD_PROGRAM:
+        return DeployError(
+            f"{s.host}: {what}: the server program arrived damaged and was not run: {tail}",
+            hint="rerun; if it repeats, something on the way alters the SSH session's data",
+        )
+    return DeployError(
+        f"{s.host}: {what} failed: the server program (remote_python = {py!r}) exited {rc} "
+        f"without an answer: {tail}",
+        hint="the lines above are the server's own words: fix what they name and rerun",
+    )
+
+
 class Lock:
-    """``.deploy.lock`` held by ``golive.py hold`` for as long as this session lives."""
+    """``.deploy.lock`` held by the server program's ``hold`` for as long as this session
+    lives (see the module docstring)."""
 
     def __init__(self, session: Session, action: str, lock_info: dict) -> None:
         self.session = session
         self.info = lock_info
         self.action = action
-        self.broke: dict | None = None
+        self.recovered: dict | None = None  # what the holder finished of a job that died
         self._pipe: Pipe | None = None
         self._mutex = threading.Lock()
         self._stop = threading.Event()
@@ -281,16 +327,23 @@ class Lock:
         s = self.session
         link_timeout = s.cfg.link_timeout
         req = {"remote_dir": s.cfg.remote_dir, "lock": self.info, "heartbeat": 2 * link_timeout}
-        self._pipe = s.pipe("hold", req, install=True)
-        try:
-            ans = self._pipe.recv(max(link_timeout, s.cfg.connect_timeout))
-        except TimeoutError:
-            raise DeployError(f"{s.host}: no answer from the lock holder") from None
-        if ans is None or "locked" not in ans:
+        self._pipe = s.pipe("hold", req)
+        try:  # ticks while it finishes a job that died (a restart and health checks)
+            ans = self._answer("take the lock", max(link_timeout, s.cfg.connect_timeout))
+        except DeployError:
+            rc, err = self._pipe.ended(1.0)
             self._pipe.close()
             self._pipe = None
-            raise _lock_error(s, ans)
-        self.broke = ans.get("broke")
+            if rc is not None and rc != 0:
+                raise program_error(s, "take the lock", rc, err) from None
+            raise
+        if ans is None or "locked" not in ans:
+            rc, err = self._pipe.ended()
+            self._pipe.close()
+            self._pipe = None
+            raise _lock_error(s, ans, rc, err)
+        self.recovered = ans.get("recovered")
+        s.python = ans.get("python")
         s.agent = self
         self._thread = threading.Thread(target=self._beat, name="ftctl-heartbeat", daemon=True)
         self._thread.start()
@@ -303,7 +356,7 @@ class Lock:
                 if self._pipe is None or self._stop.is_set():
                     return
                 try:
-                    self._pipe.send("hb")
+                    self._pipe.send({"op": "hb"})
                     ans = self._pipe.recv(s.cfg.link_timeout)
                 except TimeoutError:
                     ans = None
@@ -321,18 +374,18 @@ class Lock:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.session.cfg.link_timeout + 5)
 
-    def _answer(self, what: str, timeout: float | None = None) -> dict:
-        """The next line that is not a tick; the link counts as dead after ``link_timeout``."""
+    def _answer(self, what: str, timeout: float | None = None) -> dict | None:
+        """The next message that is not a tick (None at EOF); the link counts as dead when
+        nothing comes for ``link_timeout``."""
         s = self.session
+        assert self._pipe is not None
         while True:
             try:
                 ans = self._pipe.recv(timeout or s.cfg.link_timeout)
             except TimeoutError:
                 s.kill_link(f"no answer from {s.host} for {s.cfg.link_timeout:.0f}s")
                 raise s.fail(what, TimeoutError()) from None
-            if ans is None:
-                raise s.fail(what, ConnectionError("the SSH session ended"))
-            if "tick" not in ans and "hb" not in ans:
+            if ans is None or ("tick" not in ans and "hb" not in ans):
                 return ans
 
     def call(self, sub: str, req: dict, what: str) -> dict:
@@ -341,14 +394,16 @@ class Lock:
             if self._pipe is None or self.session.dead:
                 raise self.session.fail(what, ConnectionError("the lock is gone"))
             try:
-                self._pipe.send(f"call {sub} {json.dumps(req, ensure_ascii=False)}")
+                self._pipe.send({"op": "call", "sub": sub, "req": req})
             except Exception as exc:
                 raise self.session.fail(what, exc) from None
             ans = self._answer(what)
+        if ans is None:
+            raise self.session.fail(what, ConnectionError("the SSH session ended"))
         return {"rc": ans.get("rc", 1), **(ans.get("reply") or {})}
 
     def hand_over(self, job: dict) -> Pipe:
-        """Start the detached go-live with ``job``; it owns the lock from now on. Returns the
+        """Start the detached go-live with ``job``; it holds the lock from now on. Returns the
         pipe on which the holder now streams the go-live's status."""
         self._stop_beat()
         s = self.session
@@ -356,16 +411,17 @@ class Lock:
             if self._pipe is None or s.dead:
                 raise s.fail("start the go-live", ConnectionError("lock lost"))
             try:
-                self._pipe.send("golive " + json.dumps(job, ensure_ascii=False))
+                self._pipe.send({"op": "golive", "job": job})
             except Exception as exc:
                 raise s.fail("start the go-live", exc) from None
             ans = self._answer("start the go-live", max(30.0, s.cfg.link_timeout))
             pipe, self._pipe = self._pipe, None
         s.agent = None
-        if "started" not in ans:
+        if ans is None or "started" not in ans:
             pipe.close()
             raise DeployError(
-                f"{s.host}: the go-live program did not start: {ans.get('error', ans)}",
+                f"{s.host}: the go-live program did not start: "
+                f"{(ans or {}).get('error', 'the session ended')}",
                 hint=f"see {s.state_dir}/golive.out on the server",
             )
         return pipe
@@ -378,40 +434,37 @@ class Lock:
             if self._pipe is None:
                 return
             with contextlib.suppress(Exception):
-                self._pipe.send("release")
+                self._pipe.send({"op": "release"})
                 self._pipe.recv(5)
             self._pipe.close()
             self._pipe = None
 
 
-def _lock_error(s: Session, ans: dict | None) -> DeployError:
-    if ans is None or "held" not in ans:
+def _lock_error(s: Session, ans: dict | None, rc: int | None, stderr: str) -> FtctlError:
+    if ans is None:
+        return program_error(s, "take the lock", rc, stderr)
+    if "held" not in ans:
         return DeployError(
-            f"{s.host}: cannot take {s.cfg.remote_dir}/.deploy.lock: {ans}",
-            hint=f"check that {s.conn.user} may write {s.cfg.remote_dir} and that python3 runs",
-        )
-    who = describe_lock(ans["held"], ans.get("age"))
-    path = f"{s.cfg.remote_dir}/.deploy.lock"
-    if ans.get("stale"):
-        return LockHeld(
-            f"{s.host}: STALE deploy lock held by {who}",
-            hint=f"no deploy seems to run; remove it (ssh {s.conn.user}@{s.host} rm {path}) "
-            "and rerun",
+            f"{s.host}: {ans.get('error', ans)}",
+            hint=f"check that {s.conn.user} may write {s.cfg.remote_dir}",
         )
     return LockHeld(
-        f"{s.host}: another deploy holds the lock: {who}",
-        hint=f"wait for it to finish (`ftctl status` shows it); if it died, remove {path}",
+        f"{s.host}: another deploy holds the lock: held by {describe_lock(ans['held'])}",
+        hint="wait for it to finish (`ftctl status` shows it); the lock goes by itself when "
+        "the process holding it ends",
     )
 
 
-def describe_lock(lock: dict, age: float | None = None) -> str:
-    """'owner (pid N, deploy since T, Ns ago)'."""
-    owner, pid = lock.get("owner", "?"), lock.get("pid", "?")
-    age_s = f", {age:.0f}s ago" if isinstance(age, int | float) else ""
-    holder = f" on the server as {lock['holder']}" if lock.get("holder") else ""
+def describe_lock(lock: dict) -> str:
+    """'root@ci-3 since T (deploy ID; on the server: golive pid N)'."""
+    owner = lock.get("owner", "?")
+    what = " ".join(str(x) for x in (lock.get("action"), lock.get("id")) if x)
+    holder = lock.get("holder")
+    where = f"{holder} pid {lock.get('pid', '?')}" if holder else f"pid {lock.get('pid', '?')}"
+    stale = "; its owner record may be stale" if lock.get("stale_record") else ""
     return (
-        f"{owner} (pid {lock.get('client_pid', pid)}, {lock.get('action', 'deploy')} since "
-        f"{lock.get('time', '?')}{age_s}{holder})"
+        f"{owner} since {lock.get('time', '?')} ({what or 'deploy'}, client pid "
+        f"{lock.get('client_pid', '?')}; on the server: {where}{stale})"
     )
 
 
@@ -430,5 +483,4 @@ def lock_info(action: str, deploy_id: str) -> dict:
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "action": action,
         "id": deploy_id,
-        "token": os.urandom(16).hex(),
     }

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +22,44 @@ from ftctl.manifest import model_digest
 from ftctl.remote import connect, parse_host
 from tests.helpers import make_tiny_model
 
-__all__ = ["DeployTarget", "deploy_models", "deploy_target", "sshd_server", "target_services"]
+__all__ = [
+    "DeployTarget",
+    "deploy_models",
+    "deploy_target",
+    "lock_free",
+    "sshd_py36",
+    "sshd_server",
+    "target_services",
+    "wait_until",
+]
+
+
+def wait_until(pred, timeout: float, what: str, step: float = 0.02):
+    """``pred()``'s first truthy value within ``timeout`` seconds (else AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def lock_free(remote_dir: Path) -> bool:
+    """No process holds the deploy lock (flock on <remote_dir>/.deploy.lock) now."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(remote_dir) / ".deploy.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 @dataclass
@@ -52,6 +91,34 @@ class DeployTarget:
         cfg = cfg or self.cfg
         return lambda spec: connect(spec, cfg)
 
+    def ssh_args(self, cfg: DeployConfig | None = None) -> list[str]:
+        """The CLI flags that reach this target as ``cfg`` does (any ftctl command)."""
+        c = cfg or self.cfg
+        return [
+            "--host", c.hosts[0], "--identity", str(c.identity), "--known-hosts",
+            str(c.known_hosts), "--remote-dir", c.remote_dir, "--remote-python", c.remote_python,
+        ]  # fmt: skip
+
+    def cli_args(self, cfg: DeployConfig | None = None) -> list[str]:
+        """``ssh_args`` and the go-live's commands (deploy, rollback)."""
+        c = cfg or self.cfg
+        args = self.ssh_args(c)
+        args += ["--reload-cmd", c.reload_cmd] if c.reload_cmd else ["--restart-cmd", c.restart_cmd]
+        if c.health_url:
+            args += ["--health-url", c.health_url, "--health-timeout", f"{c.health_timeout:g}"]
+        return args
+
+    def client(self, model: Path, log: Path, *extra: str, cfg: DeployConfig | None = None,
+               env: dict | None = None) -> subprocess.Popen:  # fmt: skip
+        """`ftctl deploy` of ``model`` as its own process, its output in ``log``."""
+        args = [sys.executable, "-m", "ftctl", "deploy", "--model", str(model),
+                *self.cli_args(cfg), *extra]  # fmt: skip
+        with open(log, "wb") as fh:
+            return subprocess.Popen(
+                args, stdout=fh, stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            )  # fmt: skip
+
     def with_(self, **changes) -> DeployConfig:
         return dataclasses.replace(self.cfg, **changes)
 
@@ -65,6 +132,13 @@ class DeployTarget:
     def log_lines(self) -> list[dict]:
         log = self.remote_dir / "deploys.log"
         return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    def status_doc(self) -> dict:
+        """The go-live's status file on the server ({} while there is none)."""
+        try:
+            return json.loads((self.remote_dir / ".ftctl" / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def wait_serving(self, digest: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -95,6 +169,42 @@ def sshd_server(tmp_path_factory):
     sshd = LocalSSHD(tmp_path_factory.mktemp("sshd")).start()
     yield sshd
     sshd.close()
+
+
+PY36 = Path("/root/.pyenv/versions/3.6.15/bin/python3.6")  # pyenv's, on these machines
+# where a root session finds `python3`: root's login shell puts pyenv's shims first on PATH
+PYTHON3_PATHS = ("/usr/bin/python3", "/root/.pyenv/shims/python3")
+
+
+@pytest.fixture(scope="session")
+def sshd_py36(tmp_path_factory):
+    """An sshd whose sessions' `python3` IS Python 3.6.15 (CentOS 7's and Ubuntu 18.04's
+    generation): it runs in a private mount namespace where 3.6 is bound over every python3 a
+    session could find. Same filesystem otherwise: it serves the same remote_dir."""
+    sshd = LocalSSHD(tmp_path_factory.mktemp("sshd-py36"))
+    binds = " ".join(PYTHON3_PATHS)
+    sshd.prefix = [
+        "unshare", "--mount", "--propagation", "private", "sh", "-c",
+        f'for t in {binds}; do mount --bind "$0" "$t" || exit 1; done; exec "$@"', str(PY36),
+    ]  # fmt: skip
+    sshd.start()
+    try:
+        got = ssh_run(sshd, "command -v python3; python3 -V 2>&1")
+        assert got.split() == ["/root/.pyenv/shims/python3", "Python", "3.6.15"], got
+        yield sshd
+    finally:
+        sshd.close()
+
+
+def ssh_run(sshd: LocalSSHD, cmd: str) -> str:
+    """The output of ``cmd`` run over OpenSSH as a session of ``sshd`` (its login shell)."""
+    res = subprocess.run(
+        ["ssh", "-p", str(sshd.port), "-i", str(sshd.client_key), "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={sshd.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+         f"{sshd.user}@{sshd.address}", cmd],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return res.stdout
 
 
 @pytest.fixture(scope="session")
@@ -128,6 +238,9 @@ def deploy_target(target_services, deploy_models) -> DeployTarget:
     Deploys reload (SIGHUP) by default: a restart re-imports torch (~10 s here); tests that
     need the restart path set ``restart_cmd`` and ``reload_cmd=None``."""
     sshd, sup, remote_dir, port = target_services
+    deadline = time.monotonic() + 30  # the last test's go-live may still be on its last step
+    while not lock_free(remote_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
     _reset_remote(remote_dir, deploy_models["a"])
     if sup.ctl("signal", "HUP", sup.name).returncode != 0:  # not running (a test broke it)
         sup.ctl("restart", sup.name)

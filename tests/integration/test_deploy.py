@@ -20,6 +20,7 @@ from ftctl.deploy import Hooks, deploy, rollback
 from ftctl.errors import DeployError, ExitCode, HostKeyError, RollbackFailed
 from ftctl.fsutil import atomic_write_text, sha256_tree
 from ftctl.manifest import model_digest
+from tests.integration.ssh_fixtures import lock_free
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -28,14 +29,6 @@ runner = CliRunner()
 def _deploy(target, model, cfg=None, **kw):
     cfg = cfg or target.cfg
     return deploy(model, cfg, target.specs(), target.connect(cfg), **kw)
-
-
-def _cli_target_args(t) -> list[str]:
-    c = t.cfg
-    return [
-        "--host", t.host, "--identity", str(c.identity), "--known-hosts", str(c.known_hosts),
-        "--remote-dir", c.remote_dir, "--reload-cmd", c.reload_cmd, "--health-url", c.health_url,
-    ]  # fmt: skip
 
 
 def test_first_deploy_backs_up_real_final_and_swaps(deploy_target, deploy_models):
@@ -69,7 +62,7 @@ def test_first_deploy_backs_up_real_final_and_swaps(deploy_target, deploy_models
     assert h.uploaded_bytes > 0 and h.uploaded_files > 0
     (entry,) = t.log_lines()
     assert entry["ok"] and entry["release"] == h.release and entry["previous"] == h.backup
-    assert not (t.remote_dir / ".deploy.lock").exists()
+    assert lock_free(t.remote_dir)
 
 
 def test_redeploy_of_a_model_the_server_has_uploads_nothing(deploy_target, deploy_models):
@@ -90,7 +83,7 @@ def test_rollback_cli_returns_to_previous_release(deploy_target, deploy_models):
     t = deploy_target
     b = _deploy(t, deploy_models["b"]).hosts[0]
     c = _deploy(t, deploy_models["c"]).hosts[0]
-    r = runner.invoke(app, ["rollback", *_cli_target_args(t), "--json"])
+    r = runner.invoke(app, ["rollback", *t.cli_args(), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["ok"] and out["hosts"][0]["release"] == b.release
@@ -155,7 +148,7 @@ def test_connection_cut_mid_upload_keeps_live_model_and_next_deploy_works(
     assert isinstance(res.error, DeployError) and "upload failed" in res.error.message
     assert t.health()["sha256"] == model_digest(deploy_models["a"])
     assert not any(r.endswith(model_digest(deploy_models["b"])[:8]) for r in t.releases())
-    assert not (t.remote_dir / ".deploy.lock").exists()  # released over a fresh session
+    assert lock_free(t.remote_dir)  # released over a fresh session
     again = _deploy(t, deploy_models["b"])
     assert again.ok, again.error
     assert not list(t.remote_dir.glob(".incoming-*"))
@@ -198,7 +191,7 @@ def test_too_little_disk_is_refused_in_preflight(deploy_target, deploy_models):
     res = _deploy(t, deploy_models["b"], t.with_(min_free_factor=1e9))
     assert isinstance(res.error, DeployError) and "free" in res.error.message
     assert (t.remote_dir / "final").is_dir() and not (t.remote_dir / "final").is_symlink()
-    assert not (t.remote_dir / ".deploy.lock").exists()
+    assert lock_free(t.remote_dir)
     assert t.health()["sha256"] == model_digest(deploy_models["a"])
 
 
@@ -212,7 +205,7 @@ def test_unknown_host_key_is_refused_with_fingerprint_then_accepted(
     assert isinstance(res.error, HostKeyError)
     fp = res.error.hint.split("--accept-host-key ")[1].split()[0]
     assert fp.startswith("SHA256:") and fp in res.error.message
-    args = _cli_target_args(t)
+    args = t.cli_args()
     args[args.index("--known-hosts") + 1] = str(known)
     r = runner.invoke(
         app,
@@ -230,7 +223,7 @@ def test_cli_deploy_failure_exits_5_with_json(deploy_target, deploy_models):
     t = deploy_target
     r = runner.invoke(
         app,
-        ["deploy", "--model", str(deploy_models["b"]), *_cli_target_args(t),
+        ["deploy", "--model", str(deploy_models["b"]), *t.cli_args(),
          "--smoke", "帮我打卡=NO_SUCH_LABEL", "--health-timeout", "20", "--json"],
     )  # fmt: skip
     assert r.exit_code == int(ExitCode.DEPLOY), r.output
@@ -383,8 +376,8 @@ def systemctl(tmp_path):
     subprocess.run(f"{cmd} stop ftctl-deploy-svc", shell=True, capture_output=True)
 
 
-def test_systemctl_restart_is_checked_with_is_active(deploy_target, deploy_models, tmp_path,
-                                                     systemctl):  # fmt: skip
+def test_systemctl_restart_is_checked_with_is_active_and_settle(deploy_target, deploy_models,
+                                                                tmp_path, systemctl):  # fmt: skip
     t = deploy_target
     root, systemctl_cmd = systemctl
     remote = tmp_path / "srv"
@@ -396,12 +389,13 @@ def test_systemctl_restart_is_checked_with_is_active(deploy_target, deploy_model
     (good / "ok-to-start").write_text("1")
     shutil.copytree(deploy_models["c"], bad)
     cfg = t.with_(remote_dir=str(remote), restart_cmd=f"{systemctl_cmd} restart ftctl-deploy-svc",
-                  reload_cmd=None, health_url=None)  # fmt: skip
+                  reload_cmd=None, health_url=None, health_settle=1.0)  # fmt: skip
     res = _deploy(t, good, cfg)
     assert res.ok, res.error
     h = res.hosts[0]
-    assert h.health == "unchecked" and res.health == "unchecked"
+    assert h.health == "settled (no health URL)" and res.health == h.health
     assert h.checks["is_active"]["state"] == "active"
+    assert h.checks["settle"]["ActiveState"] == "active" and h.checks["settle"]["seconds"] == 1
     assert "is-active ftctl-deploy-svc" in h.checks["is_active"]["command"]
     res = _deploy(t, bad, cfg)  # the service does not start on this model
     assert isinstance(res.error, DeployError) and res.hosts[0].rolled_back, res.error

@@ -29,6 +29,7 @@ from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http
 from ftctl.manifest import model_digest
 from ftctl.progress import NullReporter
 from ftctl.remote import connect, parse_host
+from tests.integration.ssh_fixtures import lock_free
 from tests.integration.test_deploy_resilience import Blackhole
 
 pytestmark = pytest.mark.integration
@@ -241,7 +242,7 @@ def test_on_failure_stop_leaves_the_switched_host_on_the_new_model(fleet, deploy
     a.wait_serving(model_digest(deploy_models["c"]))
     b.wait_serving(model_digest(deploy_models["a"]))
     for s in fleet[:2]:
-        assert not (s.root / "srv" / "model" / ".deploy.lock").exists()
+        assert lock_free(s.root / "srv" / "model")
 
 
 # --------------------------------------------------------------------------- three hosts
@@ -299,7 +300,7 @@ def test_a_canary_that_fails_during_the_canary_wait_is_reverted_and_the_rest_unt
     for s in fleet:
         assert s.serves_original()
         s.wait_serving(model_digest(deploy_models["a"]))
-        assert not (s.root / "srv" / "model" / ".deploy.lock").exists()
+        assert lock_free(s.root / "srv" / "model")
     assert [(e["action"], e["ok"]) for e in a.log()] == [("deploy", True), ("revert", True)]
     assert {e["id"] for e in a.log()} == {res.id}
     for s in (b, c):

@@ -19,7 +19,9 @@ from ftctl.cli.main import app
 from ftctl.config import DeployConfig, check
 from ftctl.deploy import canary
 from ftctl.deploy.fleet import fleet_error, rollout_plan, state_after
+from ftctl.deploy.program import program
 from ftctl.deploy.results import DeployResult, HostResult
+from ftctl.deploy.server.shared import Frames, decode
 from ftctl.deploy.session import LinkDead
 from ftctl.deploy.transfer import master_argv, rsync_argv
 from ftctl.errors import ConfigError, DeployError, ExitCode, RollbackFailed
@@ -184,20 +186,24 @@ def health_server():
 
 @pytest.mark.parametrize("python", [sys.executable, str(PY36)], ids=["client", "py3.6"])
 def test_the_canary_url_check_passes_only_a_200_serving_the_new_model(health_server, python):
-    """The check the canary wait runs on the server, with the server's oldest python3."""
+    """The check the canary wait runs on the server (the server program's ``health`` command),
+    with the server's oldest python3."""
 
-    def check(url: str) -> tuple[int, str]:
-        out = subprocess.run([python, "-c", canary.HEALTH_PY, url, "a" * 64],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
-        return out.returncode, out.stdout.strip()
+    def check(url: str) -> tuple[int, dict]:
+        p = program()
+        req = {"health_url": url, "health_timeout": 5, "digest": "a" * 64}
+        out = subprocess.run(p.command(python, "health"), shell=True, input=p.stdin(req),
+                             capture_output=True, timeout=60)  # fmt: skip
+        (answer,), _noise = Frames().feed(out.stdout)
+        return out.returncode, decode(answer)
 
     base = health_server["http"]
-    assert check(f"{base}/ok") == (0, "healthy")
-    assert check(f"{base}/plain") == (0, "healthy")  # no digest reported: the status decides
-    rc, why = check(f"{base}/other")
-    assert rc == 1 and why == "serves bbbbbbbb, not the new model aaaaaaaa"
-    rc, why = check(f"{base}/down")
-    assert rc == 1 and "503" in why
+    assert check(f"{base}/ok")[0] == 0
+    assert check(f"{base}/plain")[0] == 0  # no digest reported: the status decides
+    rc, ans = check(f"{base}/other")
+    assert rc == 1 and ans["detail"] == "serving bbbbbbbb, expected aaaaaaaa"
+    rc, ans = check(f"{base}/down")
+    assert rc == 1 and "503" in ans["detail"]
     for name in ("garbage", "closed"):
-        rc, why = check(health_server[name])
-        assert rc == 1 and why, name
+        rc, ans = check(health_server[name])
+        assert rc == 1 and not ans["healthy"] and ans["detail"], name

@@ -10,9 +10,11 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import DeployConfig, check
-from ftctl.deploy import golive, load_local_model
+from ftctl.deploy import load_local_model
 from ftctl.deploy.history import previous_release, retention
 from ftctl.deploy.plan import RemoteState, make_plan, plan_lines
+from ftctl.deploy.server import fsops, golive, shared
+from ftctl.deploy.server.shared import SETTLED
 from ftctl.deploy.session import describe_lock
 from ftctl.errors import ConfigError, ModelError
 from ftctl.fsutil import atomic_write_text, sha256_tree
@@ -33,13 +35,13 @@ def test_parse_host_fills_defaults_and_reads_port():
 
 def test_release_names_order_original_before_same_second_release():
     names = ["20261129051300-1a2b3c4d", "20261129051300-original", "20261129051259-ffffffff"]
-    assert sorted(names, key=golive.release_key) == [
+    assert sorted(names, key=shared.release_key) == [
         "20261129051259-ffffffff",
         "20261129051300-original",
         "20261129051300-1a2b3c4d",
     ]
-    assert golive.release_tag("20261129051300-1a2b3c4d") == "1a2b3c4d"
-    assert golive.release_tag("20261129051300-original") is None
+    assert shared.release_tag("20261129051300-1a2b3c4d") == "1a2b3c4d"
+    assert shared.release_tag("20261129051300-original") is None
 
 
 R = [f"2026112905130{i}-0000000{i}" for i in range(6)]
@@ -85,15 +87,17 @@ def test_a_failed_reload_is_read_at_once():
 
 def test_output_kept_in_the_log_is_bounded():
     text = "x" * 10_000 + "END"
-    cut = golive.bounded(text)
-    assert len(cut) <= golive.OUTPUT_MAX + 20 and cut.endswith("END")
-    checks = golive._log_checks({"checks": {"output": text, "smoke": [{"ok": True}]}})
-    assert len(checks["output"]) <= golive.OUTPUT_MAX + 20 and checks["smoke"] == "1/1 ok"
+    cut = fsops.bounded(text)
+    assert len(cut) <= shared.OUTPUT_MAX + 20 and cut.endswith("END")
+    checks = golive.log_checks({"checks": {"output": text, "smoke": [{"ok": True}]}})
+    assert len(checks["output"]) <= shared.OUTPUT_MAX + 20 and checks["smoke"] == "1/1 ok"
 
 
-def test_describe_lock_names_owner_pid_and_holder():
-    text = describe_lock({"owner": "a@b", "client_pid": 5, "time": "t", "holder": "golive"}, 3)
-    assert "a@b" in text and "pid 5" in text and "golive" in text and "3s ago" in text
+def test_describe_lock_names_owner_since_and_holder():
+    lock = {"owner": "root@ci-3", "client_pid": 5, "time": "T", "holder": "golive", "pid": 9}
+    text = describe_lock(lock)
+    assert text.startswith("root@ci-3 since T") and "client pid 5" in text
+    assert "golive pid 9" in text
 
 
 def test_digest_uses_the_manifest_map_and_matches_without_it(tiny_model_dir, tmp_path):
@@ -219,3 +223,48 @@ def test_a_failure_to_reach_one_host_stops_before_anything_goes_live(tiny_model_
     assert sorted(tried) == ["root@a:22", "root@b:22"]  # staged in parallel
     assert not res.ok and isinstance(res.error, EnvironmentProblem)
     assert all(h.error for h in res.hosts) and res.id
+
+
+def test_remote_python_and_health_settle_come_from_the_profile_and_are_checked(tmp_path):
+    from ftctl.config import load_config
+
+    path = tmp_path / "ftctl.toml"
+    path.write_text('[deploy.prod]\nremote_python = "/usr/bin/python3.8"\nhealth_settle = 3\n')
+    cfg = load_config(path).deploy_profile("prod")
+    assert cfg.remote_python == "/usr/bin/python3.8" and cfg.health_settle == 3.0
+    path.write_text('[deploy.prod]\nremote_python = " "\nhealth_settle = -1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    fields = {p.field for p in info.value.problems}
+    assert fields == {"deploy.prod.remote_python", "deploy.prod.health_settle"}
+
+
+def test_cli_remote_python_and_health_settle_flags_reach_the_config(tiny_model_dir):
+    r = CliRunner().invoke(
+        app, ["deploy", "--model", str(tiny_model_dir), "--host", "h", "--health-settle", "-2"]
+    )
+    assert r.exit_code == 2 and "health_settle" in r.output
+    for cmd in ("deploy", "rollback", "releases", "status"):
+        r = CliRunner().invoke(app, [cmd, "--help"])
+        assert "--remote-python" in r.output, cmd
+    assert "--health-settle" in CliRunner().invoke(app, ["deploy", "--help"]).output
+
+
+def test_the_plan_names_the_server_python_and_a_job_left_to_finish(tiny_model_dir):
+    model = load_local_model(tiny_model_dir)
+    st = _state(python={"path": "/usr/bin/python3", "version": "3.6.8"}, pending=True)
+    plan = make_plan(model, st, DeployConfig(), local_conn=False)
+    lines = plan_lines(DeployConfig(remote_python="python3"), st, model, plan)
+    assert lines[0] == "server python: /usr/bin/python3 3.6.8 (remote_python = python3)"
+    assert lines[1].startswith("first: finish the job a process that died left under the lock")
+    weak = next(x for x in lines if x.startswith("health:"))
+    assert "watched for 10s" in weak and "settled (no health URL)" in weak
+
+
+def test_the_weakest_health_of_the_fleet_is_the_result():
+    from ftctl.deploy.results import DeployResult, HostResult
+
+    hosts = [HostResult("a", "deploy", ok=True, health=h) for h in ("healthy", SETTLED)]
+    assert DeployResult("deploy", None, None, hosts=hosts).health == SETTLED
+    hosts.append(HostResult("c", "deploy", ok=True, health="unchecked"))
+    assert DeployResult("deploy", None, None, hosts=hosts).health == "unchecked"
