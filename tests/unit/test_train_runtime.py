@@ -120,7 +120,7 @@ def test_checkpoint_holds_only_what_resume_needs(job, tiny_model_dir):
     path = out / "checkpoints" / "last.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     assert set(state) == {
-        *("format", "fingerprint", "epoch", "batch", "step", "loss_sum", "seen"),
+        *("format", "fingerprint", "epoch", "batch", "step", "sums"),
         *("trainable", "optimizer", "scheduler", "rng", "best", "best_weights"),
         *("bad_evals", "history"),
     }
@@ -128,6 +128,7 @@ def test_checkpoint_holds_only_what_resume_needs(job, tiny_model_dir):
     assert not frozen and any(".layer.11." in n for n in state["trainable"])
     assert state["best"]["epoch"] == 1 and state["best_weights"] is None  # = trainable
     assert isinstance(state["rng"][0]["cpu"], bytes)
+    assert state["sums"] == [{"loss_sum": 0.0, "seen": 0}]  # per process; an epoch's end
     model_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
     assert path.stat().st_size < model_bytes  # the frozen embeddings + 8 layers are not in it
 
