@@ -139,7 +139,7 @@ def test_json_leaves_user_texts_alone_even_in_eval_flips_and_errors():
     assert json.loads(sink.getvalue())["flips"] == doc["flips"]
 
 
-@pytest.mark.parametrize("text", UTTERANCES[:2] + ["请打开 /home 和 /help"])
+@pytest.mark.parametrize("text", [*UTTERANCES[:2], "请打开 /home 和 /help"])
 def test_the_log_leaves_utterances_alone(text):
     """A warning quoting a user's text (e.g. a row dropped as all-[UNK]) keeps it whole."""
     line = f"warning: 1 text(s) are all [UNK] (first: /workspace/data/n.jsonl:4 '{text}')\n"
