@@ -11,12 +11,11 @@ generator states are plain bytes, so no ``map_location`` can move them off the C
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from ftctl.errors import TrainError
-from ftctl.fsutil import atomic_write_bytes
+from ftctl.fsutil import atomic_file
 
 CHECKPOINT = "last.pt"
 FORMAT = 3  # 1: ftctl 0.1.0 (epoch boundaries only, tensor RNG states); 2: 0.2 (one loss sum)
@@ -69,9 +68,8 @@ def _byte_tensor(value) -> Any:
 def save(path: Path, state: dict[str, Any]) -> None:
     import torch
 
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_file(path) as fh:  # straight to disk: no copy of hundreds of MB in memory
+        torch.save({"format": FORMAT, **state}, fh)
 
 
 def load(path: Path, fingerprint: str) -> dict[str, Any]:
