@@ -49,7 +49,7 @@ from ftctl.features import (
     place_cache,
     shard,
 )
-from ftctl.fit import EpochHook, FitResult, Setup, fit, numerics, resolve_precision
+from ftctl.fit import EpochHook, FitResult, Setup, explain_oom, fit, numerics, resolve_precision
 from ftctl.fsutil import atomic_dir, sha256_file
 from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
 from ftctl.progress import NULL, Reporter
@@ -397,17 +397,18 @@ def prepare_features(
         setup.reporter.info(placement.text())
         model.eval()
         for feats, what in ((train_feats, "train"), (val_feats, "val")):
-            cache_prefix(
-                model,
-                feats,
-                cfg.freeze_layers,
-                setup.device,
-                setup.reporter,
-                what,
-                plan=placement,
-                autocast=setup.precision.autocast,
-                check=setup.check_stop,
-            )
+            with explain_oom("caching the frozen prefix", None, None):
+                cache_prefix(
+                    model,
+                    feats,
+                    cfg.freeze_layers,
+                    setup.device,
+                    setup.reporter,
+                    what,
+                    plan=placement,
+                    autocast=setup.precision.autocast,
+                    check=setup.check_stop,
+                )
     return train_feats, val_feats
 
 

@@ -354,3 +354,18 @@ def test_the_retry_command_replaces_batch_size_and_grad_accum_wherever_they_are(
     )
     monkeypatch.setenv("FTCTL_HOST_PATHS", "{}")  # inside --docker: the user's command has it
     assert retry_command(["train"], 4, 2) == "ftctl train --batch-size 4 --grad-accum 2 --docker"
+
+
+def test_cuda_out_of_memory_while_caching_the_prefix_says_so(
+    job, tiny_model_dir, tmp_path, monkeypatch
+):
+    def prefix(*args, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+
+    monkeypatch.setattr(M, "prefix_forward", prefix)
+    args = ["train", "--new-data", str(job / "new.jsonl"), "--model-path", str(tiny_model_dir)]
+    res = runner.invoke(app, [*args, "--output-path", str(tmp_path / "o"), "--device", "cpu"])
+    assert res.exit_code == ExitCode.ERROR, res.output
+    text = " ".join(res.output.split())
+    assert "GPU 内存不足 (CUDA out of memory) while caching the frozen prefix" in text
+    assert "--cache-budget" in text and "Traceback" not in res.output
