@@ -1,23 +1,26 @@
-"""Speed benchmark (not a test): ftctl's train loop vs a Hugging Face Trainer on the same job.
+"""Speed benchmark (not a test): `ftctl train` against a Hugging Face Trainer script, each side a
+whole process of its own.
 
-Same base model, same data mix and validation split (ftctl.train.mix_data, same seed), same
-hyperparameters (epochs, batch size, LR, linear warmup, weight decay, grad clipping), the same
-frozen layers (embeddings + first N) and the same precision. Prints, for both: wall time,
-training samples/s, final validation accuracy, and the compute floor: the matmul FLOPs each
-side actually ran (counted on every nn.Linear call, forward and backward) divided by the
-matmul rate this machine reached in the same run (a [2048x768]x[768x3072] GEMM, the shape of
-BERT's feed-forward layer, in the same dtype and thread count) -- and how close each got to it.
+Each side is timed from process start to exit: imports, loading the model, the data, training,
+evaluation, checkpoints and saving the result. ftctl runs as a user runs it (`python -m ftctl
+train ... --json`, default checkpointing: OUTPUT/checkpoints/last.pt after every epoch); the
+Trainer side is the script a user would write (`--hf-side`, below: the same split from
+ftctl.train.mix_data, the same hyperparameters, the same frozen parameters, dynamic padding,
+a checkpoint after every epoch, `save_model` at the end). The sides alternate (HF first in the
+first round), ``--repeat`` rounds (3); the median wall time of each side is the figure, with
+every pair's ratio beside it, the peak RSS of each process and the validation accuracy of both
+on the same validation rows, side by side.
 
     .venv/bin/python bench/bench_train.py --real-shape --new-rows 200    # 768x12, 400 rows, CPU
     .venv/bin/python bench/bench_train.py --model-path models/demo/base/final
     .venv/bin/python bench/bench_train.py --real-shape --device cuda --precision bf16
+    .venv/bin/python bench/bench_train.py --real-shape --sync-check --device cuda   # GPU syncs
 
 ``--real-shape``: chinese-roberta-wwm-ext's shape (hidden 768, 12 layers, vocab 21128) with
 random weights, built once into ~/.cache/ftctl-bench (bench/deploykit.py). Without a model it
-builds a base with `ftctl base` on --old-data (not timed). The HF side is given dynamic
-per-batch padding (DataCollatorWithPadding), its strongest common setup; --hf-pad-to-max
-compares with padding="max_length" as many scripts do. Attention's own two matmuls are not
-counted (4*L*H FLOPs per token and layer against 24*H*H for the linear layers: < 1% here).
+builds a base with `ftctl base` on --old-data (not timed). ``--sync-check``: one ftctl epoch in
+this process under ``torch.cuda.set_sync_debug_mode("warn")``; prints the host syncs per step,
+inside the step and in all (on a CPU there are none to count).
 """
 
 from __future__ import annotations
@@ -27,118 +30,92 @@ import json
 import math
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 CACHE = Path("~/.cache/ftctl-bench").expanduser()
-GEMM = (2048, 768, 3072)  # tokens x hidden x intermediate: BERT-base's feed-forward layer
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+SIDES = ("hf_trainer", "ftctl")
 
 
-# ------------------------------------------------------------------ the compute floor
+# ------------------------------------------------------------------ the two sides, as processes
 
 
-class FlopMeter:
-    """Matmul FLOPs of every nn.Linear call while active: 2*in*out per row forward; when
-    autograd records the call, as much again for the weight's gradient (if it trains) and for
-    the input's gradient (if the input needs one)."""
-
-    def __enter__(self) -> FlopMeter:
-        import torch
-
-        self.flops = 0
-        self._linear = torch.nn.Linear
-        self._grad = torch.is_grad_enabled
-        self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
-        return self
-
-    def _hook(self, module, inputs, output) -> None:
-        if not isinstance(module, self._linear) or not inputs:
-            return
-        x = inputs[0]
-        fwd = 2 * module.in_features * module.out_features * (x.numel() // module.in_features)
-        total = fwd
-        if self._grad():
-            total += fwd if module.weight.requires_grad else 0
-            total += fwd if x.requires_grad else 0
-        self.flops += total
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
+def ftctl_command(args, model_path: Path, new: Path, old: Path | None, out: Path) -> list[str]:
+    """`ftctl train` as a user runs it (default checkpointing)."""
+    cmd = [sys.executable, "-m", "ftctl", "--quiet", "train", "--new-data", str(new)]
+    cmd += ["--old-data", str(old)] if old else []
+    cmd += ["--model-path", str(model_path), "--output-path", str(out), "--json"]
+    return cmd + _hyperparameters(args) + ["--patience", "0", "--precision", args.precision]
 
 
-def matmul_rate(device: str, precision: str, seconds: float = 1.0) -> float:
-    """FLOP/s of a feed-forward-shaped GEMM on ``device`` in ``precision`` (fp32: IEEE)."""
-    import torch
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    m, k, n = GEMM
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        for _ in range(3):
-            a @ b
-        sync()
-        runs, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds or runs < 3:
-            a @ b
-            runs += 1
-            if runs % 8 == 0:
-                sync()
-        sync()
-        return 2 * m * k * n * runs / (time.perf_counter() - t0)
-    finally:
-        torch.set_float32_matmul_precision(before)
+def hf_command(args, model_path: Path, new: Path, old: Path | None, out: Path) -> list[str]:
+    """This script's Trainer side, in a process of its own."""
+    cmd = [sys.executable, str(HERE), "--hf-side", "--model-path", str(model_path)]
+    cmd += ["--new-data", str(new)] + (["--old-data", str(old)] if old else [])
+    cmd += ["--out", str(out), "--precision", args.precision]
+    return cmd + _hyperparameters(args) + (["--hf-pad-to-max"] if args.hf_pad_to_max else [])
 
 
-# ------------------------------------------------------------------ the two sides
+def _hyperparameters(args) -> list[str]:
+    return [
+        *("--epochs", str(args.epochs), "--batch-size", str(args.batch_size)),
+        *("--lr", str(args.lr), "--replay-ratio", str(args.replay_ratio)),
+        *("--freeze-layers", str(args.freeze_layers), "--seed", str(args.seed)),
+        *("--device", args.device),
+    ]
 
 
-def run_ftctl(args, model_path: Path, new: Path, old: Path | None, out: Path) -> dict:
-    from ftctl.config import TrainConfig
-    from ftctl.train import train
+def run_side(cmd: list[str], env: dict[str, str]) -> dict:
+    """Run one side to its end: wall seconds, its peak RSS (MB) and the JSON it printed last."""
+    import threading
 
-    cfg = TrainConfig(
-        new_data=new,
-        old_data=old,
-        model_path=model_path,
-        output_path=out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        replay_ratio=args.replay_ratio,
-        freeze_layers=args.freeze_layers,
-        seed=args.seed,
-        patience=0,  # run every epoch on both sides
-        device=args.device,
-        precision=args.precision,
-        checkpoint="none",  # as the HF side (save_strategy="no")
-    )
-    with FlopMeter() as meter:
-        t0 = time.perf_counter()
-        result = train(cfg)
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks: dict[str, bytes] = {}
+    readers = [
+        threading.Thread(target=lambda n=n, s=s: chunks.__setitem__(n, s.read()))
+        for n, s in (("out", proc.stdout), ("err", proc.stderr))
+    ]
+    for t in readers:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
+    wall = time.perf_counter() - t0
+    for t in readers:
+        t.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"{' '.join(cmd[:4])}... exited {proc.returncode}:\n"
+            + chunks["err"].decode(errors="replace")[-3000:]
+        )
+    lines = chunks["out"].decode().strip().splitlines()
+    doc = json.loads("\n".join(lines)) if lines and lines[0] == "{" else json.loads(lines[-1])
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "doc": doc}
+
+
+def ftctl_figures(doc: dict) -> dict:
+    last = doc["history"][-1]
     return {
-        "wall_s": wall,
-        "val_acc": result.history[-1]["val_accuracy"],
-        "train_rows": result.replay["train"],
-        "flops": meter.flops,
+        "train_rows": doc["replay"]["train"],
+        "val_acc_last": last["val_accuracy"],
+        "val_acc_kept": doc["val_accuracy"],  # the best epoch (the base model included)
+        "loop_s": last["elapsed_s"],  # the loop: from the base model's scoring to the last epoch
     }
 
 
-def run_hf(args, model_path: Path, new: Path, old: Path | None, out: Path) -> dict:
-    with FlopMeter() as meter:
-        t0 = time.perf_counter()
-        acc, n_train = _hf_job(args, model_path, new, old, out)
-        wall = time.perf_counter() - t0
-    return {"wall_s": wall, "val_acc": acc, "train_rows": n_train, "flops": meter.flops}
+# ------------------------------------------------------------------ the Trainer script
 
 
-def _hf_job(args, model_path: Path, new: Path, old: Path | None, out: Path) -> tuple[float, int]:
+def hf_side(args) -> None:
+    """What a user's Trainer script does: imports, load, train (a checkpoint per epoch),
+    evaluate, save. Prints one JSON line: train rows, validation accuracy, loop seconds."""
     import numpy as np
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -147,13 +124,13 @@ def _hf_job(args, model_path: Path, new: Path, old: Path | None, out: Path) -> t
     from ftctl.train import mix_data
 
     mix = mix_data(
-        load_examples(new),
-        load_examples(old) if old else [],
+        load_examples(args.new_data),
+        load_examples(args.old_data) if args.old_data else [],
         replay_ratio=args.replay_ratio,
         val_ratio=0.1,
         seed=args.seed,
-    )  # the same split ftctl uses
-    model, tok = M.load_classifier(model_path, device="cpu")
+    )  # the same split ftctl makes
+    model, tok = M.load_classifier(args.model_path, device="cpu")
     M.freeze(model, args.freeze_layers)  # requires_grad off; Trainer puts it back in train mode
     label2id = {lab: int(i) for i, lab in model.config.id2label.items()}
 
@@ -168,7 +145,7 @@ def _hf_job(args, model_path: Path, new: Path, old: Path | None, out: Path) -> t
     train_ds, val_ds = encode(mix.train), encode(mix.val)
     steps = math.ceil(len(train_ds) / args.batch_size) * args.epochs
     targs = TrainingArguments(
-        output_dir=str(out),
+        output_dir=str(args.out),
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64,
@@ -177,7 +154,8 @@ def _hf_job(args, model_path: Path, new: Path, old: Path | None, out: Path) -> t
         warmup_steps=round(steps * 0.1),
         max_grad_norm=1.0,
         eval_strategy="epoch",
-        save_strategy="no",
+        save_strategy="epoch",  # as ftctl's default: a checkpoint to resume from every epoch
+        save_total_limit=1,
         logging_strategy="no",
         report_to=[],
         seed=args.seed,
@@ -196,12 +174,75 @@ def _hf_job(args, model_path: Path, new: Path, old: Path | None, out: Path) -> t
         train_dataset=train_ds,
         eval_dataset=val_ds,
         data_collator=DataCollatorWithPadding(tok),
+        processing_class=tok,
         compute_metrics=accuracy,
     )
+    t0 = time.perf_counter()
     trainer.train()
-    metrics = trainer.evaluate()
-    trainer.save_model(str(out / "final"))
-    return metrics["eval_accuracy"], len(train_ds)
+    loop = time.perf_counter() - t0
+    acc = trainer.evaluate()["eval_accuracy"]
+    trainer.save_model(str(Path(args.out) / "final"))
+    print(json.dumps({"train_rows": len(train_ds), "val_acc_last": acc, "loop_s": loop}))
+
+
+# ------------------------------------------------------------------ GPU syncs per step
+
+
+def sync_check(args, model_path: Path, new: Path, old: Path | None, out: Path) -> dict:
+    """One ftctl epoch in this process with torch.cuda.set_sync_debug_mode("warn"): every
+    host sync raises a warning, counted inside the step (ftctl.fit._step) and in all."""
+    import torch
+
+    from ftctl import fit as fit_mod
+    from ftctl.config import TrainConfig
+    from ftctl.train import train
+
+    cuda = args.device.startswith("cuda")
+    counts = {"steps": 0, "in_step": 0, "all": 0}
+    inside = {"on": False}
+    real_step = fit_mod._step
+
+    def step(*a, **kw):
+        counts["steps"] += 1
+        inside["on"] = True
+        try:
+            return real_step(*a, **kw)
+        finally:
+            inside["on"] = False
+
+    def on_warning(message, category, *rest) -> None:
+        if "synchronizing" in str(message).lower() or "sync" in category.__name__.lower():
+            counts["all"] += 1
+            counts["in_step"] += inside["on"]
+
+    fit_mod._step = step
+    before = warnings.showwarning
+    warnings.showwarning = on_warning
+    warnings.simplefilter("always")
+    try:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        train(
+            TrainConfig(
+                new_data=new, old_data=old, model_path=model_path, output_path=out, epochs=1,
+                batch_size=args.batch_size, lr=args.lr, replay_ratio=args.replay_ratio,
+                freeze_layers=args.freeze_layers, seed=args.seed, patience=0,
+                device=args.device, precision=args.precision, checkpoint="none",
+            )
+        )  # fmt: skip
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = before
+        fit_mod._step = real_step
+    n = max(counts["steps"], 1)
+    return {
+        "device": args.device,
+        "steps": counts["steps"],
+        "syncs_in_step_per_step": counts["in_step"] / n,
+        "syncs_per_step_all": counts["all"] / n,
+        "note": "" if cuda else "CPU: torch reports no syncs; run with --device cuda on a GPU",
+    }
 
 
 # ------------------------------------------------------------------ models and data
@@ -209,7 +250,7 @@ def _hf_job(args, model_path: Path, new: Path, old: Path | None, out: Path) -> t
 
 def real_shape_model() -> Path:
     """chinese-roberta-wwm-ext's shape, random weights (the deploy benchmarks' cached one)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(HERE.parent))
     from deploykit import build_base_size_model
 
     return build_base_size_model(CACHE / "base-old" / "final", seed=0)
@@ -227,15 +268,9 @@ def random_model(args) -> Path:
     labels = sorted({e.label for e in load_examples(args.old_data or args.new_data)})
     vocab = cjk_vocab()
     model = build_classifier(
-        labels,
-        len(vocab),
-        hidden_size=h,
-        num_layers=12,
-        num_heads=max(1, h // 64),
-        intermediate_size=4 * h,
-        max_position=512,
-        seed=args.seed,
-    )
+        labels, len(vocab), hidden_size=h, num_layers=12, num_heads=max(1, h // 64),
+        intermediate_size=4 * h, max_position=512, seed=args.seed,
+    )  # fmt: skip
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_classifier(model, build_char_tokenizer(vocab), tmp)
@@ -254,20 +289,19 @@ def subset(path: Path, n: int, seed: int, out: Path) -> Path:
 # ------------------------------------------------------------------ main
 
 
-def main() -> None:
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", type=Path)
     p.add_argument(
         "--real-shape",
         action="store_true",
-        help="a random-weight model of chinese-roberta-wwm-ext's shape (768x12, vocab 21128)",
+        help="a random-weight model of chinese-roberta-wwm-ext's shape",
     )
     p.add_argument(
         "--random-hidden",
         type=int,
         default=0,
-        help="instead: a random-weight 12-layer char BERT of this hidden size; for speed "
-        "only, its accuracy means nothing",
+        help="instead: a random-weight 12-layer char BERT of this hidden size",
     )
     p.add_argument("--new-data", type=Path, default=Path("data/incremental_training_data.jsonl"))
     p.add_argument("--old-data", type=Path, default=Path("data/original_training_data.jsonl"))
@@ -275,7 +309,7 @@ def main() -> None:
         "--new-rows",
         type=int,
         default=0,
-        help="use this many rows of --new-data (stratified); replay adds as many old ones",
+        help="use this many rows of --new-data (stratified); replay adds as many old",
     )
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
@@ -285,23 +319,26 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both sides")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of both (0: default)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds; the median is the figure")
     p.add_argument("--hf-pad-to-max", action="store_true")
     p.add_argument("--skip-hf", action="store_true", help="time ftctl alone")
+    p.add_argument("--sync-check", action="store_true", help="count GPU syncs per step")
     p.add_argument("--json", action="store_true")
-    p.add_argument(
-        "--model-only", action="store_true", help="build (or find) the model, print its path"
-    )
-    args = p.parse_args()
+    p.add_argument("--model-only", action="store_true", help="build (or find) the model")
+    p.add_argument("--hf-side", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    return p, p.parse_args(argv)  # fmt: skip
 
+
+def main() -> None:
+    p, args = parse()
     from ftctl.quiet import silence_libraries
 
     silence_libraries()
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    if args.hf_side:
+        hf_side(args)
+        return
     if args.model_only:
         if not (args.real_shape or args.random_hidden):
             p.error("--model-only needs --real-shape or --random-hidden")
@@ -323,67 +360,86 @@ def main() -> None:
         new, old = args.new_data, args.old_data
         if args.new_rows:
             new = subset(new, args.new_rows, args.seed, work / "new.jsonl")
-        rate = matmul_rate(args.device, args.precision)
-        sides = {}
-        if not args.skip_hf:  # HF first: any warm-up advantage goes to the baseline
-            sides["hf_trainer"] = run_hf(args, model_path, new, old, work / "hf")
-        sides["ftctl"] = run_ftctl(args, model_path, new, old, work / "ftctl")
-        rate = max(rate, matmul_rate(args.device, args.precision))
+        if args.sync_check:
+            print(json.dumps(sync_check(args, model_path, new, old, work / "sync")))
+            return
+        report = compare(args, model_path, new, old, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    report = summarize(args, sides, rate, torch.get_num_threads())
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_report(report)
+    print(json.dumps(report) if args.json else render(report))
 
 
-def summarize(args, sides: dict, rate: float, threads: int) -> dict:
+def compare(args, model_path: Path, new: Path, old: Path | None, work: Path) -> dict:
+    """``args.repeat`` rounds, the sides alternated; the median of each side."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    commands = {"hf_trainer": hf_command, "ftctl": ftctl_command}
+    sides = ["ftctl"] if args.skip_hf else list(SIDES)
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for round_ in range(args.repeat):
+        order = sides if round_ % 2 == 0 else sides[::-1]  # HF first in the first round
+        for side in order:
+            out = work / f"{side}-{round_}"
+            run = run_side(commands[side](args, model_path, new, old, out), env)
+            run["figures"] = ftctl_figures(run["doc"]) if side == "ftctl" else run["doc"]
+            runs[side].append(run)
+            shutil.rmtree(out, ignore_errors=True)
+    return summarize(args, runs)
+
+
+def summarize(args, runs: dict[str, list[dict]]) -> dict:
     out: dict = {
-        "device": args.device,
-        "precision": args.precision,
-        "threads": threads,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "freeze_layers": args.freeze_layers,
-        "matmul_gflops_per_s": round(rate / 1e9, 1),
-    }
-    for name, s in sides.items():
-        floor = s["flops"] / rate
-        out[name] = {
-            "wall_s": round(s["wall_s"], 2),
-            "samples_per_s": round(s["train_rows"] * args.epochs / s["wall_s"], 1),
-            "val_acc": round(s["val_acc"], 4),
-            "gflop": round(s["flops"] / 1e9, 1),
-            "floor_s": round(floor, 2),
-            "of_floor": round(floor / s["wall_s"], 3),
+        "device": args.device, "precision": args.precision, "threads": args.threads or None,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "freeze_layers": args.freeze_layers, "repeat": args.repeat,
+    }  # fmt: skip
+    for side, side_runs in runs.items():
+        walls = [r["wall_s"] for r in side_runs]
+        fig = side_runs[0]["figures"]
+        wall = statistics.median(walls)
+        out[side] = {
+            "wall_s": round(wall, 2),
+            "walls_s": [round(w, 2) for w in walls],
+            "samples_per_s": round(fig["train_rows"] * args.epochs / wall, 2),
+            "loop_s": round(statistics.median(r["figures"]["loop_s"] for r in side_runs), 2),
+            "val_acc_last": round(fig["val_acc_last"], 4),
+            "peak_rss_mb": round(max(r["peak_rss_mb"] or 0 for r in side_runs)),
         }
-    if "hf_trainer" in sides:
-        out["speedup"] = round(sides["hf_trainer"]["wall_s"] / sides["ftctl"]["wall_s"], 2)
-        out["ftctl_wall_vs_trainer"] = round(1 / out["speedup"], 2)
+        if side == "ftctl":
+            out[side]["val_acc_kept"] = round(fig["val_acc_kept"], 4)
+    if len(runs) == 2:
+        pairs = zip(runs["ftctl"], runs["hf_trainer"], strict=True)
+        out["pairs"] = [round(f["wall_s"] / h["wall_s"], 2) for f, h in pairs]
+        ratio = out["ftctl"]["wall_s"] / out["hf_trainer"]["wall_s"]
+        out["ftctl_wall_vs_trainer"] = round(ratio, 2)
     return out
 
 
-def print_report(r: dict) -> None:
-    print(
-        f"device {r['device']}, {r['precision']}, {r['threads']} threads; matmul "
-        f"{r['matmul_gflops_per_s']} GFLOP/s ({GEMM[0]}x{GEMM[1]}x{GEMM[2]} GEMM)"
-    )
-    head = f"{'':12}{'wall s':>9}{'samples/s':>11}{'val acc':>9}{'GFLOP':>9}{'floor s':>9}"
-    print(head + f"{'floor/wall':>12}")
-    for name, label in (("hf_trainer", "HF Trainer"), ("ftctl", "ftctl")):
-        if name in r:
-            s = r[name]
-            print(
-                f"{label:12}{s['wall_s']:>9.2f}{s['samples_per_s']:>11.1f}{s['val_acc']:>9.4f}"
-                f"{s['gflop']:>9.1f}{s['floor_s']:>9.2f}{s['of_floor']:>11.1%}"
+def render(r: dict) -> str:
+    lines = [
+        f"device {r['device']}, {r['precision']}, threads {r['threads'] or 'default'}; "
+        f"{r['epochs']} epochs, batch {r['batch_size']}, lr {r['lr']:g}, {r['freeze_layers']} "
+        f"layers frozen; median of {r['repeat']} whole processes per side, alternated",
+        f"{'':12}{'wall s':>9}{'samples/s':>11}{'loop s':>9}{'val acc':>9}{'peak RSS':>10}"
+        "  runs (s)",
+    ]
+    for side, label in (("hf_trainer", "HF Trainer"), ("ftctl", "ftctl")):
+        if side in r:
+            s = r[side]
+            lines.append(
+                f"{label:12}{s['wall_s']:>9.2f}{s['samples_per_s']:>11.2f}{s['loop_s']:>9.2f}"
+                f"{s['val_acc_last']:>9.4f}{s['peak_rss_mb']:>7} MB  {s['walls_s']}"
             )
-    if "speedup" in r:
-        print(
-            f"ftctl: {r['speedup']:.2f}x faster ({r['ftctl_wall_vs_trainer']:.2f}x Trainer's "
-            "wall time)"
+    if "ftctl_wall_vs_trainer" in r:
+        lines.append(
+            f"ftctl took {r['ftctl_wall_vs_trainer']:.2f}x Trainer's wall time (pairs: "
+            f"{', '.join(f'{x:.2f}' for x in r['pairs'])}); val acc of the last epoch on the "
+            f"same rows: ftctl {r['ftctl']['val_acc_last']:.4f}, Trainer "
+            f"{r['hf_trainer']['val_acc_last']:.4f} (ftctl keeps its best epoch: "
+            f"{r['ftctl']['val_acc_kept']:.4f})"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

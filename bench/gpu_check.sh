@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check of ftctl train (issue 11, item 6), ready to run on a machine with an NVIDIA GPU.
+# The GPU check of ftctl train (issues 11 and 22), ready to run on a machine with an NVIDIA GPU.
 #
-#   bash bench/gpu_check.sh          # on the GPU machine, from the repository root (< 8 min)
+#   bash bench/gpu_check.sh          # on the GPU machine, from the repository root (~10 min)
 #   bash bench/gpu_check.sh --cpu    # the same steps on CPU, small model (every line but CUDA)
 #
 # It needs a Python with torch (CUDA build), transformers, accelerate, typer, rich,
@@ -14,10 +14,16 @@
 #   1. environment: GPUs, torch/CUDA versions, bf16 support, imports;
 #   2. the real shape (hidden 768, 12 layers, vocab 21128, random weights), the seed's job
 #      (1,200 new rows + 1,200 replayed, 2 epochs, batch 8, 8 layers frozen) trained by HF
-#      Trainer and by ftctl, both in fp32 and both in bf16: samples/s, the ratio, the floor;
-#   3. resume on CUDA: `ftctl train` stopped by SIGINT in epoch 2 (checkpoint kept, exit 130),
+#      Trainer and by ftctl, each side a whole process (imports, load, train, checkpoints,
+#      save), alternated, median of $REPEAT (3) in bf16 (what --precision auto picks on a GPU)
+#      and of 1 in fp32: wall time, samples/s, validation accuracy side by side, peak RSS;
+#   3. host syncs per step: one epoch under torch.cuda.set_sync_debug_mode("warn"), counted
+#      inside the step (target 0) and in all;
+#   4. batch sweep: ftctl at batch 8, 32 and 64 with the lr scaled as the batch (5e-6 x b/8):
+#      samples/s and validation accuracy;
+#   5. resume on CUDA: `ftctl train` stopped by SIGINT in epoch 2 (checkpoint kept, exit 130),
 #      then `--resume`; compared with an uninterrupted run (sha256 of the weights);
-#   4. `--nproc 2` (nccl) if two GPUs are there: accuracy and speed against one process.
+#   6. `--nproc 2` (nccl) if two GPUs are there: accuracy and speed against one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -43,8 +49,10 @@ ftctl() { "$PY" -m ftctl "$@"; }
 
 if [ "$MODE" = gpu ]; then
   DEV=cuda SHAPE=(--real-shape) NEW_ROWS=0 RESUME_ROWS=400 EPOCHS=2 RESUME_LR=5e-5
+  REPEAT=${REPEAT:-3}
 else
   DEV=cpu SHAPE=(--random-hidden 64) NEW_ROWS=60 RESUME_ROWS=60 EPOCHS=2 RESUME_LR=1e-3
+  REPEAT=${REPEAT:-1}
 fi
 
 # ------------------------------------------------------------------ 1. environment
@@ -90,22 +98,51 @@ MODEL=$("$PY" bench/bench_train.py "${SHAPE[@]}" --model-only)
 echo "model: $MODEL"
 
 # ------------------------------------------------------------------ 2. speed against Trainer
-for prec in fp32 bf16; do
-  say "2. HF Trainer vs ftctl, $prec, seed's job on $(wc -l < "$WORK/bench_new.jsonl") new rows"
+for prec in bf16 fp32; do
+  rounds=$REPEAT extra=()
+  [ "$prec" = fp32 ] && rounds=1
   if [ "$MODE" = cpu ] && [ "$prec" = bf16 ]; then
     extra=(--skip-hf)  # bf16 matmuls are ~50x slower than fp32 on CPUs without AMX
-  else
-    extra=()
   fi
+  say "2. HF Trainer vs ftctl, $prec, whole processes, median of $rounds, $(wc -l < "$WORK/bench_new.jsonl") new rows"
   "$PY" bench/bench_train.py --model-path "$MODEL" --device "$DEV" --precision "$prec" \
-    --new-data "$WORK/bench_new.jsonl" --epochs "$EPOCHS" "${extra[@]}" --json \
+    --new-data "$WORK/bench_new.jsonl" --epochs "$EPOCHS" --repeat "$rounds" "${extra[@]}" --json \
     | tail -1 | tee "$OUT/bench_$prec.json"
 done
 
-# ------------------------------------------------------------------ 3. resume
+# ------------------------------------------------------------------ 3. host syncs per step
+PREC=bf16
+[ "$MODE" = cpu ] && PREC=fp32
+say "3. host syncs per step ($PREC, torch.cuda.set_sync_debug_mode warn)"
+"$PY" bench/bench_train.py --model-path "$MODEL" --device "$DEV" --precision "$PREC" \
+  --new-data "$WORK/bench_new.jsonl" --sync-check | tail -1 | tee "$OUT/syncs.json"
+
+# ------------------------------------------------------------------ 4. batch sweep
+say "4. batch sweep: 8, 32, 64 with the lr scaled as the batch"
+: > "$OUT/sweep.jsonl"
+for bs in 8 32 64; do
+  if [ "$MODE" = gpu ]; then base_lr=5e-6; else base_lr=1e-3; fi
+  lr=$("$PY" -c "print(f'{$base_lr * $bs / 8:g}')")
+  ftctl --quiet train --new-data "$WORK/bench_new.jsonl" --old-data data/original_training_data.jsonl \
+    --model-path "$MODEL" --output-path "$WORK/sweep-$bs" --epochs "$EPOCHS" --batch-size "$bs" \
+    --lr "$lr" --patience 0 --device "$DEV" --json > "$WORK/sweep-$bs.json"
+  "$PY" - "$WORK/sweep-$bs.json" "$bs" "$lr" <<'EOF' | tee -a "$OUT/sweep.jsonl"
+import json, sys
+doc, bs, lr = json.load(open(sys.argv[1])), int(sys.argv[2]), sys.argv[3]
+rows = doc["replay"]["train"] * doc["epochs_run"]
+loop = doc["history"][-1]["elapsed_s"]
+print(json.dumps({"batch_size": bs, "lr": lr, "samples_per_s_loop": round(rows / loop, 1),
+                  "samples_per_s_whole": round(rows / doc["elapsed_s"], 1),
+                  "val_acc_last": doc["history"][-1]["val_accuracy"],
+                  "val_acc_kept": doc["val_accuracy"], "best_epoch": doc["best_epoch"]}))
+EOF
+  rm -rf "$WORK/sweep-$bs"
+done
+
+# ------------------------------------------------------------------ 5. resume
 COMMON=(train --new-data "$WORK/resume_new.jsonl" --old-data data/original_training_data.jsonl
         --model-path "$MODEL" --epochs 4 --batch-size 8 --lr "$RESUME_LR" --patience 0 --device "$DEV")
-say "3. resume on $DEV: an uninterrupted run, then one stopped by SIGINT and resumed"
+say "5. resume on $DEV: an uninterrupted run, then one stopped by SIGINT and resumed"
 ftctl "${COMMON[@]}" --output-path "$WORK/straight" --json > "$OUT/straight.json"
 # not through the ftctl function: $! must be the Python process, the one SIGINT is for
 "$PY" -m ftctl "${COMMON[@]}" --output-path "$WORK/resumed" > "$WORK/first.out" 2> "$WORK/first.err" &
@@ -145,9 +182,9 @@ print(json.dumps({
 }))
 EOF
 
-# ------------------------------------------------------------------ 4. two processes
+# ------------------------------------------------------------------ 6. two processes
 if [ "$MODE" = cpu ] || [ "$GPUS" -ge 2 ]; then
-  say "4. --nproc 2 on $DEV"
+  say "6. --nproc 2 on $DEV"
   ftctl "${COMMON[@]}" --output-path "$WORK/two" --nproc 2 --json > "$OUT/nproc2.json"
   "$PY" - "$OUT" <<'EOF' | tee "$OUT/nproc.json"
 import json, sys
@@ -162,7 +199,7 @@ print(json.dumps({
 }))
 EOF
 else
-  say "4. --nproc 2: skipped, $GPUS GPU(s) here"
+  say "6. --nproc 2: skipped, $GPUS GPU(s) here"
 fi
 
 # ------------------------------------------------------------------ summary
@@ -172,14 +209,22 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 doc = {"env": json.loads((out / "env.json").read_text())}
-for prec in ("fp32", "bf16"):
+for prec in ("bf16", "fp32"):
     b = json.loads((out / f"bench_{prec}.json").read_text())
     doc[prec] = b
-    line = f"{prec}: ftctl {b['ftctl']['samples_per_s']} samples/s"
+    line = f"{prec}: ftctl {b['ftctl']['wall_s']} s ({b['ftctl']['samples_per_s']} samples/s)"
     if "hf_trainer" in b:
-        line += (f", HF Trainer {b['hf_trainer']['samples_per_s']} samples/s: "
-                 f"{b['speedup']}x; val acc {b['ftctl']['val_acc']} / {b['hf_trainer']['val_acc']}")
+        line += (f", HF Trainer {b['hf_trainer']['wall_s']} s: ftctl takes "
+                 f"{b['ftctl_wall_vs_trainer']}x Trainer's wall time (pairs {b['pairs']}); "
+                 f"val acc {b['ftctl']['val_acc_last']} / {b['hf_trainer']['val_acc_last']}")
     print(line, file=sys.stderr)
+doc["syncs"] = s = json.loads((out / "syncs.json").read_text())
+print(f"host syncs per step: {s['syncs_in_step_per_step']} inside the step, "
+      f"{s['syncs_per_step_all']} in all ({s['steps']} steps)", file=sys.stderr)
+doc["sweep"] = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+for r in doc["sweep"]:
+    print(f"batch {r['batch_size']} (lr {r['lr']}): {r['samples_per_s_loop']} samples/s in the "
+          f"loop, val acc {r['val_acc_last']}", file=sys.stderr)
 doc["resume"] = r = json.loads((out / "resume.json").read_text())
 print(f"resume after SIGINT at epoch {r['resumed_from_epoch']} + {r['resumed_at_batch']} "
       f"batches: weights identical {r['identical_to_uninterrupted']}, losses identical "

@@ -1,24 +1,24 @@
 """OUTPUT/checkpoints/last.pt: only what ``--resume`` needs to continue exactly where it stopped.
 
 Kept: the trainable weights (never the frozen ones), the optimizer and schedule, where the loop
-stood (epochs done, batches done in the next one, its running loss), the random generators of
-every process, the best weights when they are not the current ones, the early-stop counter and
-the metrics so far. Everything is loaded onto the CPU (``map_location="cpu"``) and placed on the
-training device by whoever uses it; the random generator states are plain bytes, so no
-``map_location`` can move them off the CPU where ``torch.set_rng_state`` needs them.
+stood (epochs done, optimizer steps done in the next one), every process's own running loss of
+that epoch and its random generators, the best weights when they are not the current ones, the
+early-stop counter and the metrics so far. Everything is loaded onto the CPU
+(``map_location="cpu"``) and placed on the training device by whoever uses it; the random
+generator states are plain bytes, so no ``map_location`` can move them off the CPU where
+``torch.set_rng_state`` needs them.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 from ftctl.errors import TrainError
-from ftctl.fsutil import atomic_write_bytes
+from ftctl.fsutil import atomic_file
 
 CHECKPOINT = "last.pt"
-FORMAT = 2  # 1: ftctl 0.1.0 (epoch boundaries only, tensor RNG states)
+FORMAT = 3  # 1: ftctl 0.1.0 (epoch boundaries only, tensor RNG states); 2: 0.2 (one loss sum)
 
 
 def trainable_state(model) -> dict[str, Any]:
@@ -68,9 +68,8 @@ def _byte_tensor(value) -> Any:
 def save(path: Path, state: dict[str, Any]) -> None:
     import torch
 
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_file(path) as fh:  # straight to disk: no copy of hundreds of MB in memory
+        torch.save({"format": FORMAT, **state}, fh)
 
 
 def load(path: Path, fingerprint: str) -> dict[str, Any]:

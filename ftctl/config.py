@@ -19,6 +19,8 @@ from typing import Any
 from ftctl.errors import ConfigError, Problem
 
 CONFIG_FILE = "ftctl.toml"
+SIZE = re.compile(r"[0-9]+[bkmgBKMG]?")  # a size in docker's syntax: "16g", "512m", "1024"
+_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"  # OpenSSH's; [deploy] known_hosts unset
 SEED_REMOTE_DIR = "/www/wwwroot/python-services/models/chinese-roberta-wwm-ext-classifier"
 SEED_PAIRS: tuple[tuple[str, str], ...] = (
@@ -26,6 +28,14 @@ SEED_PAIRS: tuple[tuple[str, str], ...] = (
     ("CLOCK_IN", "ATTENDANCE_TODAY"),
     ("SHIPMENT_STATS", "MATERIAL_BATCH_QUERY"),
 )
+
+
+def size_bytes(text: str) -> int:
+    """A size in docker's syntax ("16g", "512m", "1024": bytes) in bytes."""
+    if not SIZE.fullmatch(text):
+        raise ValueError(f"not a size: {text!r}")
+    unit = text[-1].lower()
+    return int(text[:-1]) * _UNITS[unit] if unit in _UNITS else int(text)
 
 
 @dataclass(frozen=True)
@@ -81,16 +91,21 @@ class TrainConfig:
     label_map: Path | None = None  # id -> intent (JSON/CSV) for a model with LABEL_i names
     save_format: str = "auto"  # auto (safetensors + the input's format) | safetensors | bin | both
     save_dtype: str = "auto"  # auto (the input's stored dtype) | float32 | float16 | bfloat16
+    grad_accum: int = 1  # micro-batches summed per optimizer step (effective batch: batch x N)
+    cache_budget: str = "auto"  # GPU memory for the frozen-prefix cache: auto (half the free
+    #                             memory) | a size ("8g"; "0": pinned CPU memory, streamed)
 
     def problems(self) -> list[Problem]:
         out = []
+        if self.cache_budget != "auto" and not SIZE.fullmatch(self.cache_budget):
+            out.append(Problem('must be auto or a size such as "8g"', field="train.cache_budget"))
         if self.save_format not in ("auto", "safetensors", "bin", "both"):
             out.append(Problem("must be auto, safetensors, bin or both", field="train.save_format"))
         if self.save_dtype not in ("auto", "float32", "float16", "bfloat16"):
             out.append(
                 Problem("must be auto, float32, float16 or bfloat16", field="train.save_dtype")
             )
-        for name in ("epochs", "batch_size", "max_length", "nproc", "nnodes"):
+        for name in ("epochs", "batch_size", "max_length", "nproc", "nnodes", "grad_accum"):
             if getattr(self, name) < 1:
                 out.append(Problem("must be >= 1", field=f"train.{name}"))
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -187,6 +202,9 @@ class ImageConfig:
     read_timeout: float = 600.0  # seconds an engine request may take (a run's log has no limit)
     stop_grace: float = 60.0  # seconds between SIGINT to a run (Ctrl-C) and SIGTERM/SIGKILL
     memory: str | None = None  # memory limit of a run (docker syntax: "16g"); None: no limit
+    shm_size: str = "auto"  # /dev/shm of a run: auto (1g per process of train --nproc N > 1,
+    #                         else docker's 64m) | a size ("8g"); unused with ipc = "host"
+    ipc: str = "private"  # private | host (the host's IPC namespace and /dev/shm, for NCCL)
 
     def problems(self) -> list[Problem]:
         out = []
@@ -201,8 +219,12 @@ class ImageConfig:
             out.append(Problem("must be > 0 seconds", field="image.read_timeout"))
         if self.stop_grace < 0:
             out.append(Problem("must be >= 0 seconds", field="image.stop_grace"))
-        if self.memory is not None and not re.fullmatch(r"[0-9]+[bkmgBKMG]?", self.memory):
+        if self.memory is not None and not SIZE.fullmatch(self.memory):
             out.append(Problem('must be a size such as "16g" or "512m"', field="image.memory"))
+        if self.shm_size != "auto" and not SIZE.fullmatch(self.shm_size):
+            out.append(Problem('must be auto or a size such as "8g"', field="image.shm_size"))
+        if self.ipc not in ("private", "host"):
+            out.append(Problem("must be private or host", field="image.ipc"))
         return out
 
 

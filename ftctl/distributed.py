@@ -21,6 +21,8 @@ from typing import Any
 from ftctl.errors import ConfigError, EnvironmentProblem
 
 RDZV_ID = "ftctl-train"  # one job per rendezvous endpoint at a time
+GRACE_ENV = "FTCTL_STOP_GRACE"  # seconds the processes get to stop (set by --docker's runner)
+DEFAULT_GRACE = 60  # as [image] stop_grace: torchrun's own default would be 30
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,36 @@ def torchrun_args(
     return [*opts, "-m", "ftctl", *argv]
 
 
+def stop_grace(environ: dict[str, str] | None = None) -> int:
+    """Seconds the processes get between a stop signal and SIGKILL: ``$FTCTL_STOP_GRACE``
+    (what ``--docker`` gives the container: [image] stop_grace) or DEFAULT_GRACE."""
+    raw = (os.environ if environ is None else environ).get(GRACE_ENV, "")
+    try:
+        return max(1, round(float(raw)))
+    except ValueError:
+        return DEFAULT_GRACE
+
+
+def give_workers(args, grace: int) -> None:
+    """torchrun forwards a stop signal to its processes and SIGKILLs them ``grace`` seconds
+    later (its own default: 30). torch >= 2.12 has ``--shutdown-timeout``; before, the 30 s
+    are the default of ``PContext.close``, given here as ``grace`` instead."""
+    if hasattr(args, "shutdown_timeout"):
+        args.shutdown_timeout = grace
+        return
+    import functools
+
+    from torch.distributed.elastic.multiprocessing import api
+
+    close = getattr(api.PContext.close, "__wrapped__", api.PContext.close)
+
+    @functools.wraps(close)
+    def close_with_grace(self, death_sig=None, timeout: int = grace):
+        return close(self, death_sig, timeout)
+
+    api.PContext.close = close_with_grace
+
+
 def launch(
     argv: Sequence[str],
     *,
@@ -200,7 +232,9 @@ def launch(
     """Run ``ftctl ARGV`` in ``nproc`` processes on this machine (of ``nnodes`` machines)
     through torch.distributed.run; returns the exit code to leave with: 0, the first failed
     process's own code (it printed its error), or 130 when interrupted (the processes got the
-    signal, wrote their checkpoint and said how to resume)."""
+    signal, wrote their checkpoint and said how to resume). On a stop signal the processes
+    get :func:`stop_grace` seconds before torchrun kills them: under ``--docker`` the same as
+    ftctl gives the container."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -214,6 +248,7 @@ def launch(
     words = torchrun_args([], nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
     args = get_args_parser().parse_args(words)
     args.training_script_args = list(argv)  # not parsed by torchrun: --nproc is ambiguous there
+    give_workers(args, stop_grace())
     try:
         run(args)
     except SignalException:

@@ -99,6 +99,47 @@ class TrainError(FtctlError):
     """Training could not run or could not finish."""
 
 
+class OutOfMemory(TrainError):
+    """The GPU ran out of memory (CUDA out-of-memory) while training. ``batch_size`` and
+    ``grad_accum`` are the run's (None when it happened outside a step); the CLI names the
+    exact command to run instead."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        batch_size: int | None = None,
+        grad_accum: int = 1,
+    ) -> None:
+        super().__init__(
+            message,
+            hint=hint
+            or "the seed's answer (GPU 内存不足): a smaller --batch-size (e.g. 4), or more "
+            "--freeze-layers; with a GPU-resident prefix cache, a smaller --cache-budget",
+        )
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+
+    @classmethod
+    def at_step(
+        cls, where: str, *, batch: int, step: int, batch_size: int, grad_accum: int
+    ) -> OutOfMemory:
+        smaller, accum = max(1, batch_size // 2), grad_accum * 2
+        rows = f"{batch_size} x {grad_accum} accumulated" if grad_accum > 1 else str(batch_size)
+        return cls(
+            f"GPU 内存不足 (CUDA out of memory) at optimizer step {step} ({where}, batch "
+            f"{batch}) with --batch-size {batch_size} (rows per step: {rows})",
+            hint=(
+                f"the seed's answer: a smaller --batch-size, or more --freeze-layers. To keep "
+                f"the effective batch of {batch_size * grad_accum}, run the same command with "
+                f"--batch-size {smaller} --grad-accum {accum}"
+            ),
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+        )
+
+
 class EvalError(FtctlError):
     """Evaluation could not run."""
 

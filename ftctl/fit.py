@@ -9,8 +9,14 @@
    checkpoint is written there and :class:`Interrupted` raised;
 4. the best weights (epoch 0, the base, included) are left loaded.
 
-Nothing here reads the loss back from the device at every step: the running loss is summed on
-the device and read at most once a second (for the progress line) and at the end of an epoch.
+No host sync per step: labels, lengths and inputs are on the device before the epoch starts
+(:class:`ftctl.features.Staged`), the batch widths are known on the host, and the running loss
+is summed on the device and read at most once a second (for the progress line) and at the end
+of an epoch. ``--grad-accum N`` sums the gradients of N micro-batches of ``--batch-size`` rows
+per optimizer step: the steps, the schedule and the loss (a mean over the step's rows) are
+those of one batch of N x batch-size rows. A stop request lands between two optimizer steps,
+never inside an accumulation. CUDA out-of-memory becomes :class:`ftctl.errors.OutOfMemory`,
+naming the step and the batch size.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from typing import Any
 from ftctl import checkpoint as ckpt
 from ftctl.config import TrainConfig
 from ftctl.distributed import SINGLE, World, wrap_ddp
-from ftctl.errors import EnvironmentProblem
-from ftctl.features import Features, batches, collate, epoch_seed, evaluate_sums, trainable_top
+from ftctl.errors import EnvironmentProblem, OutOfMemory
+from ftctl.features import Features, Staged, batches, epoch_seed, evaluate_sums, trainable_top
 from ftctl.fsutil import atomic_write_text
 from ftctl.progress import NULL, Reporter
 
@@ -182,8 +188,8 @@ class _Progress:
     epoch: int = 0  # epochs complete
     batch: int = 0  # batches done of epoch + 1
     step: int = 0  # optimizer steps so far
-    loss_sum: float = 0.0  # summed training loss of the batches done of epoch + 1
-    seen: int = 0  # their rows
+    loss_sum: float = 0.0  # this process's summed training loss of the batches done of epoch + 1
+    seen: int = 0  # its rows
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     best_weights: dict[str, Any] = field(default_factory=dict)
@@ -200,6 +206,8 @@ class _Parts:
     net: Any
     optimizer: Any
     scheduler: Any
+    train: Any = None  # the training rows, Staged on the device
+    val: Any = None  # the validation rows, Staged on the device
 
 
 def early_stop(patience: int, bad_evals: int, epoch: int, epochs: int) -> bool:
@@ -208,11 +216,14 @@ def early_stop(patience: int, bad_evals: int, epoch: int, epochs: int) -> bool:
     return patience > 0 and bad_evals >= patience and epoch < epochs
 
 
-def plan(cfg: TrainConfig, n_train: int, n_val: int, world: World) -> dict[str, Any]:
+def plan(
+    cfg: TrainConfig, n_train: int, n_val: int, world: World, cache: str | None = None
+) -> dict[str, Any]:
     """What the loop will do, with a sentence for the user (``plan["text"]``). ``n_train``:
-    training rows per process."""
-    steps = math.ceil(n_train / cfg.batch_size)
-    per_step = cfg.batch_size * world.size
+    training rows per process; ``cache``: where the frozen prefix's output is kept, and how big."""
+    rows = cfg.batch_size * cfg.grad_accum  # one optimizer step, per process
+    steps = math.ceil(n_train / rows)
+    per_step = rows * world.size
     can_stop = 0 < cfg.patience < cfg.epochs
     if cfg.patience == 0:
         stopping = "no early stopping (--patience 0)"
@@ -228,15 +239,19 @@ def plan(cfg: TrainConfig, n_train: int, n_val: int, world: World) -> dict[str, 
             "included, is still the one kept)"
         )
     procs = f" x {world.size} processes" if world.size > 1 else ""
+    accum = ""
+    if cfg.grad_accum > 1:
+        accum = f" ({cfg.grad_accum} accumulated batches of {cfg.batch_size})"
     text = (
-        f"plan: {cfg.epochs} epoch(s) of {steps} steps, {cfg.batch_size} rows per step"
+        f"plan: {cfg.epochs} epoch(s) of {steps} steps, {rows} rows per step{accum}"
         f"{procs} ({per_step} in all); {n_val} validation rows scored before training "
-        f"(epoch 0) and after every epoch; {stopping}"
+        f"(epoch 0) and after every epoch; {stopping}" + (f"; {cache}" if cache else "")
     )
     return {
         "epochs": cfg.epochs,
         "steps_per_epoch": steps,
         "rows_per_step": per_step,
+        "grad_accum": cfg.grad_accum,
         "processes": world.size,
         "patience": cfg.patience,
         "early_stopping_possible": can_stop,
@@ -268,27 +283,33 @@ def fit(
     world, rep = setup.world, setup.reporter
     top = trainable_top(model, n_frozen)
     optimizer = _optimizer(top, cfg)
-    the_plan = plan(cfg, len(train_feats), int(world.sum([len(val_feats)])[0]), world)
+    cache = train_feats.prefix.plan if train_feats.prefix is not None else None
+    n_val = int(world.sum([len(val_feats)])[0])
+    the_plan = plan(cfg, len(train_feats), n_val, world, cache.text() if cache else None)
+    if cache is not None:
+        the_plan["cache"] = cache.record()
     total_steps = the_plan["steps_per_epoch"] * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(
         optimizer, round(total_steps * cfg.warmup_ratio), total_steps
     )
     rep.info(the_plan["text"])
     parts = _Parts(model, top, wrap_ddp(top, world, setup.device), optimizer, scheduler)
+    parts.train = Staged(train_feats, setup.device)
+    parts.val = Staged(val_feats, setup.device)
 
     torch.manual_seed(cfg.seed + world.rank)  # dropout differs between processes
     t0 = time.perf_counter()
     prog = _resume(parts, setup)
     resumed = (prog.epoch, prog.batch) if prog is not None else None
     if prog is None:
-        prog = _fresh(parts, val_feats, setup)
+        prog = _fresh(parts, setup)
 
     stopped = early_stop(cfg.patience, prog.bad_evals, prog.epoch, cfg.epochs)
     for epoch in range(prog.epoch + 1, cfg.epochs + 1):
         if stopped:
             break
-        loss_sum, seen = _train_epoch(parts, train_feats, cfg, epoch, prog, setup)
-        stopped = _end_epoch(parts, val_feats, cfg, prog, setup, loss_sum, seen, t0)
+        loss_sum, seen = _train_epoch(parts, cfg, epoch, prog, setup)
+        stopped = _end_epoch(parts, cfg, prog, setup, loss_sum, seen, t0)
         if stopped:
             rep.info(f"early stop: no improvement for {prog.bad_evals} epoch(s)")
 
@@ -322,18 +343,19 @@ def _optimizer(top, cfg: TrainConfig):
     )
 
 
-def _evaluate(top, val_feats: Features, setup: Setup) -> tuple[float, float]:
+def _evaluate(parts: _Parts, setup: Setup) -> tuple[float, float]:
     """(mean loss, accuracy) over every process's validation share."""
-    loss_sum, correct, n = evaluate_sums(top, val_feats, setup.device, setup.precision.autocast)
+    with explain_oom("scoring the validation split", None, None):
+        loss_sum, correct, n = evaluate_sums(parts.top, parts.val, setup.precision.autocast)
     loss_sum, correct, n = setup.world.sum([float(loss_sum), int(correct), n])
     if not n:
         return float("nan"), float("nan")
     return loss_sum / n, correct / n
 
 
-def _fresh(parts: _Parts, val_feats: Features, setup: Setup) -> _Progress:
+def _fresh(parts: _Parts, setup: Setup) -> _Progress:
     """The starting point of a new run: the base model scored as epoch 0, and the best so far."""
-    val_loss, val_acc = _evaluate(parts.top, val_feats, setup)
+    val_loss, val_acc = _evaluate(parts, setup)
     record = {
         "epoch": 0,
         "step": 0,
@@ -375,12 +397,13 @@ def _resume(parts: _Parts, setup: Setup) -> _Progress | None:
     )
     setup.reporter.info(f"resuming after {where} (step {state['step']})")
     best_weights = state["best_weights"]
+    mine = state["sums"][setup.world.rank]  # this process's own running loss
     return _Progress(
         epoch=state["epoch"],
         batch=state["batch"],
         step=state["step"],
-        loss_sum=state["loss_sum"],
-        seen=state["seen"],
+        loss_sum=mine["loss_sum"],
+        seen=mine["seen"],
         history=state["history"],
         best=state["best"],
         best_weights=best_weights if best_weights is not None else state["trainable"],
@@ -398,41 +421,39 @@ def _stop_requested(setup: Setup, k: int) -> bool:
     return k % STOP_SYNC_EVERY == 0 and setup.world.any(setup.stop())
 
 
-def _train_epoch(parts: _Parts, feats, cfg, epoch, prog, setup):
-    """One epoch's steps (from ``prog.batch`` on, when resumed mid-epoch); returns the
-    summed loss (a device tensor) and the rows seen."""
+def _train_epoch(parts: _Parts, cfg, epoch, prog, setup):
+    """One epoch's optimizer steps (from ``prog.batch`` on, when resumed mid-epoch), each over
+    ``cfg.grad_accum`` micro-batches; returns the summed loss (a device tensor) and the rows
+    seen."""
     import torch
-    import torch.nn.functional as F
 
-    device, precision = setup.device, setup.precision
-    optimizer, scheduler = parts.optimizer, parts.scheduler
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    plan_ = batches(feats, cfg.batch_size, epoch_seed(cfg.seed, epoch))
+    staged, device = parts.train, setup.device
+    groups = batches(staged.feats, cfg.batch_size * cfg.grad_accum, epoch_seed(cfg.seed, epoch))
+    rows, host_rows = staged.order(groups)  # the epoch's row order: one copy to the device
+    starts = [0]
+    for g in groups:
+        starts.append(starts[-1] + len(g))
     start = prog.batch if prog.epoch == epoch - 1 else 0
-    loss_sum = torch.tensor(prog.loss_sum if start else 0.0, device=device)
+    loss_sum = torch.full((), prog.loss_sum if start else 0.0, device=device)  # no copy
     seen = prog.seen if start else 0
     parts.top.train()
     shown = time.monotonic()
-    with setup.reporter.task(f"epoch {epoch}/{cfg.epochs}", total=len(plan_), unit="batch") as adv:
+    k = start
+    with (
+        setup.reporter.task(f"epoch {epoch}/{cfg.epochs}", total=len(groups), unit="batch") as adv,
+        explain_oom(f"epoch {epoch}", lambda: (k, prog.step), cfg),
+    ):
         if start:
             adv(start)
-        for k in range(start, len(plan_)):
+        for k in range(start, len(groups)):
             if _stop_requested(setup, k):
                 _interrupt(parts, prog, setup, epoch, k, loss_sum, seen)
-            inputs, mask, target = collate(feats, plan_[k], device)
-            with precision.autocast():
-                logits = parts.net(inputs, mask)
-            loss = F.cross_entropy(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
+            span = (starts[k], starts[k + 1])
+            loss_sum += _step(parts, staged, groups[k], rows, host_rows, span, cfg, setup)
             prog.step += 1
-            loss_sum += loss.detach() * len(target)
-            seen += len(target)
+            seen += len(groups[k])
             now = time.monotonic()
-            if now - shown >= LOSS_EVERY_S or k == len(plan_) - 1:
+            if now - shown >= LOSS_EVERY_S or k == len(groups) - 1:
                 adv(1, loss=float(loss_sum) / seen)  # the only read-back of the loss
                 shown = now
             else:
@@ -440,20 +461,85 @@ def _train_epoch(parts: _Parts, feats, cfg, epoch, prog, setup):
     return loss_sum, seen
 
 
+def _step(parts: _Parts, staged: Staged, group, rows, host_rows, span, cfg, setup):
+    """One optimizer step over the rows ``group`` (``rows[span[0]:span[1]]`` on the device),
+    as micro-batches of ``cfg.batch_size`` whose gradients add up (DDP synchronises the last
+    one only); each micro-batch's loss is its summed loss over the step's rows, so the step
+    minimises the mean over all of them. Returns the step's summed loss (a device tensor)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = len(group)
+    parts.optimizer.zero_grad(set_to_none=True)
+    total = None
+    for s in range(0, n, cfg.batch_size):
+        e = min(s + cfg.batch_size, n)
+        a, b = span[0] + s, span[0] + e
+        inputs, mask, target = staged.batch(rows[a:b], host_rows[a:b], staged.width(group[s:e]))
+        last = e == n
+        sync = contextlib.nullcontext() if last or setup.world.size == 1 else parts.net.no_sync()
+        with sync:
+            with setup.precision.autocast():
+                logits = parts.net(inputs, mask)
+            summed = F.cross_entropy(logits.float(), target, reduction="sum")
+            (summed / n).backward()
+        total = summed.detach() if total is None else total + summed.detach()
+    torch.nn.utils.clip_grad_norm_(
+        [p for g in parts.optimizer.param_groups for p in g["params"]], MAX_GRAD_NORM
+    )
+    parts.optimizer.step()
+    parts.scheduler.step()
+    return total
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error (torch's own class, or a RuntimeError with CUDA's text)."""
+    import torch
+
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "CUDA out of memory" in text or "CUDA error: out of memory" in text
+    )
+
+
+@contextlib.contextmanager
+def explain_oom(where: str, position: Callable[[], tuple[int, int]] | None, cfg):
+    """CUDA out-of-memory inside becomes :class:`OutOfMemory`: where it happened (``position``
+    gives (batch of the epoch, optimizer steps so far)), the batch size, and the seed's
+    answer (GPU 内存不足: a smaller --batch-size, more --freeze-layers), with --grad-accum to
+    keep the effective batch."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_cuda_oom(exc):
+            raise
+        if position is None or cfg is None:
+            raise OutOfMemory(f"GPU 内存不足 (CUDA out of memory) while {where}") from exc
+        k, step = position()
+        raise OutOfMemory.at_step(
+            where, batch=k + 1, step=step + 1, batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+        ) from exc  # fmt: skip
+
+
 def _interrupt(parts: _Parts, prog, setup, epoch, k, loss_sum, seen):
-    """Stop before step ``k`` of ``epoch``: checkpoint this very point, raise Interrupted."""
+    """Stop before optimizer step ``k`` of ``epoch``: checkpoint this very point (each process
+    keeps its own running loss), raise Interrupted."""
     setup.reporter.info(f"stopping before step {k + 1} of epoch {epoch} (interrupt)")
     prog.epoch, prog.batch, prog.loss_sum, prog.seen = epoch - 1, k, float(loss_sum), seen
     path = _checkpoint(parts, prog, setup)
     raise Interrupted(path, epoch - 1, k)
 
 
-def _end_epoch(parts: _Parts, val, cfg, prog, setup, loss_sum, seen, t0):
+def _end_epoch(parts: _Parts, cfg, prog, setup, loss_sum, seen, t0):
     """Score the epoch, decide (once, on rank 0) whether it is the best and whether to stop,
     record it, checkpoint. Returns the stop decision."""
     epoch = prog.epoch + 1
     loss_total, rows = setup.world.sum([float(loss_sum), seen])
-    val_loss, val_acc = _evaluate(parts.top, val, setup)
+    val_loss, val_acc = _evaluate(parts, setup)
     best = prog.best
     improved = (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"])
     bad_evals = 0 if improved else prog.bad_evals + 1
@@ -497,7 +583,8 @@ def _checkpoint(parts: _Parts, prog: _Progress, setup: Setup) -> Path | None:
     """Save where the loop stands (rank 0 writes; every process gives its RNG state)."""
     if not setup.checkpoints:
         return None
-    rngs = setup.world.gather(ckpt.rng_state(setup.device))
+    mine = {"loss_sum": prog.loss_sum, "seen": prog.seen}  # each process's own running loss
+    rngs, sums = zip(*setup.world.gather((ckpt.rng_state(setup.device), mine)), strict=True)
     if not setup.world.is_main:
         return setup.checkpoint_path
     current = ckpt.trainable_state(parts.model)
@@ -509,12 +596,11 @@ def _checkpoint(parts: _Parts, prog: _Progress, setup: Setup) -> Path | None:
             "epoch": prog.epoch,
             "batch": prog.batch,
             "step": prog.step,
-            "loss_sum": prog.loss_sum,
-            "seen": prog.seen,
+            "sums": list(sums),  # per process, in rank order
             "trainable": current,
             "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(),
-            "rng": rngs,
+            "rng": list(rngs),
             "best": prog.best,
             "best_weights": None if at_best else prog.best_weights,  # None: = trainable
             "bad_evals": prog.bad_evals,

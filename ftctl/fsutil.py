@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 _CHUNK = 1 << 20
 
@@ -48,19 +49,19 @@ def normalize_modes(root: str | os.PathLike) -> None:
         os.chmod(p, dmode if p.is_dir() else fmode)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same directory and one rename.
-
-    A failed or interrupted write leaves the previous file (or nothing), never half a file.
-    The file gets the mode a plain ``open()`` would give it (mkstemp's is 0600: a model copied
-    with ``scp -r`` would be unreadable by a service running as another user).
-    """
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file that becomes ``path`` only when the block ends without an error: written
+    to a temp file in the same directory, fsynced, renamed (one rename). A failed or
+    interrupted write leaves the previous file (or nothing), never half a file. The file gets
+    the mode a plain ``open()`` would give it (mkstemp's is 0600: a model copied with ``scp
+    -r`` would be unreadable by a service running as another user)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, file_mode())
@@ -69,7 +70,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -2,14 +2,18 @@
 
 The command inside the image only sees container paths (``/workspace/data/x.jsonl``,
 ``/mnt/host/1-dk``). A :class:`PathTable` holds the mounts (container path -> host path) and
-turns those back into the host paths they were mounted from:
+turns those back into the host paths they were mounted from, touching nothing else: a user's
+text (``/help``, ``请打开 /home``, an utterance in an evaluation's flips) is never rewritten.
 
-* in text the inner command prints (progress, ``file:line`` of errors, hints): every absolute
-  path that starts at a mount point gets the host path; any other absolute path was made by
-  the container itself and is shown as it is, marked ``container:/path`` (docker cp's notation);
-* in a ``--json`` document: the same, string by string, so the document stays valid JSON;
-* in what the inner command records (the manifest): :func:`record_host_paths` maps path values
-  exactly, with the table passed in ``$FTCTL_HOST_PATHS`` by the caller.
+* in the log the inner command prints (progress, ``file:line`` of errors, hints): an absolute
+  path that starts at a mount point gets the host path; every other text stays as it is;
+* in a ``--json`` document, only the values ftctl writes as paths (:func:`is_path_key`:
+  ``final_dir``, ``file``, ``paths``...) become host paths, a path made inside the container
+  marked ``container:/path`` (docker cp's notation: it is gone after the run); ftctl's own
+  messages (``message``, ``hint``, ``warnings``) are treated as the log; anything else (texts,
+  labels, figures) is left alone, and the document stays valid JSON;
+* in what the inner command records (the manifest): :func:`record_host_paths` maps the path
+  values the same way, with the table passed in ``$FTCTL_HOST_PATHS`` by the caller.
 
 :class:`HostPathWriter` applies the text rewriting to a byte stream that arrives in chunks: it
 rewrites whole lines only, so a path (or a UTF-8 character) split across two chunks is never
@@ -31,7 +35,18 @@ MAX_PENDING = 1 << 16  # a "line" longer than this is passed on without waiting 
 
 # An absolute path starts at the beginning of the text or after a character that cannot be
 # part of a path word (space, quote, bracket, '=', ','): "x/y", "it/s" and URLs never match.
-_PATH_START = r"(?:^|(?<=[\s'\"`(\[{<=,]))/(?=[\w.~@%+-])"
+_PATH_START = r"(?:^|(?<=[\s'\"`(\[{<=,]))/"
+# Keys whose string values ftctl writes as paths (file:line sources included) ...
+PATH_KEYS = frozenset({"path", "paths", "file", "new", "old", "source", "templates", "config",
+                       "checkpoint"})  # fmt: skip
+PATH_SUFFIXES = ("_dir", "_path", "_data", "_file", "_map")
+# ... and those holding ftctl's own messages, which are rewritten as the log is.
+TEXT_KEYS = frozenset({"message", "hint", "warnings"})
+
+
+def is_path_key(key: str) -> bool:
+    """Does ftctl write a path (or a list of paths) under ``key`` in its JSON documents?"""
+    return key in PATH_KEYS or key.endswith(PATH_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -76,54 +91,55 @@ class PathTable:
 
     # ------------------------------------------------------------------ text
 
-    def _pattern(self) -> re.Pattern[str]:
-        def alternation(paths: Iterable[str]) -> str:
-            words = sorted({p.strip("/") for p in paths if p.strip("/")}, key=len, reverse=True)
-            return "|".join(re.escape(w) for w in words) or "(?!)"
+    def path_value(self, value: str) -> str:
+        """A path ftctl wrote: its host path, ``container:/path`` for an absolute path no
+        mount holds, a relative path as it is."""
+        host = self.host_path(value)
+        if host is not None:
+            return host
+        return CONTAINER_MARK + value if value.startswith("/") else value
 
-        end = r"(?![\w.~@%+-])"
-        mounts = alternation(c for c, _ in self.pairs)
-        hosts = alternation(h for _, h in self.pairs)
-        return re.compile(_PATH_START + rf"(?:(?P<mount>{mounts}){end}|(?P<host>{hosts}){end})?")
+    # ------------------------------------------------------------------ text
+
+    def _pattern(self) -> re.Pattern[str]:
+        words = sorted({c.strip("/") for c, _ in self.pairs if c.strip("/")}, key=len, reverse=True)
+        mounts = "|".join(re.escape(w) for w in words) or "(?!)"
+        return re.compile(_PATH_START + rf"(?P<mount>{mounts})(?![\w.~@%+-])")
 
     def rewrite_text(self, text: str) -> str:
-        """Mounted paths -> host paths; other absolute paths -> ``container:/path`` (paths
-        that already are host paths of the table stay as they are)."""
+        """Paths under a mount point -> host paths; every other text as it is."""
         hosts = {c.strip("/"): h for c, h in self.pairs}
+        return self._pattern().sub(lambda m: hosts[m.group("mount")], text)
 
-        def one(m: re.Match[str]) -> str:
-            if m.group("mount") is not None:
-                return hosts[m.group("mount")]
-            if m.group("host") is not None:
-                return m.group(0)
-            return CONTAINER_MARK + "/"
-
-        return self._pattern().sub(one, text)
-
-    def rewrite_json(self, value: Any) -> Any:
-        """:meth:`rewrite_text` applied to every string (keys too) of a JSON value."""
-        if isinstance(value, str):
-            return self.rewrite_text(value)
-        if isinstance(value, list):
-            return [self.rewrite_json(v) for v in value]
+    def rewrite_json(self, value: Any, key: str | None = None) -> Any:
+        """A JSON value with the paths ftctl wrote under path keys mapped
+        (:meth:`path_value`) and its messages rewritten as text; the rest as it is."""
         if isinstance(value, dict):
-            return {self.rewrite_text(k): self.rewrite_json(v) for k, v in value.items()}
+            return {k: self.rewrite_json(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.rewrite_json(v, key) for v in value]
+        if isinstance(value, str) and key is not None:
+            if is_path_key(key):
+                return self.path_value(value)
+            if key in TEXT_KEYS:
+                return self.rewrite_text(value)
         return value
 
 
-def record_host_paths(payload: Any, table: PathTable | None = None) -> Any:
-    """``payload`` with every string that is a mounted container path replaced by its host
-    path (what a manifest written inside the container records). ``table`` defaults to
-    ``$FTCTL_HOST_PATHS``; outside ``--docker`` the payload comes back unchanged."""
+def record_host_paths(payload: Any, table: PathTable | None = None, key: str | None = None) -> Any:
+    """``payload`` with every path value (under a path key, :func:`is_path_key`) that is a
+    mounted container path replaced by its host path (what a manifest written inside the
+    container records); other strings, user texts among them, stay as they are. ``table``
+    defaults to ``$FTCTL_HOST_PATHS``; outside ``--docker`` the payload comes back unchanged."""
     table = table if table is not None else PathTable.from_env()
     if table is None:
         return payload
     if isinstance(payload, str):
-        return table.host_path(payload) or payload
+        return (table.host_path(payload) or payload) if key and is_path_key(key) else payload
     if isinstance(payload, list):
-        return [record_host_paths(v, table) for v in payload]
+        return [record_host_paths(v, table, key) for v in payload]
     if isinstance(payload, dict):
-        return {k: record_host_paths(v, table) for k, v in payload.items()}
+        return {k: record_host_paths(v, table, k) for k, v in payload.items()}
     return payload
 
 
@@ -163,9 +179,9 @@ class HostPathWriter:
 
 
 class HostPathJsonWriter(HostPathWriter):
-    """For a ``--json`` run: keeps the whole document, then rewrites it string by string (a
-    host path with a quote or a backslash in it stays valid JSON). Output that is not one JSON
-    document is rewritten as text."""
+    """For a ``--json`` run: keeps the whole document, then maps its path values
+    (:meth:`PathTable.rewrite_json`; a host path with a quote or a backslash in it stays valid
+    JSON). Output that is not one JSON document is rewritten as text."""
 
     def write(self, data: bytes) -> int:
         self._pending += data

@@ -35,11 +35,21 @@ from typing import Any
 
 from ftctl import distributed
 from ftctl import model as M
-from ftctl.config import TrainConfig
+from ftctl.config import TrainConfig, size_bytes
 from ftctl.data import Example, Overlap, load_examples, reconcile
 from ftctl.errors import ConfigError, DataError, Problem, TrainError
-from ftctl.features import Features, cache_prefix, encode, informative, shard
-from ftctl.fit import EpochHook, FitResult, Setup, fit, numerics, resolve_precision
+from ftctl.features import (
+    CachePlan,
+    Features,
+    cache_prefix,
+    encode,
+    gpu_free_memory,
+    host_free_memory,
+    informative,
+    place_cache,
+    shard,
+)
+from ftctl.fit import EpochHook, FitResult, Setup, explain_oom, fit, numerics, resolve_precision
 from ftctl.fsutil import atomic_dir, sha256_file
 from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
 from ftctl.progress import NULL, Reporter
@@ -383,19 +393,38 @@ def prepare_features(
     train_feats = shard(train_all, world.rank, world.size, pad=True)
     val_feats = shard(val_all, world.rank, world.size, pad=False)
     if cfg.freeze_layers > 0:
+        placement = cache_placement(cfg, model, [train_feats, val_feats], setup.device)
+        setup.reporter.info(placement.text())
         model.eval()
         for feats, what in ((train_feats, "train"), (val_feats, "val")):
-            cache_prefix(
-                model,
-                feats,
-                cfg.freeze_layers,
-                setup.device,
-                setup.reporter,
-                what,
-                autocast=setup.precision.autocast,
-                check=setup.check_stop,
-            )
+            with explain_oom("caching the frozen prefix", None, None):
+                cache_prefix(
+                    model,
+                    feats,
+                    cfg.freeze_layers,
+                    setup.device,
+                    setup.reporter,
+                    what,
+                    plan=placement,
+                    autocast=setup.precision.autocast,
+                    check=setup.check_stop,
+                )
     return train_feats, val_feats
+
+
+def cache_placement(cfg: TrainConfig, model, shares: Sequence[Features], device: str) -> CachePlan:
+    """Where this process's frozen-prefix cache goes, estimated before it is built (its texts'
+    tokens x hidden x 4 bytes): on the GPU under --cache-budget (auto: half the free memory),
+    else pinned CPU memory; a cache that would not fit in CPU memory either is an error."""
+    return place_cache(
+        sum(len(f) for f in shares),
+        sum(len(row) for f in shares for row in f.ids),
+        int(model.config.hidden_size),
+        cuda=device.startswith("cuda"),
+        budget=None if cfg.cache_budget == "auto" else size_bytes(cfg.cache_budget),
+        gpu_free=gpu_free_memory(device),
+        host_free=host_free_memory(),
+    )
 
 
 # ============================================================================ step 5: output
@@ -404,7 +433,8 @@ def prepare_features(
 def _fingerprint(cfg: TrainConfig, inputs: dict[str, Any]) -> str:
     """Identity of a run for --resume: every hyperparameter that changes the arithmetic, the
     inputs' digests and the number of processes."""
-    ignored = ("device", "checkpoint", "require_improvement", "nproc", "nnodes", "rdzv_endpoint")
+    ignored = ("device", "checkpoint", "require_improvement", "nproc", "nnodes", "rdzv_endpoint",
+               "cache_budget")  # fmt: skip
     hp = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     blob = json.dumps({"hp": hp, "inputs": inputs}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()

@@ -109,6 +109,24 @@ ImageOpt = Annotated[
     str | None,
     typer.Option("--image", help="With --docker: the image to run (default: [image] tag)."),
 ]
+ShmSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shm-size",
+        help="With --docker: /dev/shm of the container (NCCL's buffers): auto (1g per process "
+        'when --nproc > 1, else docker\'s 64m) or a size such as "8g".',
+        show_default="auto",
+    ),
+]
+IpcOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ipc",
+        help="With --docker: private | host (the host's IPC namespace and /dev/shm; "
+        "--shm-size is then unused).",
+        show_default="private",
+    ),
+]
 
 
 # ------------------------------------------------------------------ output

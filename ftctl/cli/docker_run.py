@@ -47,12 +47,13 @@ import typer
 from click.core import ParameterSource
 
 from ftctl.cli import common
+from ftctl.config import ImageConfig, check, override
 from ftctl.container import WORKDIR, Mount, Terminated, gpu_plan, run_in_image
 from ftctl.errors import ConfigError, Stopped
 from ftctl.hostpaths import ENV_VAR, HostPathJsonWriter, HostPathWriter, PathTable
 from ftctl.image import engine
 
-DOCKER_PARAMS = frozenset({"docker", "gpus", "image"})  # never passed into the container
+DOCKER_PARAMS = frozenset({"docker", "gpus", "image", "shm_size", "ipc"})  # never passed in
 PROJECT_DIRS = ("data", "models")  # mounted at /workspace/<name>
 HOST_MOUNT_ROOT = "/mnt/host"
 _OUTPUT_NAME = re.compile(r"(^|_)(out|output|outputs|report|reports|dest|save)(_|$)")
@@ -246,6 +247,30 @@ def sigterm_stops_the_run() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def train_processes(ctx: click.Context) -> tuple[int, int]:
+    """(processes per machine, machines) a ``train`` command will run: its --nproc/--nnodes,
+    else ftctl.toml's [train] values."""
+    cfg = common.config(ctx).train
+    nproc, nnodes = ctx.params.get("nproc"), ctx.params.get("nnodes")
+    return int(nproc or cfg.nproc), int(nnodes or cfg.nnodes)
+
+
+def check_train_in_docker(ctx: click.Context) -> int:
+    """Refuse what a training container cannot do; the GPUs it uses (one per process)."""
+    nproc, nnodes = train_processes(ctx)
+    if nnodes > 1:
+        raise ConfigError(
+            f"--nnodes {nnodes} with --docker: a training container has no network "
+            "(--network none: offline and reproducible), and several machines need one for "
+            "torchrun's rendezvous and NCCL, plus the hosts' network devices, which --docker "
+            "does not set up",
+            hint="run `ftctl train --nnodes N --rdzv-endpoint HOST:PORT ...` on every machine "
+            "without --docker (for instance in your own container with --network host); "
+            "--docker --nproc N uses the GPUs of one machine",
+        )
+    return nproc
+
+
 def rerun_in_docker(
     ctx: typer.Context,
     *,
@@ -253,15 +278,19 @@ def rerun_in_docker(
     image: str | None,
     gpus_used: int = 0,
     stdout: IO[bytes] | None = None,
+    shm_size: str | None = None,
+    ipc: str | None = None,
 ) -> int:
     """Run this same command inside the training image; return its exit code.
 
-    ``gpus_used``: how many GPUs the command will use (what ``--gpus auto`` asks for). Its
-    stdout goes to ``stdout`` (default: ours; the pipeline sends it to stderr to keep its JSON
-    clean); every path in its output is mapped back to the host.
+    ``gpus_used``: how many GPUs the command will use (what ``--gpus auto`` asks for, and how
+    large ``--shm-size auto`` makes /dev/shm). Its stdout goes to ``stdout`` (default: ours;
+    the pipeline sends it to stderr to keep its JSON clean); the paths in its output are
+    mapped back to the host.
     """
-    cfg = common.config(ctx).image
-    gpus = gpus or cfg.gpus
+    cfg: ImageConfig = override(common.config(ctx).image, gpus=gpus, shm_size=shm_size, ipc=ipc)
+    check(cfg)  # --shm-size / --ipc as ftctl.toml's values are checked
+    gpus = cfg.gpus
     gpu_plan(gpus, gpus_used)  # validates the value before anything is started
     argv, mounts = plan(ctx)
     table = host_paths(mounts)
@@ -283,6 +312,8 @@ def rerun_in_docker(
                 gpus_used=gpus_used,
                 network_mode=cfg.network,
                 memory=cfg.memory,
+                shm_size=cfg.shm_size,
+                ipc=cfg.ipc,
                 stop_grace=cfg.stop_grace,
                 stdout=out,
                 stderr=err,

@@ -41,10 +41,10 @@ def _subcommand_ctx(ctx: typer.Context, names: list[str], args: list[str]):
 
 
 def _in_image(ctx, names: list[str], args: list[str], gpus, image) -> dict[str, Any]:
-    from ftctl.cli.docker_run import rerun_in_docker
+    from ftctl.cli.docker_run import check_train_in_docker, rerun_in_docker
 
     sub = _subcommand_ctx(ctx, names, args)
-    used = int(sub.params.get("nproc") or 1) if names == ["train"] else 0
+    used = check_train_in_docker(sub) if names == ["train"] else 0
     code = rerun_in_docker(sub, gpus=gpus, image=image, gpus_used=used, stdout=sys.stderr.buffer)
     if code != 0:
         raise StageFailed(f"`ftctl {' '.join(names)}` in the image exited {code}", code)

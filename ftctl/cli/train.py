@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from ftctl import config as cfgmod
 from ftctl.base import BaseConfig
 from ftctl.cli import common
 from ftctl.config import TrainConfig
+from ftctl.errors import OutOfMemory
 
 PathOpt = Annotated[Path | None, typer.Option()]
 
@@ -95,6 +97,42 @@ def _interrupted(exc, output_path: Path) -> None:
     else:
         common.err.print("nothing was kept: the next run starts from the beginning")
     raise KeyboardInterrupt from None
+
+
+def retry_command(args: Sequence[str], batch_size: int, grad_accum: int) -> str:
+    """``ftctl ARGS`` with --batch-size and --grad-accum set to these values (the other
+    words as given; inside --docker, with --docker, as the user runs it)."""
+    out: list[str] = []
+    words = list(args)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        name = word.split("=", 1)[0]
+        if name in ("--batch-size", "--grad-accum"):
+            i += 1 if "=" in word else 2
+            continue
+        out.append(word)
+        i += 1
+    where = out.index("train") + 1 if "train" in out else len(out)
+    out[where:where] = ["--batch-size", str(batch_size), "--grad-accum", str(grad_accum)]
+    if os.environ.get("FTCTL_HOST_PATHS") and "--docker" not in out:
+        out.append("--docker")  # the command ran inside the image: the user's has --docker
+    return "ftctl " + shlex.join(out)
+
+
+def _out_of_memory(ctx: typer.Context, exc: OutOfMemory) -> OutOfMemory:
+    """The same error with the exact command that keeps the effective batch on half the
+    memory: --batch-size halved, --grad-accum doubled (8 x 1 -> 4 x 2)."""
+    if exc.batch_size is None:
+        return exc
+    smaller, accum = max(1, exc.batch_size // 2), exc.grad_accum * 2
+    command = retry_command(ctx.meta.get("ftctl.args") or [], smaller, accum)
+    exc.hint = (
+        "the seed's answer (GPU 内存不足): a smaller --batch-size, or more --freeze-layers. "
+        f"The same effective batch ({exc.batch_size * exc.grad_accum} rows per step) on half "
+        f"the memory: {command}"
+    )
+    return exc
 
 
 def _launch(ctx: typer.Context, cfg) -> None:
@@ -276,9 +314,29 @@ def train(
             show_default=common.default_text(TrainConfig, "save_dtype"),
         ),
     ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(
+            "--grad-accum",
+            help="Batches whose gradients add up to one optimizer step: --batch-size 4 "
+            "--grad-accum 2 trains as --batch-size 8 on half the GPU memory.",
+            show_default=common.default_text(TrainConfig, "grad_accum"),
+        ),
+    ] = None,
+    cache_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--cache-budget",
+            help="GPU memory the frozen-prefix cache may take: auto (half the free memory) or "
+            'a size such as "8g"; a larger cache goes to pinned CPU memory ("0": always).',
+            show_default=common.default_text(TrainConfig, "cache_budget"),
+        ),
+    ] = None,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,
     image: common.ImageOpt = None,
+    shm_size: common.ShmSizeOpt = None,
+    ipc: common.IpcOpt = None,
     json_out: common.JsonOpt = False,
 ) -> None:
     """Fine-tune the classifier incrementally (replay, frozen layers, early stopping).
@@ -293,14 +351,16 @@ def train(
         --output-path models/incremental --epochs 2 --batch-size 8 --lr 5e-6
         --replay-ratio 0.5 --freeze-layers 8
 
-    On two GPUs (or two CPU processes): the same command with --nproc 2.
+    On two GPUs (or two CPU processes): the same command with --nproc 2. Out of GPU memory:
+    --batch-size 4 --grad-accum 2 trains as batch 8 on half the memory.
     """
     if docker:
-        from ftctl.cli.docker_run import rerun_in_docker
+        from ftctl.cli.docker_run import check_train_in_docker, rerun_in_docker
 
-        # --gpus auto asks for one GPU per training process
-        used = int(ctx.params.get("nproc") or 1)
-        raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image, gpus_used=used))
+        used = check_train_in_docker(ctx)  # --gpus auto: one GPU per training process
+        raise typer.Exit(
+            rerun_in_docker(ctx, gpus=gpus, image=image, gpus_used=used, shm_size=shm_size, ipc=ipc)
+        )
     cfg = cfgmod.override(
         common.config(ctx).train,
         new_data=new_data,
@@ -327,6 +387,8 @@ def train(
         label_map=label_map,
         save_format=save_format,
         save_dtype=save_dtype,
+        grad_accum=grad_accum,
+        cache_budget=cache_budget,
     )
     cfgmod.check(cfg)
     from ftctl import distributed
@@ -347,6 +409,8 @@ def train(
             )
     except KeyboardInterrupt as exc:
         _interrupted(exc, Path(cfg.output_path))
+    except OutOfMemory as exc:
+        raise _out_of_memory(ctx, exc) from None
     if distributed.env_world()[0] != 0:
         return  # rank 0 reports for every process
     if json_out:

@@ -37,7 +37,9 @@ import docker
 TORCH_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
 ROOT_BASE_TAG = "ftctl-docker-test-base:bookworm-py311"  # no torch
 TEST_BASE_TAG = "ftctl-docker-test-base:torch2.13.0"
-TEST_IMAGE_TAG = "ftctl-docker-test:torch2.13.0"
+# the project image built from this tree; $FTCTL_TEST_IMAGE_TAG names it apart where several
+# trees share one engine (each session uses the id it built, whatever the tag points to later)
+TEST_IMAGE_TAG = os.environ.get("FTCTL_TEST_IMAGE_TAG") or "ftctl-docker-test:torch2.13.0"
 BASE_291_TAG = "ftctl-docker-test-base:torch2.9.1"
 IMAGE_291_TAG = "ftctl-docker-test:torch2.9.1"
 BUILD_291_NAME = f"ftctl-docker-test-torch291-{os.getpid()}"  # the container that installs it

@@ -8,12 +8,14 @@ the containers the engine really makes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -236,27 +238,70 @@ def test_a_run_silent_longer_than_the_read_timeout_returns_its_whole_log_and_jso
     assert manifest["data"]["old"]["path"] == str(root / "data" / "old.jsonl")
 
 
-def test_a_dropped_log_connection_is_attached_again_without_losing_or_repeating_bytes(
-    proj, ftctl_image, docker_engine, monkeypatch
+@pytest.fixture
+def dropped_engine_connections(monkeypatch):
+    """drop(): shut down every connection the docker SDK opened to the engine (a request in
+    flight fails as on an engine restart; the SDK reconnects for the next one). Returns the
+    failures the runner saw while waiting on the container."""
+    from docker.transport import unixconn
+
+    opened: list = []
+    real_connect = unixconn.UnixHTTPConnection.connect
+
+    def connect(self):
+        real_connect(self)
+        opened.append(self.sock)
+
+    monkeypatch.setattr(unixconn.UnixHTTPConnection, "connect", connect)
+    failures: list[Exception] = []
+    real_unanswered = container_mod._State._unanswered
+
+    def unanswered(self, exc, wait):
+        failures.append(exc)
+        return real_unanswered(self, exc, wait)
+
+    monkeypatch.setattr(container_mod._State, "_unanswered", unanswered)
+
+    def drop() -> int:
+        n = 0
+        for sock in list(opened):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                n += 1
+        return n
+
+    return drop, failures
+
+
+class _Sink(io.BytesIO):
+    """A byte stream another thread may watch."""
+
+    def text(self) -> str:
+        return self.getvalue().decode(errors="replace")
+
+
+def test_the_log_survives_dropped_engine_connections_without_a_lost_or_repeated_line(
+    proj, ftctl_image, docker_engine, dropped_engine_connections
 ):
-    """The first connection ends after one chunk while the container runs: the follower
-    attaches again, skips what it already passed on, and the rest arrives once."""
+    """The command inside writes its log to files in a mounted folder, followed by offset:
+    the engine's connections are shut down three times while it trains, the waits in flight
+    fail and are retried, and every line arrives exactly once."""
+    drop, failures = dropped_engine_connections
     root, model = proj
-    real_frames = container_mod._frames
-    connections: list[int] = []
+    out, err = _Sink(), _Sink()
+    args, mounts = _in_image(root, model, "drop", "--epochs", "3")
+    dropped: list[int] = []
 
-    def first_connection_drops(sock):
-        connections.append(1)
-        frames = real_frames(sock)
-        if len(connections) > 1:
-            return frames
-        first = next(iter(frames))
-        sock.close()
-        return iter([first])
+    def dropper() -> None:
+        deadline = time.monotonic() + 300
+        while "checking inputs" not in err.text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for _ in range(3):
+            dropped.append(drop())
+            time.sleep(1.0)
 
-    monkeypatch.setattr(container_mod, "_frames", first_connection_drops)
-    out, err = io.BytesIO(), io.BytesIO()
-    args, mounts = _in_image(root, model, "drop", "--epochs", "2")
+    thread = threading.Thread(target=dropper, daemon=True)
+    thread.start()
     code = run_in_image(
         args,
         image=ftctl_image,
@@ -266,13 +311,54 @@ def test_a_dropped_log_connection_is_attached_again_without_losing_or_repeating_
         stderr=err,
         client=docker_engine,
     )
-    log = err.getvalue().decode()
+    thread.join(10)
+    log = err.text()
     assert code == 0, log[-3000:]
-    assert len(connections) == 2
+    assert sum(dropped) >= 3 and failures, (dropped, failures)  # it really dropped, and was seen
     assert log.count("checking inputs") == 1 and log.count("writing the model") == 1
-    assert log.count("epoch 1: train_loss") == 1 and log.count("epoch 2: train_loss") == 1
-    last = out.getvalue().decode().strip().splitlines()[-1]
+    for epoch in (1, 2, 3):
+        assert log.count(f"epoch {epoch}: train_loss") == 1
+    last = out.text().strip().splitlines()[-1]
     assert last.startswith("wrote /workspace/models/drop/final  (best epoch")
+
+
+@pytest.mark.parametrize(
+    ("shm_size", "ipc", "processes", "shm_bytes", "ipc_mode"),
+    [
+        ("auto", "private", 2, 2 << 30, "private"),  # NCCL's room: 1g per process
+        ("auto", "private", 1, 64 << 20, "private"),  # one process: docker's default
+        ("512m", "private", 4, 512 << 20, "private"),
+        ("auto", "host", 2, None, "host"),
+    ],
+)
+def test_the_container_gets_the_shm_size_ipc_grace_and_log_folder_asked_for(
+    ftctl_image, docker_engine, monkeypatch, shm_size, ipc, processes, shm_bytes, ipc_mode
+):
+    """What the engine made, read back with `docker inspect` while the container runs:
+    HostConfig.ShmSize / IpcMode, $FTCTL_STOP_GRACE, the log folder mounted read-write; and
+    the command's output (`ftctl --version`) came through the log file."""
+    seen: dict = {}
+    real = container_mod.supervise
+
+    def inspecting(client, container, *rest):
+        seen.update(client.api.inspect_container(container.id))
+        return real(client, container, *rest)
+
+    monkeypatch.setattr(container_mod, "supervise", inspecting)
+    out = io.BytesIO()
+    code = run_in_image(
+        ["--version"], image=ftctl_image, gpus="none", gpus_used=processes,
+        shm_size=shm_size, ipc=ipc, stop_grace=45, stdout=out, client=docker_engine,
+    )  # fmt: skip
+    assert code == 0 and out.getvalue().decode().startswith("ftctl")
+    host = seen["HostConfig"]
+    assert host["IpcMode"] == ipc_mode
+    if shm_bytes is not None:
+        assert host["ShmSize"] == shm_bytes
+    assert "FTCTL_STOP_GRACE=45" in seen["Config"]["Env"]
+    (log_mount,) = [m for m in seen["Mounts"] if m["Destination"] == container_mod.LOG_MOUNT]
+    assert log_mount["RW"] is True
+    assert not Path(log_mount["Source"]).exists()  # removed with the container
 
 
 # --------------------------------------------------------------------------- GPUs

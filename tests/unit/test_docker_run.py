@@ -349,3 +349,90 @@ def test_image_config_rejects_bad_values():
         "image.memory",
         "image.tag",
     }
+
+
+# --------------------------------------------------------------------------- several GPUs
+
+
+def test_gpus_auto_reads_nproc_from_the_config_and_shm_grows_with_it(project, recorded):
+    """[train] nproc = 2 in ftctl.toml: --gpus auto asks for 2 GPUs (not 1), and /dev/shm
+    gets the multi-process default; --shm-size and --ipc stay outside the container."""
+    (project / "data" / "new.jsonl").write_text("{}\n")
+    (project / "ftctl.toml").write_text("[train]\nnproc = 2\n")
+    train = ["train", "--new-data", "data/new.jsonl", "--docker"]
+    assert runner.invoke(ftctl_app, train).exit_code == 3
+    res = runner.invoke(ftctl_app, [*train, "--nproc", "3", "--shm-size", "8g", "--ipc", "host"])
+    assert res.exit_code == 3, res.output
+    from_config, flags = recorded
+    assert (from_config["gpus_used"], from_config["shm_size"], from_config["ipc"]) == (
+        2,
+        "auto",
+        "private",
+    )
+    assert (flags["gpus_used"], flags["shm_size"], flags["ipc"]) == (3, "8g", "host")
+    assert "--shm-size" not in flags["argv"] and "--ipc" not in flags["argv"]
+    assert flags["argv"][flags["argv"].index("--nproc") + 1] == "3"
+
+
+def test_shm_plan_gives_several_processes_room_or_the_hosts_ipc():
+    from ftctl.container import shm_plan
+
+    assert shm_plan("auto", "private", 1) == (None, None)  # docker's 64m: one process
+    assert shm_plan("auto", "private", 2) == ("2g", None)
+    assert shm_plan("auto", "private", 8) == ("8g", None)
+    assert shm_plan("512m", "private", 8) == ("512m", None)  # the user's size wins
+    assert shm_plan("8g", "host", 2) == (None, "host")  # the host's /dev/shm: no size
+
+
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_docker_with_several_machines_is_refused_with_why(project, recorded, where):
+    (project / "data" / "new.jsonl").write_text("{}\n")
+    args = ["train", "--new-data", "data/new.jsonl", "--docker"]
+    if where == "flag":
+        args += ["--nnodes", "2", "--rdzv-endpoint", "node1:29400"]
+    else:
+        (project / "ftctl.toml").write_text('[train]\nnnodes = 2\nrdzv_endpoint = "node1:29400"\n')
+    res = runner.invoke(ftctl_app, args)
+    assert res.exit_code == 2, res.output
+    assert "--nnodes 2 with --docker" in res.output and "no network" in res.output
+    assert "without --docker" in res.output  # what to do instead
+    assert recorded == []  # nothing was started
+
+
+def test_bad_shm_size_or_ipc_is_a_usage_error_before_any_run(project, recorded):
+    (project / "data" / "new.jsonl").write_text("{}\n")
+    base = ["train", "--new-data", "data/new.jsonl", "--docker"]
+    for extra in (["--shm-size", "lots"], ["--ipc", "shareable"]):
+        res = runner.invoke(ftctl_app, [*base, *extra])
+        assert res.exit_code == 2, res.output
+        assert "image.shm_size" in res.output or "image.ipc" in res.output
+    assert recorded == []
+
+
+def test_torchrun_gives_its_processes_the_containers_grace(monkeypatch):
+    """Inside --docker, $FTCTL_STOP_GRACE ([image] stop_grace) is torchrun's shutdown timeout
+    too (its own default is 30 s); torch before 2.12 gets it as PContext.close's default."""
+    import argparse
+    import signal
+    from types import SimpleNamespace
+
+    from torch.distributed.elastic.multiprocessing import api
+    from torch.distributed.run import get_args_parser
+
+    from ftctl import distributed
+
+    assert distributed.stop_grace({}) == distributed.DEFAULT_GRACE == 60
+    assert distributed.stop_grace({"FTCTL_STOP_GRACE": "90"}) == 90
+    assert distributed.stop_grace({"FTCTL_STOP_GRACE": "x"}) == 60
+    args = get_args_parser().parse_args(["--standalone", "-m", "ftctl"])
+    distributed.give_workers(args, 90)
+    assert args.shutdown_timeout == 90  # torch 2.13: the launcher's own option
+    monkeypatch.setattr(api.PContext, "close", api.PContext.close)  # restored afterwards
+    distributed.give_workers(argparse.Namespace(), 75)  # an older torch: no such option
+    closed = []
+    context = SimpleNamespace(
+        _close=lambda death_sig, timeout: closed.append((death_sig, timeout)),
+        _tail_logs=[], filtered_stdout=None, filtered_stderr=None,
+    )  # fmt: skip
+    api.PContext.close(context, signal.SIGINT)  # as torch 2.9's agent calls it: no timeout
+    assert closed == [(signal.SIGINT, 75)]

@@ -38,17 +38,18 @@ TABLE = PathTable.of(
         ("'/workspace/models/a b'", "'/home/u/项目/models/a b'"),
         ("(/workspace/data)", "(/home/u/项目/data)"),
         ("--new-data=/workspace/data/x", "--new-data=/home/u/项目/data/x"),
-        # not mounted: made inside the container, marked as such
-        ("cache in /tmp/huggingface/x", "cache in container:/tmp/huggingface/x"),
-        ("/workspace/datax/a", "container:/workspace/datax/a"),
-        ("/workspace/out", "container:/workspace/out"),
+        # not under a mount: a path made inside the container, or a user's text: as it is
+        ("cache in /tmp/huggingface/x", None),
+        ("/workspace/datax/a", None),
+        ("/workspace/out", None),
+        ("'/help' 请打开 /home 查看", None),
         # already a host path of the table: left alone
         ("see /tmp/dk/final", "see /tmp/dk/final"),
         # not paths
         ("12.5 it/s, 3/4 done, http://host:8000/predict, a / b", None),
     ],
 )  # fmt: skip
-def test_text_maps_mounted_paths_and_marks_the_others(inner, shown):
+def test_text_maps_paths_under_a_mount_and_nothing_else(inner, shown):
     assert TABLE.rewrite_text(inner) == (inner if shown is None else shown)
 
 
@@ -91,12 +92,13 @@ def test_writer_waits_for_the_end_of_a_line_but_not_forever():
     assert sink.getvalue().startswith(b"no newline yet /tmp/dk")
 
 
-def test_json_document_is_rewritten_string_by_string_and_stays_valid():
+def test_json_document_maps_its_path_fields_and_stays_valid():
     doc = {
         "final_dir": "/mnt/host/1-dk/final",
         "config": "/mnt/host/0-my.toml",
+        "report_dir": "/opt/x",
         "made": "/opt/x",
-        "history": [{"epoch": 1, "note": "see /workspace/data/a.jsonl:2"}],
+        "warnings": ["see /workspace/data/a.jsonl:2"],
     }
     sink = io.BytesIO()
     writer = HostPathJsonWriter(TABLE, sink)
@@ -107,8 +109,45 @@ def test_json_document_is_rewritten_string_by_string_and_stays_valid():
     back = json.loads(sink.getvalue())
     assert back["final_dir"] == "/tmp/dk/final"
     assert back["config"] == '/etc/we"ird\\cfg.toml'  # a quote and a backslash: still JSON
-    assert back["made"] == "container:/opt/x"
-    assert back["history"][0]["note"] == "see /home/u/项目/data/a.jsonl:2"
+    assert back["report_dir"] == "container:/opt/x"  # a path ftctl wrote, made inside
+    assert back["made"] == "/opt/x"  # not a path field: as it is
+    assert back["warnings"] == ["see /home/u/项目/data/a.jsonl:2"]  # ftctl's message: as the log
+
+
+UTTERANCES = ["/help", "请打开 /home", "/workspace/data", "打开 /mnt/host/1-dk 文件夹", "/tmp"]
+
+
+def test_json_leaves_user_texts_alone_even_in_eval_flips_and_errors():
+    """Utterances are data, whatever they look like: in an evaluation's flips, in rows, in a
+    data error's problems; only the path fields and ftctl's messages are touched."""
+    doc = {
+        "ok": False,
+        "flips": {"broke": [{"text": t, "expected": "HELP", "base": "HELP", "candidate": "X"}
+                            for t in UTTERANCES]},
+        "rows": [{"text": t, "label": "/label"} for t in UTTERANCES],
+        "problems": [{"file": "/workspace/data/bad.jsonl", "line": 3, "message": "no label"}],
+        "history": [{"epoch": 1, "note": "/workspace/data/a.jsonl"}],
+    }  # fmt: skip
+    back = TABLE.rewrite_json(doc)
+    assert back["flips"] == doc["flips"] and back["rows"] == doc["rows"]
+    assert back["history"] == doc["history"]
+    assert back["problems"][0]["file"] == "/home/u/项目/data/bad.jsonl"
+    sink = io.BytesIO()
+    writer = HostPathJsonWriter(TABLE, sink)
+    writer.write(json.dumps(doc, ensure_ascii=False).encode())
+    writer.close()
+    assert json.loads(sink.getvalue())["flips"] == doc["flips"]
+
+
+@pytest.mark.parametrize("text", [*UTTERANCES[:2], "请打开 /home 和 /help"])
+def test_the_log_leaves_utterances_alone(text):
+    """A warning quoting a user's text (e.g. a row dropped as all-[UNK]) keeps it whole."""
+    line = f"warning: 1 text(s) are all [UNK] (first: /workspace/data/n.jsonl:4 '{text}')\n"
+    sink = io.BytesIO()
+    writer = HostPathWriter(TABLE, sink)
+    writer.write(line.encode())
+    writer.close()
+    assert sink.getvalue().decode() == line.replace("/workspace/data", "/home/u/项目/data")
 
 
 def test_json_writer_falls_back_to_text_when_the_output_is_not_json():
@@ -123,15 +162,23 @@ def test_manifest_payload_records_host_paths_from_the_environment(monkeypatch):
     payload = {
         "base_model": {"path": "/mnt/host/1-dk/base", "sha256": "ab"},
         "data": {"new": {"path": "/workspace/data/new.jsonl"}, "old": None},
+        "hyperparameters": {"new_data": "/workspace/data/new.jsonl", "lr": 5e-6},
+        "data_overlap": {"relabelled_rows": [
+            {"text": "/workspace/data", "label": "A", "new": "/workspace/data/new.jsonl:2"}
+        ]},
         "device": "cpu",
         "note": "text with /workspace/data inside is not a path value",
-    }
+    }  # fmt: skip
     assert record_host_paths(payload, None) == payload  # outside --docker: unchanged
     monkeypatch.setenv(ENV_VAR, TABLE.to_env())
     recorded = record_host_paths(payload)
     assert recorded["base_model"] == {"path": "/tmp/dk/base", "sha256": "ab"}
     assert recorded["data"]["new"]["path"] == "/home/u/项目/data/new.jsonl"
     assert recorded["note"] == payload["note"]
+    assert recorded["hyperparameters"]["new_data"] == "/home/u/项目/data/new.jsonl"
+    (row,) = recorded["data_overlap"]["relabelled_rows"]
+    assert row["text"] == "/workspace/data"  # a user's text that is exactly a mount: as it is
+    assert row["new"] == "/home/u/项目/data/new.jsonl:2"
     assert PathTable.from_env() == TABLE
     monkeypatch.setenv(ENV_VAR, "not json")
     assert PathTable.from_env() is None

@@ -120,7 +120,7 @@ def test_checkpoint_holds_only_what_resume_needs(job, tiny_model_dir):
     path = out / "checkpoints" / "last.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     assert set(state) == {
-        *("format", "fingerprint", "epoch", "batch", "step", "loss_sum", "seen"),
+        *("format", "fingerprint", "epoch", "batch", "step", "sums"),
         *("trainable", "optimizer", "scheduler", "rng", "best", "best_weights"),
         *("bad_evals", "history"),
     }
@@ -128,6 +128,7 @@ def test_checkpoint_holds_only_what_resume_needs(job, tiny_model_dir):
     assert not frozen and any(".layer.11." in n for n in state["trainable"])
     assert state["best"]["epoch"] == 1 and state["best_weights"] is None  # = trainable
     assert isinstance(state["rng"][0]["cpu"], bytes)
+    assert state["sums"] == [{"loss_sum": 0.0, "seen": 0}]  # per process; an epoch's end
     model_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
     assert path.stat().st_size < model_bytes  # the frozen embeddings + 8 layers are not in it
 
@@ -369,6 +370,51 @@ def test_nproc_2_on_cpu_matches_one_process(trained_base):
     model, _ = load_classifier(root / "two" / "final")
     assert model.config.num_labels == 6
     assert not (root / "two" / "checkpoints").exists()
+
+
+def _nproc2_args(root: Path, out: Path, *more: str) -> list[str]:
+    return [
+        *("train", "--new-data", str(root / "new.jsonl"), "--old-data", str(root / "orig.jsonl")),
+        *("--model-path", str(root / "base" / "final"), "--output-path", str(out)),
+        *("--lr", "1e-3", "--epochs", "3", "--patience", "0", "--val-ratio", "0.3"),
+        *("--batch-size", "4", "--device", "cpu", "--nproc", "2", *more),
+    ]
+
+
+@pytest.mark.slow
+def test_nproc_2_resumed_mid_epoch_keeps_each_process_loss_sum(trained_base):
+    """Two gloo processes stopped by SIGINT in the middle of epoch 2 (they agree on a step a
+    multiple of 8 in): the checkpoint holds each process's own running loss, and --resume ends
+    with the uninterrupted run's weights and train_loss in every epoch (before, every process
+    got rank 0's sum)."""
+    root = trained_base
+    straight = _ftctl(_nproc2_args(root, root / "ddp-straight", "--json"))
+    out, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err
+    expected = json.loads(out)["history"]
+    stopped = root / "ddp-stopped"
+    proc = _ftctl(_nproc2_args(root, stopped))
+    ckpt_file = stopped / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # epoch 1's checkpoint: the processes have just begun epoch 2
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    state = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and state["batch"] > 0, (state["epoch"], state["batch"])
+    sums = state["sums"]
+    assert len(sums) == 2 and sums[0]["seen"] == sums[1]["seen"] > 0
+    assert sums[0]["loss_sum"] != sums[1]["loss_sum"]  # each process's own rows
+    resumed = _ftctl(_nproc2_args(root, stopped, "--resume", "--json"))
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    got = json.loads(out)["history"]
+    assert len(got) == len(expected) == 4 and got[0] == expected[0]  # epoch 0: the base
+    for a, b in zip(got[1:], expected[1:], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6), (a, b)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6)
+    assert weights(stopped) == weights(root / "ddp-straight")
 
 
 def test_launcher_command_lines():
