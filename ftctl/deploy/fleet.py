@@ -3,10 +3,11 @@
 Upload to every host in parallel (each host's live model untouched), then go live one host at a
 time. With ``canary = N`` the first N hosts go live first (health + smoke, as every host) and
 are watched for ``canary_wait`` seconds (:mod:`ftctl.deploy.canary`) before the rest; a canary
-failure reverts the canaries and stops. Any other failure stops the rest and, by default
-(``on_failure = "revert"``), puts back every host that may serve the new model: those switched,
-and one whose link dropped during its go-live ("unknown"), reached again within
-``reconnect_timeout`` (else named, exit 6). The fleet never stays mixed in silence: every
+failure reverts the canaries and stops. A host whose link drops during its go-live is reached
+again (up to ``reconnect_timeout``) and its go-live's own outcome counts; not reached, it is
+"unknown", a failure. Any failure stops the rest and, by default (``on_failure = "revert"``),
+puts back every host that may serve the new model: those switched, and an unknown one, reached
+again within ``reconnect_timeout`` (else named, exit 6). The fleet never stays mixed in silence: every
 host's state is in the result (:data:`~ftctl.deploy.results.HOST_STATES`). One deploy id for
 all of it, in each host's deploys.log (hosts that never went live get a line saying why).
 """
@@ -206,6 +207,8 @@ class _Rollout:
         try:
             for i, s in enumerate(self.staged):
                 exc = go_live(s, "deploy", self.result.id, self.reporter)
+                if isinstance(exc, LinkDead):
+                    exc = self._outcome(s, self.specs[i], exc)
                 if exc is not None:
                     self._stop(i + 1, exc, canary=i < n)
                     return
@@ -221,6 +224,61 @@ class _Rollout:
         finally:
             for s in self.staged:
                 s.close()
+
+    def _outcome(self, s: Staged, spec, lost: LinkDead) -> FtctlError | None:
+        """The link dropped during ``s``'s go-live, which goes on on the server by itself:
+        reach the host again (up to ``reconnect_timeout``) and take the go-live's own outcome.
+        Unreachable, or still going at the deadline: the host stays unknown (``lost``)."""
+        hr = s.hr
+        self.reporter.warn(
+            f"{hr.host}: the link dropped during its go-live; reaching it again (up to "
+            f"{self.cfg.reconnect_timeout:g}s) for its outcome"
+        )
+        s.close()
+        deadline = time.monotonic() + self.cfg.reconnect_timeout
+        while True:
+            doc = self._status(spec)
+            st = (doc or {}).get("status") or {}
+            ours = st.get("id") == self.result.id and st.get("release") == s.release
+            if ours and st.get("state") not in (None, "running"):
+                break
+            if time.monotonic() >= deadline:
+                return lost
+            time.sleep(RETRY_S)
+        live, why = doc["live"], st.get("error") or st["state"]
+        if st["state"] == "ok" and live == s.release:
+            hr.ok, hr.state, hr.error, hr.release = True, "switched", None, s.release
+            hr.warnings.append("the link dropped during the go-live; reached again, it went live")
+            return None
+        if live == s.previous:
+            hr.state, hr.rolled_back = "rolled_back", True
+            return DeployError(
+                f"{hr.host}: {why}; rolled back to {s.previous} (seen after the link dropped)",
+                hint="the previous model is live again; see deploys.log on the server",
+            )
+        hr.state = "failed"
+        return RollbackFailed(
+            f"{hr.host}: {why}; it serves {live} (seen after the link dropped)",
+            hint="look at the server now (`ftctl status`)",
+        )
+
+    def _status(self, spec) -> dict | None:
+        """``ftctl status`` of one host (it finishes a go-live that died); None if unreachable."""
+        from ftctl.deploy.history import last_status
+
+        try:
+            conn = self.connect(spec)
+        except HostKeyError:
+            raise
+        except FtctlError:
+            return None
+        try:
+            return last_status(Session(conn, self.cfg, self.reporter))
+        except FtctlError:
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _canary_wait(self, n: int) -> FtctlError | None:
         live = [s for s in self.staged[:n] if s.hr.state == "switched"]
