@@ -47,7 +47,7 @@ def write_log(path: Path, lines: list[str]) -> Path:
 def entries(tmp_path, lines, cfg=CFG, since=None):
     log = write_log(tmp_path / "p.jsonl", lines)
     stats = ReadStats()
-    return read_log(LocalFiles(), str(log), cfg, stats, since), stats
+    return list(read_log(LocalFiles(), str(log), cfg, stats, since)), stats
 
 
 def test_doubtful_answers_are_picked_for_their_reasons(tmp_path):
