@@ -149,11 +149,11 @@ def split_lines(fh: BinaryIO, max_line: int = MAX_LINE) -> Iterator[bytes | None
     while chunk := fh.read(CHUNK):
         *lines, buf = (buf + chunk).split(b"\n")
         for line in lines:
-            yield None if skipping else line
+            yield None if skipping or len(line) > max_line else line
             skipping = False
         if len(buf) > max_line:
             buf, skipping = b"", True
-    if skipping:
+    if skipping or len(buf) > max_line:
         yield None
     elif buf:
         yield buf

@@ -203,13 +203,15 @@ def import_review(
     *,
     labels: Iterable[str] | None = None,
     against: Sequence[Path] = (),
+    label_files: Sequence[Path] = (),
     max_chars: int = 128,
     tokenizer=None,
 ) -> ImportResult:
     """Check every reviewed row; append them to ``target`` (the reviewed data) only if none has
     a problem (DataError listing all of them otherwise). ``labels`` None: the labels of the
-    target and ``against`` files plus the review's ``predicted`` column (the model's labels).
-    The target is read, checked and appended under one lock."""
+    target, ``against`` and ``label_files`` (the generated data, say) plus the review's
+    ``predicted`` column (the model's labels). The target is read, checked and appended under
+    one lock."""
     file_format(target)  # an unknown target format fails before anything is read
     rows, total, encoding = read_review(review)
     result = ImportResult(review, target, encoding, rows=total, reviewed=len(rows))
@@ -218,9 +220,13 @@ def import_review(
             f"{review}: no row has a label ({total} rows)",
             hint="fill in the 'label' column of the rows you reviewed, save, and run this again",
         )
+    if labels is None:
+        labels = {ex.label for ex in _existing(label_files, max_chars).values()}
+        labels |= {r.predicted for r in rows if r.predicted}
+        labels.add(None)  # ... and those of the target and ``against``, read under the lock
     try:
         with file_lock(target):
-            _check_and_append(result, rows, labels, against, max_chars, tokenizer)
+            _check_and_append(result, rows, set(labels), against, max_chars, tokenizer)
     except TimeoutError as exc:
         raise DataError(
             f"{target}: {exc}", hint="another import is stuck; see which process holds it"
@@ -231,9 +237,8 @@ def import_review(
 def _check_and_append(result: ImportResult, rows, labels, against, max_chars, tokenizer) -> None:
     review, target = result.review, result.target
     existing = _existing([target, *against], max_chars, tokenizer)
-    if labels is None:
-        known = {ex.label for ex in existing.values()} | {r.predicted for r in rows}
-        labels = {lab for lab in known if lab}
+    if None in labels:  # no list given: the labels the data uses are known labels
+        labels = (labels - {None}) | {ex.label for ex in existing.values()}
     new, result.already, result.repeated, result.problems = check_rows(
         rows, review, set(labels), existing, max_chars, tokenizer
     )

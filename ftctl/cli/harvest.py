@@ -188,8 +188,9 @@ def import_review_cmd(
         Path | None,
         typer.Option(
             "--labels",
-            help="Allowed labels: a model directory or a file with one label per line "
-            "(default: those in the data and the review's predicted column).",
+            help="Allowed labels: a model directory (its tokenizer then decides which texts are "
+            "the same) or a file with one label per line (default: those in the training data "
+            "and the review's predicted column).",
         ),
     ] = None,
     against: Annotated[
@@ -235,8 +236,8 @@ def import_review_cmd(
         against = [conf.train.old_data] if conf.train.old_data else []
     allowed = read_label_list(labels) if labels is not None else None
     res = import_review(
-        review, target, labels=allowed, against=against, max_chars=dcfg.max_chars,
-        tokenizer=model_tokenizer(labels),
+        review, target, labels=allowed, against=against, label_files=_training_data(conf),
+        max_chars=dcfg.max_chars, tokenizer=model_tokenizer(labels),
     )  # fmt: skip
     if json_out:
         common.emit_json(ctx, res.to_dict())
