@@ -66,8 +66,10 @@ def test_csv_targets_with_each_header_order_read_back_right(tmp_path, header, ne
     got = read_examples(target)
     assert not got.problems
     assert [(e.text, e.label) for e in got.examples] == [
-        ("帮我打卡", "CLOCK_IN"), ("下班了,签退", "CLOCK_IN"), ("今天几个人上班", "ATTENDANCE_TODAY"),
-    ]  # fmt: skip
+        ("帮我打卡", "CLOCK_IN"),
+        ("下班了,签退", "CLOCK_IN"),
+        ("今天几个人上班", "ATTENDANCE_TODAY"),
+    ]
     if "id" in cols:  # the id column is filled: review file and row
         assert [e.id for e in got.examples[1:]] == ["r:2", "r:3"]
 
@@ -191,7 +193,7 @@ def test_generate_without_a_record_replaces_a_file_only_if_no_row_is_lost(projec
     assert _generate("--format", "jsonl").exit_code == 0  # the same rows: nothing lost
     (project / "data" / "incremental_training_data.generated.json").unlink()
     rows = gen.read_text(encoding="utf-8").splitlines()
-    gen.write_text("\n".join(rows[:-1] + ['{"text": "手写的", "label": "CLOCK_IN"}']) + "\n")
+    gen.write_text("\n".join([*rows[:-1], '{"text": "手写的", "label": "CLOCK_IN"}']) + "\n")
     assert _generate("--format", "jsonl").exit_code == ExitCode.DATA
 
 

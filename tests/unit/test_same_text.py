@@ -62,7 +62,8 @@ def test_generate_makes_them_one_text(tmp_path):
 
 
 def test_validate_and_convert_make_them_one_text(tmp_path, lowercasing_model):
-    data = write_jsonl(tmp_path / "d.jsonl", [(A, "CLOCK_IN"), (B, "CLOCK_IN"), ("下班", "CLOCK_OUT")])
+    rows = [(A, "CLOCK_IN"), (B, "CLOCK_IN"), ("下班", "CLOCK_OUT")]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
     for extra in ([], ["--labels", str(lowercasing_model)]):
         res = runner.invoke(app, ["data", "validate", str(data), "--json", *extra])
         doc = json.loads(res.stdout)
@@ -72,13 +73,14 @@ def test_validate_and_convert_make_them_one_text(tmp_path, lowercasing_model):
     assert json.loads(res.stdout)["dropped_duplicates"] == 1
     assert [e.text for e in read_examples(out).examples] == [A, "下班"]
     conflict = write_jsonl(tmp_path / "c.jsonl", [(A, "CLOCK_IN"), (B, "ORDER_QUERY")])
-    res = runner.invoke(app, ["data", "validate", str(conflict), "--labels", str(lowercasing_model)])
+    args = ["data", "validate", str(conflict), "--labels", str(lowercasing_model)]
+    res = runner.invoke(app, args)
     assert res.exit_code == ExitCode.DATA and "conflict: same text" in res.output
 
 
 def test_train_reconciles_them_as_one_text(lowercasing_model):
     tok = load_tokenizer(lowercasing_model)
-    new, old, rec = reconcile([Example(A, "ORDER_QUERY")], [Example(B, "CLOCK_IN")], tok)
+    _new, old, rec = reconcile([Example(A, "ORDER_QUERY")], [Example(B, "CLOCK_IN")], tok)
     assert [o.dropped.text for o in rec.relabelled] == [B] and old == []
 
 
