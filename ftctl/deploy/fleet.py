@@ -57,8 +57,12 @@ def deploy(
     dry_run: bool = False,
     reporter: Reporter = NULL,
     hooks: Hooks | None = None,
+    release: str | None = None,
+    note: dict | None = None,
 ) -> DeployResult:
-    """Deploy to every host (see the module docstring); failures are recorded in the result."""
+    """Deploy to every host (see the module docstring); failures are recorded in the result.
+    ``release`` names the new release (default ``<UTC ts>-<sha8>``); ``note`` adds fields to
+    each host's deploys.log entry (promote: ``promoted_from``)."""
     _check(cfg)
     canary, on_failure = cfg.canary, cfg.on_failure
     model = load_local_model(model_dir, reporter)
@@ -88,11 +92,15 @@ def deploy(
             connect,
             hosts[i],
             lambda conn: stage(
-                conn, cfg, model, deploy_id, hr, reporter=reporter, hooks=hooks, bar=bar
+                conn, cfg, model, deploy_id, hr, reporter=reporter, hooks=hooks, bar=bar,
+                release=release,
             ),
-        )
+        )  # fmt: skip
 
     staged = _in_parallel(one, len(hosts), result)
+    for s in staged:
+        if s is not None:
+            s.note = dict(note or {})
     if result.error is not None:  # nothing switched anywhere: give the other locks back
         for s in staged:
             if s is not None:

@@ -43,6 +43,7 @@ class Staged:
     digest: str | None
     prune: list[str] = field(default_factory=list)  # releases retention removes once live
     started: float = field(default_factory=time.monotonic)
+    note: dict = field(default_factory=dict)  # extra fields of the deploys.log entry
 
     def close(self) -> None:
         if self.lock is not None:
@@ -109,8 +110,10 @@ def stage(
     reporter: Reporter = NULL,
     hooks: Hooks | None = None,
     bar: bool = True,
+    release: str | None = None,
 ) -> Staged:
-    """Upload ``model`` next to the live one; the live model is untouched. Raises DeployError."""
+    """Upload ``model`` next to the live one; the live model is untouched. Raises DeployError.
+    ``release``: the name to give it (promote keeps staging's), default ``<UTC ts>-<sha8>``."""
     session = Session(conn, cfg)
     hr.host = f"{conn.user}@{conn.host}:{conn.port}"
     reporter.stage(f"{session.host}: lock and look")
@@ -134,7 +137,7 @@ def stage(
             hr.release, hr.reused = st.live, True
             return Staged(session, hr, lock, None, st.live, model.digest)
         _check_space(session, st, plan)
-        name = plan.reuse or f"{golive.utc_stamp()}-{model.sha8}"
+        name = plan.reuse or release or f"{golive.utc_stamp()}-{model.sha8}"
         incoming = None if plan.reuse else f".incoming-{os.urandom(6).hex()}"
         prep = _prepare(session, plan, incoming)
         hr.backup = prep.get("backup")
@@ -253,6 +256,7 @@ def job_for(s: Staged, action: str, deploy_id: str, release: str, previous: str 
             "backup": hr.backup,
             "seconds": round(time.monotonic() - s.started, 2),
             "ftctl": __version__,
+            **s.note,
         },
     }
 
