@@ -10,10 +10,10 @@ import typer
 from ftctl.cli import common, ssh
 
 
-def _env(ctx: typer.Context, profile: str, accept_new: bool):
+def _env(ctx: typer.Context, profile: str, accept_new: bool, **flags):
     from ftctl.deploy.promote import Env
 
-    cfg, hosts = ssh.target(ctx, profile, None)
+    cfg, hosts = ssh.target(ctx, profile, None, **flags)
     return Env(profile, cfg, hosts, ssh.connector(cfg, None, accept_new))
 
 
@@ -64,6 +64,8 @@ def promote_cmd(
             "it from the first staging host.",
         ),
     ] = None,
+    identity: ssh.IdentityOpt = None,
+    known_hosts: ssh.KnownHostsOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
     dry_run: common.DryRunOpt = False,
     json_out: common.JsonOpt = False,
@@ -82,9 +84,10 @@ def promote_cmd(
     """
     from ftctl.deploy.promote import promote
 
+    ssh_flags = {"identity": identity, "known_hosts": known_hosts}  # both sides, when given
     res = promote(
-        _env(ctx, source, accept_new_host_key),
-        _env(ctx, target, accept_new_host_key),
+        _env(ctx, source, accept_new_host_key, **ssh_flags),
+        _env(ctx, target, accept_new_host_key, **ssh_flags),
         local_copy=model_path,
         dry_run=dry_run,
         reporter=common.reporter(ctx),
