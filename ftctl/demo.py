@@ -92,7 +92,6 @@ class DemoConfig:
     ssh: bool = True  # deploy over SSH to a local sshd (else a local target, same deploy code)
     keep_serving: bool = False  # leave the local server running at the end
     showcase_per_intent: int = 2  # live predictions shown per pair intent
-    reviewer: Path | None = None  # the reviewer's answers; default DATA_DIR/demo_reviewer.csv
     harvest_limit: int = 40  # rows of the demo's review file
     force: bool = False  # empty a non-empty workdir even if the demo did not make it
 
@@ -449,7 +448,7 @@ def _harvest(cfg: DemoConfig, server: LocalServer, known: Sequence[Path], out: P
 def reviewer_file(cfg: DemoConfig) -> Path:
     """The users' questions of the demo with the answers its reviewer gives (``text,label``
     CSV, as Excel saves it): data/demo_reviewer.csv."""
-    return cfg.reviewer or cfg.data_dir / "demo_reviewer.csv"
+    return cfg.data_dir / "demo_reviewer.csv"
 
 
 def users_questions(cfg: DemoConfig) -> list[str]:

@@ -97,7 +97,12 @@ class _Pipeline:
             "templates": str(self.data.templates),
             "intents": len(templates.intents),
             "per_intent": self.data.per_intent,
-            "would_write": [str(stem.with_suffix(".jsonl")), str(stem.with_suffix(".csv"))],
+            "would_write": [
+                str(stem.with_suffix(".jsonl")),
+                str(stem.with_suffix(".csv")),
+                f"{stem}.generated.json",
+            ],
+            "never_writes": str(self.data.reviewed),
             "where": self._where(),
         }
 

@@ -176,5 +176,11 @@ def test_promote_takes_the_healthy_staging_release_to_production_unchanged(
     assert origin["gate"]["report_sha256"] == report["report_sha256"]
     assert origin["gate"]["report"] == report["report"]
 
+    listing = runner.invoke(app, ["--config", str(config), "releases", "--profile", "production",
+                                  "--json"])  # fmt: skip
+    (rows,) = json.loads(listing.stdout)["hosts"].values()
+    (live,) = [r for r in rows if r["live"]]
+    assert live["name"] == release and live["eval_report"]["verdict"] == "PASS"
+
     again = promote(staging.env("staging"), production.env("production"))  # idempotent
     assert again.ok and again.deploy.hosts[0].reused
