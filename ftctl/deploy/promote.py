@@ -20,7 +20,6 @@ The seed's rule 验证后再部署 (verify in a test environment, then deploy). 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftctl.deploy.fleet import deploy
+from ftctl.deploy.fleet import deploy, per_host
 from ftctl.deploy.history import probe
 from ftctl.deploy.local import EVAL_REPORT, check_relpath, load_local_model
 from ftctl.deploy.results import DeployResult
@@ -301,13 +300,9 @@ def _local_copy(path: Path | None, view: StagingView) -> Path | None:
 # --------------------------------------------------------------------------- promote
 
 
-def _with(env: Env, spec, fn):
-    conn = env.connect(spec)
-    try:
-        return fn(Session(conn, env.cfg))
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
+def _on(env: Env, hosts: list, fn) -> list:
+    """``fn(session)`` on each of ``hosts`` of ``env``, in order."""
+    return list(per_host(env.cfg, hosts, env.connect, fn).values())
 
 
 def origin(source: Env, view: StagingView, gate: dict, dest: Path) -> dict:
@@ -339,7 +334,7 @@ def promote(
     docstring). A refusal raises; a failed production deploy is in ``result.error``."""
     result = PromoteResult(source.name, target.name, dry_run=dry_run)
     reporter.stage(f"promote: look at [deploy.{source.name}] ({len(source.hosts)} host(s))")
-    result.staging = [_with(source, spec, look) for spec in source.hosts]
+    result.staging = _on(source, source.hosts, look)
     view = choose(result.staging, source.name)
     result.release, result.digest = view.live, view.digest
     result.gate = check_verdict(view)
@@ -350,7 +345,8 @@ def promote(
         return result
     with tempfile.TemporaryDirectory(prefix="ftctl-promote-") as tmp:
         reporter.stage(f"promote: {view.live} from {result.files_from}, checked file by file")
-        dest = _with(source, source.hosts[0], lambda s: gather(s, view, Path(tmp) / "final", local))
+        dest = Path(tmp) / "final"
+        _on(source, source.hosts[:1], lambda session: gather(session, view, dest, local))
         note = {"promoted_from": origin(source, view, result.gate, dest)}
         reporter.stage(f"promote: deploy {view.live} to [deploy.{target.name}]")
         result.deploy = deploy(
