@@ -251,11 +251,12 @@ def import_review_cmd(
     )  # fmt: skip
     if res.encoding != "utf-8-sig":
         common.out.print(f"(read as {res.encoding})", markup=False)
-    common.out.print(
-        "next: ftctl train (it reads the reviewed data after the generated data: a reviewed "
-        "label wins)",
-        markup=False,
+    nxt = (
+        "ftctl train (it reads the reviewed data after the generated data: a reviewed label wins)"
+        if target == dcfg.reviewed
+        else f"ftctl train --new-data GENERATED --new-data {target} (the later file's label wins)"
     )
+    common.out.print(f"next: {nxt}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
