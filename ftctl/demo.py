@@ -402,7 +402,7 @@ def _traffic(server: LocalServer, texts: Sequence[str]) -> None:
 
 def _harvest(cfg: DemoConfig, server: LocalServer, known: Sequence[Path], out: Path):
     """`ftctl harvest` of the live service's log over the deploy's SSH: the doubtful answers
-    not already in ``known`` (the training data) -> the review file ``out``."""
+    not already in ``known`` (the training data, the test pool) -> the review file ``out``."""
     from ftctl.config import HarvestConfig
     from ftctl.data import read_examples, text_keys
     from ftctl.harvest import LocalFiles, SFTPFiles, harvest, write_review
@@ -562,9 +562,8 @@ def run_demo(cfg: DemoConfig, *, reporter: Reporter = NULL) -> DemoResult:
 
         with st.run("users' traffic to production; harvest its doubtful answers over SSH"):
             _traffic(servers["production"], users_questions(cfg))
-            result.harvest = _harvest(
-                cfg, servers["production"], [generated, reviewed], work / "review.csv"
-            )
+            known = [generated, reviewed, cfg.data_dir / "test_cases.jsonl"]
+            result.harvest = _harvest(cfg, servers["production"], known, work / "review.csv")
 
         with st.run("the reviewer labels the review file; import-review into the reviewed data"):
             result.review = _review(

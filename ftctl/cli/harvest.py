@@ -117,7 +117,7 @@ def harvest_cmd(
         typer.Option(
             "--exclude",
             help="Leave out texts already in this data file; repeatable.",
-            show_default="the generated and the reviewed data",
+            show_default="the generated and the reviewed data, and the test pool",
         ),
     ] = None,
     json_out: common.JsonOpt = False,
@@ -137,7 +137,8 @@ def harvest_cmd(
     hcfg = override(conf.harvest, limit=limit, max_score=max_score, min_margin=min_margin)
     check(hcfg)
     since_iso = core.parse_since(since) if since else None
-    excluded = _known_texts(exclude if exclude is not None else _training_data(conf))
+    known = [*_training_data(conf), conf.eval.test_data]  # a reviewed test case would leak
+    excluded = _known_texts(exclude if exclude is not None else known)
     rep = common.reporter(ctx)
     conns = []
     try:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from ftctl.cli import common, ssh
 
@@ -20,15 +21,17 @@ def _env(ctx: typer.Context, profile: str, accept_new: bool, **flags):
 def _print(res) -> None:
     out = common.out
     for v in res.staging:
-        mark = "[green]healthy[/]" if v.healthy else "[red]not healthy[/]"
-        out.print(f"{res.source} {v.host}: {v.live or '-'} {mark} ({v.health})", highlight=False)
+        mark = ("healthy", "green") if v.healthy else ("not healthy", "red")
+        out.print(Text.assemble(f"{res.source} {v.host}: {v.live or '-'} ", mark,
+                                f" ({v.health})"))  # fmt: skip
     if res.gate:
         detail = res.gate.get("gate") or {}
         out.print(
-            f"gate: [bold green]{res.gate.get('verdict')}[/] (report {detail.get('report')}, "
-            f"sha256 {str(detail.get('report_sha256'))[:12]})",
-            highlight=False,
-        )
+            Text.assemble(
+                "gate: ", (str(res.gate.get("verdict")), "bold green"),
+                f" (report {detail.get('report')}, sha256 {str(detail.get('report_sha256'))[:12]})",
+            )
+        )  # fmt: skip
     if res.dry_run:
         out.print("plan (nothing changes):")
         for line in res.plan:
