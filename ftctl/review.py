@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftctl.data import Example, TextKey, append_examples, file_format, read_examples, text_keys
-from ftctl.errors import DataError, Problem
+from ftctl.errors import ConfigError, DataError, Problem
 from ftctl.fsutil import file_lock
+from ftctl.generate import written_by_generate
 from ftctl.harvest import from_cell
 
 
@@ -213,6 +214,12 @@ def import_review(
     ``predicted`` column (the model's labels). The target is read, checked and appended under
     one lock."""
     file_format(target)  # an unknown target format fails before anything is read
+    if written_by_generate(target):
+        raise ConfigError(
+            f"{target}: `ftctl data generate` writes that file (and would replace it)",
+            hint="import into the reviewed data ([data] reviewed, data/reviewed.jsonl, the "
+            "default): train reads it after the generated data, so the reviewed labels win",
+        )
     rows, total, encoding = read_review(review)
     result = ImportResult(review, target, encoding, rows=total, reviewed=len(rows))
     if not rows:

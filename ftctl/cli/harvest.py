@@ -219,20 +219,12 @@ def import_review_cmd(
     Example: `ftctl data import-review data/review-20261130-081500.csv --labels models/live/final`
     """
     from ftctl.cli.data import model_tokenizer, read_label_list
-    from ftctl.errors import ConfigError
-    from ftctl.generate import written_by_generate
     from ftctl.review import import_review
 
     conf = common.config(ctx)
     dcfg = override(conf.data, max_chars=max_chars)
     check(dcfg)
     target = to or dcfg.reviewed
-    if written_by_generate(target):
-        raise ConfigError(
-            f"--to {target}: `ftctl data generate` writes that file (and would replace it)",
-            hint=f"import into the reviewed data ({dcfg.reviewed}, the default): train reads "
-            "it after the generated data, so the reviewed labels win",
-        )
     if against is None:
         against = [conf.train.old_data] if conf.train.old_data else []
     allowed = read_label_list(labels) if labels is not None else None

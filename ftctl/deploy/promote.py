@@ -240,13 +240,20 @@ def check_verdict(view: StagingView) -> dict:
 # --------------------------------------------------------------------------- the files
 
 
-def _get(sftp, remote: str, local: Path) -> None:
+def _get(session: Session, sftp, remote: str, local: Path) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
-    with sftp.open(remote, "rb") as src, open(local, "wb") as dst:
-        if hasattr(src, "prefetch"):
-            src.prefetch()
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
+    try:
+        with sftp.open(remote, "rb") as src, open(local, "wb") as dst:
+            if hasattr(src, "prefetch"):
+                src.prefetch()
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    except OSError as exc:
+        raise DeployError(
+            f"{session.host}: cannot fetch {remote}: {exc}",
+            hint="the release on staging is incomplete; redeploy it to staging, or pass a local "
+            "copy with --model-path",
+        ) from None
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -265,13 +272,13 @@ def gather(session: Session, view: StagingView, dest: Path, local: Path | None) 
     src = f"{session.cfg.remote_dir}/releases/{view.live}"
     sftp = session.conn.sftp()
     for name in (MANIFEST, EVAL_REPORT):
-        _get(sftp, f"{src}/{name}", dest / name)
+        _get(session, sftp, f"{src}/{name}", dest / name)
     for rel, sha in sorted(view.files.items()):
         check_relpath(rel, dest)
         if local is not None:
             _place(local / rel, dest / rel)
         else:
-            _get(sftp, f"{src}/{rel}", dest / rel)
+            _get(session, sftp, f"{src}/{rel}", dest / rel)
         if sha256_file(dest / rel) != sha:
             where = str(local / rel) if local is not None else f"{session.host}:{src}/{rel}"
             raise DeployError(

@@ -182,5 +182,10 @@ def test_promote_takes_the_healthy_staging_release_to_production_unchanged(
     (live,) = [r for r in rows if r["live"]]
     assert live["name"] == release and live["eval_report"]["verdict"] == "PASS"
 
-    again = promote(staging.env("staging"), production.env("production"))  # idempotent
-    assert again.ok and again.deploy.hosts[0].reused
+    with pytest.raises(PromoteRefused, match=r"--model-path .* staging serves"):
+        promote(staging.env("staging"), production.env("production"),
+                local_copy=candidates["fail"])  # fmt: skip
+    again = promote(staging.env("staging"), production.env("production"),
+                    local_copy=candidates["pass"])  # fmt: skip
+    assert again.ok and again.deploy.hosts[0].reused  # idempotent: nothing sent
+    assert again.files_from == str(candidates["pass"])
