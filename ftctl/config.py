@@ -49,6 +49,8 @@ class DataConfig:
     seed: int = 42  # generation is deterministic for a seed
     format: str = "both"  # jsonl | csv | both
     max_chars: int = 128  # longer texts are validation errors
+    reviewed: Path = Path("data/reviewed.jsonl")  # import-review appends here; generate never
+    #                                                writes it; train uses it last (it wins)
 
     def problems(self) -> list[Problem]:
         out = []
@@ -65,7 +67,8 @@ class DataConfig:
 class TrainConfig:
     """``[train]``: incremental fine-tuning; defaults are the seed's anti-forgetting values."""
 
-    new_data: Path | None = None  # the incremental data (required)
+    new_data: tuple[Path, ...] = ()  # incremental data files (required); on the same text a
+    #                                  later file's label wins ([data] reviewed goes last)
     old_data: Path | None = None  # replay source; without it forgetting protection is reduced
     model_path: Path | None = None  # base classifier directory (HF format, required)
     output_path: Path = Path("models/incremental")  # OUTPUT/final/ is written here
@@ -94,6 +97,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches summed per optimizer step (effective batch: batch x N)
     cache_budget: str = "auto"  # GPU memory for the frozen-prefix cache: auto (half the free
     #                             memory) | a size ("8g"; "0": pinned CPU memory, streamed)
+
+    def __post_init__(self) -> None:  # one file given alone (TrainConfig(new_data=path))
+        if isinstance(self.new_data, str | os.PathLike):
+            object.__setattr__(self, "new_data", (Path(self.new_data),))
 
     def problems(self) -> list[Problem]:
         out = []
@@ -471,8 +478,12 @@ def _coerce(
             return str(value)
     elif origin is tuple:
         (inner, *_rest) = typing.get_args(tp)
+        if isinstance(value, str) and inner is Path:  # new_data = "x.jsonl": one file
+            value = [value]
         if isinstance(value, list):
-            return tuple(_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value))
+            return tuple(
+                _coerce(v, inner, f"{where}[{i}]", problems, base) for i, v in enumerate(value)
+            )
         if isinstance(value, dict) and typing.get_origin(inner) is tuple:
             # smoke = {"帮我打卡" = "CLOCK_IN"} -> (("帮我打卡", "CLOCK_IN"),)
             return tuple((str(k), str(v)) for k, v in value.items())

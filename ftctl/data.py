@@ -5,9 +5,11 @@ CSV:   header ``user_input,intent_code`` (optional ``id`` column).
 Both UTF-8, with or without BOM. Readers report every problem with file:line, never only the
 first, and never a traceback.
 
-Two texts are "the same" when their :func:`normalize_text` forms are equal (NFKC, whitespace
-collapsed): within a file (duplicates, conflicts) and across files (:func:`reconcile`, the
-relabels and duplicates between new and old data).
+"The same text" is decided in one place, :func:`text_key`, and means what the model sees:
+NFKC (full-width = half-width), whitespace, and the tokenizer's lowercasing; with the model's
+tokenizer at hand, equal token ids. Every caller uses it: within a file (duplicates,
+conflicts), across files (:func:`reconcile`, the relabels and duplicates between new and old
+data), ``data generate``, ``harvest``, ``import-review`` and eval's leakage check.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftctl.errors import DataError, Problem
-from ftctl.fsutil import atomic_write_text
+from ftctl.fsutil import atomic_write_text, rewrite_bytes
 
 CSV_TEXT, CSV_LABEL = "user_input", "intent_code"
 FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
@@ -59,10 +61,35 @@ class ReadResult:
         return [p for p in self.problems if p.severity == "warning"]
 
 
-def normalize_text(text: str) -> str:
-    """The form texts are compared in: NFKC (full-width letters, digits and punctuation become
-    half-width: 'ＡＢ１？' == 'AB1?') and whitespace runs collapsed to one space, stripped."""
+TextKey = str | tuple[int, ...]
+
+
+def _canonical(text: str) -> str:
+    """NFKC (full-width letters, digits and punctuation become half-width: 'ＡＢ１？' ==
+    'AB1?'), whitespace runs collapsed to one space, stripped."""
     return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def text_key(text: str, tokenizer=None) -> TextKey:
+    """What decides that two texts are the same, everywhere in ftctl: equal keys.
+
+    Without a tokenizer: the NFKC form, whitespace collapsed, lowercased (the Chinese BERT
+    tokenizers, chinese-roberta-wwm-ext's included, lowercase). With the model's tokenizer:
+    the token ids of the NFKC form, so two texts are one exactly when the model gets the same
+    input (its own lowercasing, [UNK]s and whitespace handling included).
+    """
+    return text_keys([text], tokenizer)[0]
+
+
+def text_keys(texts: Sequence[str], tokenizer=None) -> list[TextKey]:
+    """:func:`text_key` of many texts (one tokenizer call for all of them)."""
+    forms = [_canonical(t) for t in texts]
+    if tokenizer is None:
+        return [f.lower() for f in forms]
+    if not forms:
+        return []
+    ids = tokenizer(forms, add_special_tokens=False)["input_ids"]
+    return [tuple(i) for i in ids]
 
 
 def file_format(path: Path) -> str:
@@ -234,13 +261,15 @@ def read_examples(
     *,
     max_chars: int = DEFAULT_MAX_CHARS,
     allowed_labels: Iterable[str] | None = None,
+    tokenizer=None,
 ) -> ReadResult:
     """Read a JSONL or CSV file (by extension) and collect every problem.
 
     Never raises for bad rows; raises :class:`DataError` only when the file as a whole cannot
     be read (missing, not UTF-8, unknown extension). Texts are stripped of surrounding spaces.
     Checks: invalid rows, missing/empty text, too long text, missing or unknown label, the same
-    text (after :func:`normalize_text`) with two labels (error), duplicates (warning).
+    text (:func:`text_key`, with ``tokenizer`` when given) with two labels (error), duplicates
+    (warning).
     """
     path = Path(path)
     fmt = file_format(path)
@@ -248,41 +277,49 @@ def read_examples(
     file = str(path)
     allowed = frozenset(allowed_labels) if allowed_labels is not None else None
     parse = _parse_jsonl if fmt == "jsonl" else _parse_csv
-    examples: list[Example] = []
+    rows: list[Example] = []
     problems: list[Problem] = []
-    seen: dict[str, Example] = {}
     for lineno, text, label, ex_id, parse_problems in parse(content, file):
         if parse_problems:
             problems.extend(parse_problems)
             continue
         row_problems = _row_problems(text, label, file, lineno, max_chars, allowed)
         problems.extend(row_problems)
-        if row_problems:
-            continue
-        ex = Example(
-            text.strip(), label.strip(), None if ex_id is None else str(ex_id), file, lineno
-        )
-        key = normalize_text(ex.text)
-        first = seen.get(key)
-        if first is not None:
-            if first.label != ex.label:
-                problems.append(
-                    Problem(
-                        f"conflict: same text labelled '{first.label}' on line {first.line} "
-                        f"and '{ex.label}' here",
-                        file,
-                        lineno,
-                        "label",
-                    )
-                )
-            else:
-                problems.append(
-                    Problem(f"duplicate of line {first.line}", file, lineno, "text", "warning")
-                )
-            continue
-        seen[key] = ex
-        examples.append(ex)
+        if not row_problems:
+            ex_id = None if ex_id is None else str(ex_id)
+            rows.append(Example(text.strip(), label.strip(), ex_id, file, lineno))
+    examples, same = _dedupe(rows, tokenizer)
+    problems.extend(same)
+    problems.sort(key=lambda p: p.line or 0)
     return ReadResult(examples, problems)
+
+
+def _dedupe(rows: Sequence[Example], tokenizer) -> tuple[list[Example], list[Problem]]:
+    """(the first row of each text, a problem for every later one: a conflict when the label
+    differs, else a duplicate)."""
+    seen: dict[TextKey, Example] = {}
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    for ex, key in zip(rows, text_keys([r.text for r in rows], tokenizer), strict=True):
+        first = seen.get(key)
+        if first is None:
+            seen[key] = ex
+            examples.append(ex)
+        elif first.label != ex.label:
+            problems.append(
+                Problem(
+                    f"conflict: same text labelled '{first.label}' on line {first.line} "
+                    f"('{first.text}') and '{ex.label}' here",
+                    ex.file,
+                    ex.line,
+                    "label",
+                )
+            )
+        else:
+            problems.append(
+                Problem(f"duplicate of line {first.line}", ex.file, ex.line, "text", "warning")
+            )
+    return examples, problems
 
 
 def load_examples(
@@ -291,13 +328,16 @@ def load_examples(
     max_chars: int = DEFAULT_MAX_CHARS,
     allowed_labels: Iterable[str] | None = None,
     what: str = "data",
+    tokenizer=None,
 ) -> list[Example]:
     """Read a file for training or eval: any error raises one DataError listing all of them.
 
     Warnings (duplicates) are dropped silently: duplicates are already removed from the result.
     An empty result is an error too.
     """
-    result = read_examples(path, max_chars=max_chars, allowed_labels=allowed_labels)
+    result = read_examples(
+        path, max_chars=max_chars, allowed_labels=allowed_labels, tokenizer=tokenizer
+    )
     errors = result.errors
     if errors:
         shown = "\n".join(f"  {p}" for p in errors[:20])
@@ -344,10 +384,13 @@ class Overlap:
 @dataclass(frozen=True)
 class Reconciliation:
     """What :func:`reconcile` did: old rows relabelled by the new data, and old rows that
-    repeat a new one (same text, same label). Both left the replay pool."""
+    repeat a new one (same text, same label); both left the replay pool. Or what
+    :func:`combine` did (``between="new"``): rows of an earlier --new-data file whose text a
+    later file has."""
 
     relabelled: list[Overlap]
     duplicates: list[Overlap]
+    between: str = "old"  # old: new data vs the replay pool | new: --new-data files
 
     def to_dict(self) -> dict:
         return {
@@ -359,29 +402,46 @@ class Reconciliation:
 
     def messages(self, first: int = 5) -> list[str]:
         """One line per kind that happened, naming the first few."""
+        if self.between == "new":
+            kinds = (
+                (self.relabelled, "relabelled by a later --new-data file ({files}): its label "
+                 "wins"),
+                (self.duplicates, "repeated in a later --new-data file ({files}) with the same "
+                 "label: one copy kept"),
+            )  # fmt: skip
+        else:
+            kinds = (
+                (self.relabelled, "relabelled by the new data (the new label wins)"),
+                (self.duplicates, "repeated in the new data with the same label (one copy kept)"),
+            )
         out = []
-        for rows, what in (
-            (self.relabelled, "relabelled by the new data (the new label wins)"),
-            (self.duplicates, "repeated in the new data with the same label (one copy kept)"),
-        ):
+        for rows, what in kinds:
             if rows:
+                files = ", ".join(sorted({f"{o.dropped.file} < {o.kept.file}" for o in rows}))
                 shown = "; ".join(str(o) for o in rows[:first])
                 more = (
                     f"; ... {len(rows) - first} more in the manifest" if len(rows) > first else ""
                 )
-                out.append(f"{len(rows)} old row(s) {what}, left the replay pool: {shown}{more}")
+                whose = "old row(s)" if self.between == "old" else "row(s)"
+                out.append(
+                    f"{len(rows)} {whose} {what.format(files=files)}"
+                    + (", left the replay pool" if self.between == "old" else "")
+                    + f": {shown}{more}"
+                )
         return out
 
 
 def overlaps(
-    earlier: Sequence[Example], later: Sequence[Example]
+    earlier: Sequence[Example], later: Sequence[Example], tokenizer=None
 ) -> tuple[list[Example], list[Overlap]]:
-    """(the rows of ``later`` whose text is not in ``earlier``, the overlaps)."""
-    first = {normalize_text(ex.text): ex for ex in reversed(earlier)}
+    """(the rows of ``later`` whose text (:func:`text_key`) is not in ``earlier``, the
+    overlaps)."""
+    keys = text_keys([ex.text for ex in earlier], tokenizer)
+    first = dict(zip(reversed(keys), reversed(earlier), strict=True))
     kept: list[Example] = []
     found: list[Overlap] = []
-    for ex in later:
-        hit = first.get(normalize_text(ex.text))
+    for ex, key in zip(later, text_keys([ex.text for ex in later], tokenizer), strict=True):
+        hit = first.get(key)
         if hit is None:
             kept.append(ex)
         else:
@@ -390,12 +450,12 @@ def overlaps(
 
 
 def reconcile(
-    new: Sequence[Example], old: Sequence[Example]
+    new: Sequence[Example], old: Sequence[Example], tokenizer=None
 ) -> tuple[list[Example], list[Example], Reconciliation]:
     """(new, old, what changed): an old row whose text is also in the new data leaves the old
     data: with another label the new label wins (a relabel), with the same label one copy is
     enough (it can then never be in both train and validation)."""
-    kept, found = overlaps(new, old)
+    kept, found = overlaps(new, old, tokenizer)
     rec = Reconciliation(
         relabelled=[o for o in found if o.relabelled],
         duplicates=[o for o in found if not o.relabelled],
@@ -403,13 +463,41 @@ def reconcile(
     return list(new), kept, rec
 
 
-def cross_file_problems(files: Sequence[Sequence[Example]]) -> list[Problem]:
+def combine(
+    files: Sequence[Sequence[Example]], tokenizer=None
+) -> tuple[list[Example], Reconciliation]:
+    """Several new-data files as one: on the same text (:func:`text_key`) the later file's row
+    wins (``ftctl train --new-data GENERATED --new-data REVIEWED``: the reviewed label)."""
+    winners: list[Example] = []
+    found: list[Overlap] = []
+    for examples in reversed(files):
+        rest, over = overlaps(winners, examples, tokenizer)
+        found += over
+        winners = rest + winners
+    rec = Reconciliation(
+        relabelled=[o for o in found if o.relabelled],
+        duplicates=[o for o in found if not o.relabelled],
+        between="new",
+    )
+    return winners, rec
+
+
+def with_reviewed(files: Sequence[Path], reviewed: Path) -> tuple[Path, ...]:
+    """The --new-data files with the reviewed data last (so its labels win), when it exists;
+    ``files`` as they are when there are none (train then says --new-data is required)."""
+    if not files or not Path(reviewed).is_file():
+        return tuple(files)
+    same = Path(reviewed).resolve()
+    return (*(f for f in files if Path(f).resolve() != same), Path(reviewed))
+
+
+def cross_file_problems(files: Sequence[Sequence[Example]], tokenizer=None) -> list[Problem]:
     """Warnings for texts in more than one file, on the later file's row, in the terms of
     ``ftctl train --new-data FIRST --old-data LATER``."""
     problems: list[Problem] = []
     seen: list[Example] = []
     for examples in files:
-        kept, found = overlaps(seen, examples)
+        kept, found = overlaps(seen, examples, tokenizer)
         for o in found:
             d, k = o.dropped, o.kept
             if o.relabelled:
@@ -460,3 +548,69 @@ def write_examples(
         else to_csv(examples, with_ids=with_ids)
     )
     return atomic_write_text(path, text)
+
+
+def _csv_header(head: str, path: Path) -> list[str]:
+    try:
+        header = next(csv.reader(io.StringIO(head, newline="")), [])
+    except csv.Error as exc:
+        raise DataError(f"{path}:1: invalid CSV header: {exc}") from None
+    header = [h.strip() for h in header]
+    missing = [c for c in (CSV_TEXT, CSV_LABEL) if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}:1: cannot append: the CSV header has no {', '.join(missing)} "
+            f"(found: {','.join(header)})",
+            hint=f"give the file a header with {CSV_TEXT} and {CSV_LABEL}, or append to another "
+            "file",
+        )
+    return header
+
+
+def _appended_rows(old: str, fmt: str, examples: Sequence[Example], path: Path, nl: str) -> str:
+    """The new rows in the file's own shape: a CSV's columns in its header's order (``id``
+    filled, other columns empty); JSONL with ids when its first row has one."""
+    if fmt == "jsonl":
+        first = next((ln for ln in old.split("\n") if ln.strip()), "")
+        try:
+            with_ids = '"id"' in first and "id" in json.loads(first)
+        except (ValueError, TypeError):
+            with_ids = False
+        return to_jsonl(examples, with_ids=with_ids).replace("\n", nl)
+    if not old.strip():
+        return to_csv(examples).replace("\n", nl)
+    header = _csv_header(old.split("\n", 1)[0], path)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, lineterminator=nl)
+    for ex in examples:
+        cells = {CSV_TEXT: ex.text, CSV_LABEL: ex.label, "id": ex.id or ""}
+        w.writerow([cells.get(col, "") for col in header])
+    return buf.getvalue()
+
+
+def append_examples(path: str | Path, examples: Sequence[Example]) -> Path:
+    """Append rows to a JSONL or CSV data file, following the file: a CSV's header (whatever
+    its column order, with or without ``id``), its line ending, a JSONL file's ids. One atomic
+    write (the bytes already there are kept as they are) that keeps the file's mode and
+    symlink. Several processes: hold :func:`ftctl.fsutil.file_lock` around the read, the
+    checks and this call."""
+    path = Path(path)
+    fmt = file_format(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = b""
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        old = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{path}: not UTF-8: cannot append to it",
+            hint=f"convert it first: iconv -f GB18030 -t UTF-8 '{path}'",
+        ) from None
+    nl = "\r\n" if old.split("\n", 1)[0].endswith("\r") else "\n"
+    if raw and not raw.endswith(b"\n"):
+        raw += nl.encode()
+    body = _appended_rows(old, fmt, examples, path, nl)
+    return rewrite_bytes(path, raw + body.encode("utf-8"))

@@ -1,9 +1,12 @@
-"""The demo: the seed's whole workflow on the shipped data, on this machine, end to end.
+"""The demo: the seed's whole workflow and its loop, on the shipped data, on this machine.
 
-generate -> base classifier -> eval -> local "production" server (sshd + supervisor +
-``ftctl serve``) -> incremental fine-tune -> gate -> deploy over SSH -> live predictions before
-and after -> harvest of the live service's doubtful answers (its prediction log, over SSH).
-Everything lands under ``workdir`` (default models/demo/), which the demo owns.
+generate -> base classifier -> eval -> two local servers, staging and production (each a real
+sshd + supervisor + ``ftctl serve``, the base model live) -> users' traffic to production ->
+harvest of its doubtful answers over SSH -> the reviewer's answers (``data/demo_reviewer.csv``,
+standing in for the person) fill in the review file -> import-review into the reviewed data ->
+incremental fine-tune on the generated + reviewed data -> gate -> deploy to staging -> promote
+staging's release to production -> both services' answers before and after. Everything lands
+under ``workdir`` (default models/demo/), which the demo owns.
 """
 
 from __future__ import annotations
@@ -89,7 +92,6 @@ class DemoConfig:
     ssh: bool = True  # deploy over SSH to a local sshd (else a local target, same deploy code)
     keep_serving: bool = False  # leave the local server running at the end
     showcase_per_intent: int = 2  # live predictions shown per pair intent
-    traffic: int = 300  # test utterances sent to the live service before the harvest
     harvest_limit: int = 40  # rows of the demo's review file
     force: bool = False  # empty a non-empty workdir even if the demo did not make it
 
@@ -112,18 +114,19 @@ class DemoResult:
     base_report: dict[str, Any] | None = None
     gate_report: dict[str, Any] | None = None
     report_dir: Path | None = None
-    deploy: dict[str, Any] | None = None
-    live_before: list[dict[str, Any]] = field(default_factory=list)
-    live_after: list[dict[str, Any]] = field(default_factory=list)
+    deploy: dict[str, Any] | None = None  # to staging
+    promote: dict[str, Any] | None = None  # staging -> production
+    live: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)  # staging, production
     transport: str = ""
-    server_url: str = ""
     harvest: dict[str, Any] | None = None
+    review: dict[str, Any] | None = None  # the reviewer's answers, imported
     stages: list[StageResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         gate = (self.gate_report or {}).get("gate", {})
         return {
-            "ok": gate.get("verdict") == "PASS" and bool(self.deploy and self.deploy.get("ok")),
+            "ok": gate.get("verdict") == "PASS" and bool(self.promote and self.promote.get("ok")),
             "workdir": str(self.workdir),
             "base_dir": str(self.base_dir) if self.base_dir else None,
             "candidate_dir": str(self.candidate_dir) if self.candidate_dir else None,
@@ -131,9 +134,15 @@ class DemoResult:
             "gate": gate,
             "pairs": pair_table(self.gate_report) if self.gate_report else [],
             "deploy": self.deploy,
+            "promote": self.promote,
             "transport": self.transport,
-            "live": showcase_table(self.live_before, self.live_after),
+            "urls": self.urls,
+            "live": {
+                env: showcase_table(answers.get("before", []), answers.get("after", []))
+                for env, answers in self.live.items()
+            },
             "harvest": self.harvest,
+            "review": self.review,
             "stages": [s.to_dict() for s in self.stages],
         }
 
@@ -215,7 +224,9 @@ def _generate(cfg: DemoConfig, out_dir: Path, reporter: Reporter) -> Path:
     from ftctl.generate import write_generated
 
     templates = cfg.data_dir / DataConfig().templates.name
-    dc = DataConfig(templates=templates, out_dir=out_dir, format="jsonl")
+    dc = DataConfig(
+        templates=templates, out_dir=out_dir, format="jsonl", reviewed=out_dir / "reviewed.jsonl"
+    )
     made = write_generated(dc, reporter=reporter)
     reporter.info(f"{len(made.examples)} incremental examples -> {made.paths[0]}")
     return made.paths[0]
@@ -235,7 +246,7 @@ def _base(cfg: DemoConfig, out: Path, reporter: Reporter) -> Path:
 
 def _eval(cfg: DemoConfig, model: Path, baseline: Path | None, report_dir: Path, reporter):
     from ftctl.evaluate import run_eval
-    from ftctl.report import write_report
+    from ftctl.report import write_report, write_verdict
 
     settings = EvalConfig(
         test_data=cfg.data_dir / "test_cases.jsonl",
@@ -245,10 +256,14 @@ def _eval(cfg: DemoConfig, model: Path, baseline: Path | None, report_dir: Path,
     )
     report = run_eval(model, settings, baseline_dir=baseline, reporter=reporter)
     write_report(report, report_dir, reporter=reporter)
+    if baseline is not None:  # the verdict travels with the release (promote reads it)
+        write_verdict(report, report_dir, model)
     return report
 
 
-def _train(cfg: DemoConfig, new: Path, base: Path, out: Path, reporter: Reporter) -> Path:
+def _train(
+    cfg: DemoConfig, new: tuple[Path, ...], base: Path, out: Path, reporter: Reporter
+) -> Path:
     from ftctl.train import train
 
     tc = TrainConfig(
@@ -276,10 +291,11 @@ def _train(cfg: DemoConfig, new: Path, base: Path, out: Path, reporter: Reporter
 
 
 class LocalServer:
-    """The demo's production server: a real sshd, supervisor and ``ftctl serve``, on loopback.
+    """A demo server: a real sshd, supervisor and ``ftctl serve``, on loopback.
 
     Laid out like the users' server before ftctl: ``remote_dir/final`` is a real directory
-    holding the live (base) model, served by the ``python-services`` program.
+    holding the live (base) model, served by the ``python-services`` program. A go-live
+    reloads the service (SIGHUP: ``ftctl serve`` swaps models without failing a request).
     """
 
     def __init__(self, root: Path, live_model: Path, *, ssh: bool) -> None:
@@ -295,22 +311,30 @@ class LocalServer:
         self.supervisor = Supervisor(
             root / "supervisor",
             [*ftctl_cmd, "--model-path", str(self.remote_dir / "final"), "--port", str(self.port)],
+            env={"OMP_NUM_THREADS": "1"},  # several services share this machine's cores
         )
         self.sshd = LocalSSHD(root / "ssh") if ssh else None
 
-    def start(self) -> LocalServer:
-        from ftctl.errors import EnvironmentProblem
-        from ftctl.localserver import wait_http
-
+    def launch(self) -> LocalServer:
+        """Start sshd and the service; :meth:`wait` for it (several start side by side)."""
         if self.sshd is not None:
             self.sshd.start()
         self.supervisor.start()
-        if not wait_http(f"{self.url}/health", 60):
+        return self
+
+    def wait(self) -> LocalServer:
+        from ftctl.errors import EnvironmentProblem
+        from ftctl.localserver import wait_http
+
+        if not wait_http(f"{self.url}/health", 90):
             raise EnvironmentProblem(
                 f"the local inference service did not come up on {self.url}",
                 hint=f"see {self.supervisor.workdir}/python-services.log",
             )
         return self
+
+    def start(self) -> LocalServer:
+        return self.launch().wait()
 
     def deploy_config(self, smoke: Sequence[tuple[str, str]]) -> DeployConfig:
         sshd = self.sshd
@@ -320,10 +344,26 @@ class LocalServer:
             known_hosts=sshd.known_hosts if sshd else None,
             remote_dir=str(self.remote_dir),
             restart_cmd=self.supervisor.restart_cmd,
+            reload_cmd=self.supervisor.reload_cmd,
             health_url=f"{self.url}/health",
             health_timeout=90.0,
             smoke=tuple(smoke),
             keep_releases=5,
+        )
+
+    def target(self, smoke: Sequence[tuple[str, str]] = ()):
+        """(DeployConfig, hosts, connect) for the deploy code: over SSH, or local."""
+        from ftctl.remote import connect, parse_host
+
+        cfg = self.deploy_config(smoke)
+        if self.sshd is None:
+            from ftctl.localserver import local_connection
+
+            return cfg, ["local"], lambda spec: local_connection()
+        return (
+            cfg,
+            [parse_host(h, cfg.user, cfg.port) for h in cfg.hosts],
+            (lambda spec: connect(spec, cfg)),
         )
 
     def close(self) -> None:
@@ -334,44 +374,50 @@ class LocalServer:
 
 def _deploy(model: Path, server: LocalServer, smoke, reporter: Reporter) -> dict[str, Any]:
     from ftctl.deploy import deploy
-    from ftctl.remote import connect, parse_host
 
-    cfg = server.deploy_config(smoke)
-    if server.sshd is not None:
-        hosts = [parse_host(h, cfg.user, cfg.port) for h in cfg.hosts]
-        connector = lambda spec: connect(spec, cfg)  # noqa: E731
-    else:
-        from ftctl.localserver import local_connection
-
-        hosts = ["local"]
-        connector = lambda spec: local_connection()  # noqa: E731
+    cfg, hosts, connector = server.target(smoke)
     result = deploy(model, cfg, hosts, connector, reporter=reporter)
     if result.error is not None:
         raise result.error
     return result.to_dict()
 
 
-def _harvest(cfg: DemoConfig, server: LocalServer, new_data: Path, out: Path) -> dict[str, Any]:
-    """Users' traffic to the live service, then `ftctl harvest` over the deploy's SSH."""
-    from ftctl.config import HarvestConfig
-    from ftctl.data import load_examples
-    from ftctl.harvest import LocalFiles, SFTPFiles, harvest, normalize, write_review
-    from ftctl.remote import connect, parse_host
+def _promote(staging: LocalServer, production: LocalServer, smoke, reporter) -> dict[str, Any]:
+    from ftctl.deploy.promote import Env, promote
 
-    tests = load_examples(cfg.data_dir / "test_cases.jsonl", what="test")[: cfg.traffic]
-    for i in range(0, len(tests), 16):
-        http_json(f"{server.url}/predict", {"texts": [ex.text for ex in tests[i : i + 16]]})
+    res = promote(
+        Env("staging", *staging.target()), Env("production", *production.target(smoke)),
+        reporter=reporter,
+    )  # fmt: skip
+    if res.error is not None:
+        raise res.error
+    return res.to_dict()
+
+
+def _traffic(server: LocalServer, texts: Sequence[str]) -> None:
+    """Users' requests to the live service (its prediction log records them)."""
+    for i in range(0, len(texts), 16):
+        http_json(f"{server.url}/predict", {"texts": list(texts[i : i + 16])})
+
+
+def _harvest(cfg: DemoConfig, server: LocalServer, known: Sequence[Path], out: Path):
+    """`ftctl harvest` of the live service's log over the deploy's SSH: the doubtful answers
+    not already in ``known`` (the training data, the test pool) -> the review file ``out``."""
+    from ftctl.config import HarvestConfig
+    from ftctl.data import read_examples, text_keys
+    from ftctl.harvest import LocalFiles, SFTPFiles, harvest, write_review
+
     log = f"{server.remote_dir}/logs/predictions.jsonl"
-    exclude = {normalize(ex.text) for ex in load_examples(new_data)}
+    texts = [ex.text for p in known if p.is_file() for ex in read_examples(p).examples]
     conn = None
     if server.sshd is not None:
-        dc = server.deploy_config(())
-        conn = connect(parse_host(dc.hosts[0], dc.user, dc.port), dc)
+        _cfg, hosts, connect = server.target()
+        conn = connect(hosts[0])
     try:
         source = SFTPFiles(conn) if conn is not None else LocalFiles()
         res = harvest(
             [(source, log)], HarvestConfig(limit=cfg.harvest_limit), EvalConfig().pairs,
-            exclude=exclude,
+            exclude=set(text_keys(texts)),
         )  # fmt: skip
     finally:
         if conn is not None:
@@ -399,6 +445,64 @@ def _harvest(cfg: DemoConfig, server: LocalServer, new_data: Path, out: Path) ->
     }
 
 
+def reviewer_file(cfg: DemoConfig) -> Path:
+    """The users' questions of the demo with the answers its reviewer gives (``text,label``
+    CSV, as Excel saves it): data/demo_reviewer.csv."""
+    return cfg.data_dir / "demo_reviewer.csv"
+
+
+def users_questions(cfg: DemoConfig) -> list[str]:
+    """What the users asked production (the texts of the reviewer's file)."""
+    from ftctl.review import read_review
+
+    return [r.text for r in read_review(reviewer_file(cfg))[0]]
+
+
+def reviewer_answers(path: Path) -> dict:
+    """The reviewer's answers: text key -> label."""
+    from ftctl.data import text_key
+    from ftctl.review import read_review
+
+    rows, _n, _encoding = read_review(path)
+    return {text_key(r.text): r.label for r in rows}
+
+
+def fill_review(review: Path, answers: dict, out: Path) -> int:
+    """What the person does in Excel: fill in the label column of the rows they know; the
+    filled file is saved as ``out`` (UTF-8 with BOM, CRLF). Returns the rows filled."""
+    import csv
+    import io
+
+    from ftctl.data import text_key
+    from ftctl.fsutil import atomic_write_bytes
+    from ftctl.harvest import from_cell
+
+    rows = list(csv.reader(io.StringIO(review.read_text(encoding="utf-8-sig"), newline="")))
+    header, filled = rows[0], 0
+    ti, li = header.index("text"), header.index("label")
+    for row in rows[1:]:
+        label = answers.get(text_key(from_cell(row[ti])))
+        if label:
+            row[li], filled = label, filled + 1
+    buf = io.StringIO(newline="")
+    csv.writer(buf, lineterminator="\r\n").writerows(rows)
+    atomic_write_bytes(out, buf.getvalue().encode("utf-8-sig"))
+    return filled
+
+
+def _review(cfg: DemoConfig, harvested: Path, filled: Path, reviewed: Path, base: Path):
+    """The reviewer fills in the harvest's review file; `ftctl data import-review` brings the
+    labelled rows into the reviewed data."""
+    from ftctl.model import load_tokenizer, resolve_labels
+    from ftctl.review import import_review
+
+    n = fill_review(harvested, reviewer_answers(reviewer_file(cfg)), filled)
+    res = import_review(
+        filled, reviewed, labels=resolve_labels(base, None), tokenizer=load_tokenizer(base)
+    )
+    return {"filled": n, "file": str(filled), **res.to_dict()}
+
+
 # --------------------------------------------------------------------------- the demo
 
 
@@ -424,18 +528,23 @@ def prepare_workdir(cfg: DemoConfig) -> Path:
     return work
 
 
+def _answers(result: DemoResult, env: str, when: str, url: str, showcase) -> None:
+    result.live.setdefault(env, {})[when] = live_predictions(url, showcase)
+
+
 def run_demo(cfg: DemoConfig, *, reporter: Reporter = NULL) -> DemoResult:
     """Run the whole demo; raises the failing stage's FtctlError (GateFailed: exit 4)."""
     work = prepare_workdir(cfg)
     result = DemoResult(workdir=work, transport="ssh" if cfg.ssh else "local")
-    st = Stages("demo", 9, reporter)
+    st = Stages("demo", 10, reporter)
     result.stages = st.results
     pairs = EvalConfig().pairs
     showcase = showcase_cases(cfg.data_dir / "test_cases.jsonl", pairs, cfg.showcase_per_intent)
-    server: LocalServer | None = None
+    servers: dict[str, LocalServer] = {}
     try:
         with st.run("generate the incremental training data"):
-            new_data = _generate(cfg, work / "data", reporter)
+            generated = _generate(cfg, work / "data", reporter)
+            reviewed = work / "data" / "reviewed.jsonl"
 
         with st.run("train the base classifier (stand-in for chinese-roberta-wwm-ext)"):
             result.base_dir = _base(cfg, work / "base", reporter)
@@ -444,14 +553,26 @@ def run_demo(cfg: DemoConfig, *, reporter: Reporter = NULL) -> DemoResult:
             base_reports = work / "reports" / "base"
             result.base_report = _eval(cfg, result.base_dir, None, base_reports, reporter)
 
-        with st.run("start the production server (sshd + supervisor + ftctl serve) on loopback"):
-            server = LocalServer(work / "server", result.base_dir, ssh=cfg.ssh).start()
-            result.server_url = server.url
-            result.live_before = live_predictions(server.url, showcase)
+        with st.run("start staging and production (each sshd + supervisor + ftctl serve)"):
+            for env in ("staging", "production"):
+                servers[env] = LocalServer(work / env, result.base_dir, ssh=cfg.ssh).launch()
+            for env, server in servers.items():
+                result.urls[env] = server.wait().url
+                _answers(result, env, "before", server.url, showcase)
 
-        with st.run("incremental fine-tune (replay, frozen layers, early stopping)"):
+        with st.run("users' traffic to production; harvest its doubtful answers over SSH"):
+            _traffic(servers["production"], users_questions(cfg))
+            known = [generated, reviewed, cfg.data_dir / "test_cases.jsonl"]
+            result.harvest = _harvest(cfg, servers["production"], known, work / "review.csv")
+
+        with st.run("the reviewer labels the review file; import-review into the reviewed data"):
+            result.review = _review(
+                cfg, work / "review.csv", work / "review-filled.csv", reviewed, result.base_dir
+            )
+
+        with st.run("fine-tune on generated + reviewed data (replay, frozen layers, early stop)"):
             result.candidate_dir = _train(
-                cfg, new_data, result.base_dir, work / "incremental", reporter
+                cfg, (generated, reviewed), result.base_dir, work / "incremental", reporter
             )
 
         with st.run("gate: candidate vs live model on the same cases"):
@@ -461,15 +582,17 @@ def run_demo(cfg: DemoConfig, *, reporter: Reporter = NULL) -> DemoResult:
             )
             check_gate(result.gate_report, result.report_dir)  # GateFailed: not deployed
 
-        with st.run("deploy over SSH: backup, upload, verify, swap, restart, health, smoke"):
-            result.deploy = _deploy(result.candidate_dir, server, SEED_EXAMPLES, reporter)
+        with st.run("deploy to staging over SSH: backup, upload, verify, swap, reload, health"):
+            result.deploy = _deploy(result.candidate_dir, servers["staging"], (), reporter)
+            _answers(result, "staging", "after", servers["staging"].url, showcase)
 
-        with st.run("live predictions after the deploy"):
-            result.live_after = live_predictions(server.url, showcase)
-
-        with st.run("harvest: the live service's doubtful answers, over SSH, into a review file"):
-            result.harvest = _harvest(cfg, server, new_data, work / "review.csv")
+        with st.run("promote: staging's live, healthy, gated release to production"):
+            result.promote = _promote(
+                servers["staging"], servers["production"], SEED_EXAMPLES, reporter
+            )
+            _answers(result, "production", "after", servers["production"].url, showcase)
         return result
     finally:
-        if server is not None and not cfg.keep_serving:
-            server.close()
+        if not cfg.keep_serving:
+            for server in servers.values():
+                server.close()

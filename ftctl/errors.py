@@ -170,6 +170,11 @@ class LockHeld(DeployError):
     """Another deploy holds the remote lock."""
 
 
+class PromoteRefused(DeployError):
+    """Staging holds nothing promote may take (unhealthy, mixed, mid-deploy); production is
+    untouched."""
+
+
 class HostKeyError(EnvironmentProblem):
     """The server's host key is unknown or does not match known_hosts."""
 

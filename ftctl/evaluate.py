@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ftctl.config import EvalConfig
-from ftctl.data import DEFAULT_MAX_CHARS, Example, load_examples, normalize_text, read_examples
+from ftctl.data import DEFAULT_MAX_CHARS, Example, load_examples, read_examples, text_keys
 from ftctl.errors import ConfigError, DataError, EvalError, FtctlError, GateFailed, Problem
 from ftctl.model import resolve_device
 from ftctl.progress import NULL, Reporter
@@ -473,17 +473,20 @@ def check_pairs(
 
 
 def leakage(cases: Sequence[Case], model_dir: Path) -> dict[str, Any]:
-    """Test cases whose text (normalised) is in the training data recorded in ``model_dir``'s
-    manifest (``data``: new, old, train); each file's status: checked, changed (sha256 differs
-    from the manifest's; still checked), missing or unreadable."""
+    """Test cases whose text is in the training data recorded in ``model_dir``'s manifest
+    (``data``: new, new_2..., old, train), "the same text" as the model sees it
+    (:func:`ftctl.data.text_key` with its tokenizer); each file's status: checked, changed
+    (sha256 differs from the manifest's; still checked), missing or unreadable."""
     from ftctl.fsutil import sha256_file
     from ftctl.manifest import MANIFEST, read_manifest
+    from ftctl.model import load_tokenizer
 
     out: dict[str, Any] = {"checked": False, "sources": [], "n": 0, "of": len(cases), "cases": []}
     if not (model_dir / MANIFEST).is_file():
         out["reason"] = f"no {MANIFEST}: the candidate's training data is not recorded"
         return out
-    index: dict[str, Example] = {}
+    tokenizer = load_tokenizer(model_dir)
+    index: dict[Any, Example] = {}
     for role, rec in (read_manifest(model_dir).get("data") or {}).items():
         if not isinstance(rec, dict) or not rec.get("path"):
             continue
@@ -500,11 +503,12 @@ def leakage(cases: Sequence[Case], model_dir: Path) -> dict[str, Any]:
         except FtctlError:
             src["status"] = "unreadable"
             continue
-        for ex in examples:
-            index.setdefault(normalize_text(ex.text), ex)
+        for key, ex in zip(text_keys([ex.text for ex in examples], tokenizer), examples,
+                           strict=True):  # fmt: skip
+            index.setdefault(key, ex)
     out["checked"] = any(s["status"] in ("checked", "changed") for s in out["sources"])
-    for c in cases:
-        hit = index.get(normalize_text(c.text))
+    for c, key in zip(cases, text_keys([c.text for c in cases], tokenizer), strict=True):
+        hit = index.get(key)
         if hit is not None:
             out["cases"].append(
                 {"id": c.id, "text": c.text, "label": c.label, "train": hit.source,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -50,12 +52,12 @@ def normalize_modes(root: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+def atomic_file(path: str | os.PathLike, *, mode: int | None = None) -> Iterator[IO[bytes]]:
     """A binary file that becomes ``path`` only when the block ends without an error: written
     to a temp file in the same directory, fsynced, renamed (one rename). A failed or
     interrupted write leaves the previous file (or nothing), never half a file. The file gets
-    the mode a plain ``open()`` would give it (mkstemp's is 0600: a model copied with ``scp
-    -r`` would be unreadable by a service running as another user)."""
+    ``mode``, by default the mode a plain ``open()`` would give it (mkstemp's is 0600: a model
+    copied with ``scp -r`` would be unreadable by a service running as another user)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -64,7 +66,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, file_mode())
+        os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -72,11 +74,49 @@ def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as fh:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`), with ``mode`` if given."""
+    with atomic_file(path, mode=mode) as fh:
         fh.write(data)
     return Path(path)
+
+
+def rewrite_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace an existing file's content atomically as :func:`atomic_write_bytes` does, but
+    keep what the file is: its mode, and a symlink stays a symlink (the file it points to is
+    replaced). A missing file is created with the default mode."""
+    real = Path(os.path.realpath(path))
+    try:
+        mode = real.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    return atomic_write_bytes(real, data, mode=mode)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float = 120.0) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` for a read-modify-write of ``path`` by several
+    processes. The lock is a file of its own beside the real file (``.NAME.lock``): an atomic
+    replace gives ``path`` a new inode, so a lock on the old one would not exclude anyone.
+    TimeoutError after ``timeout`` seconds of waiting."""
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    lock = real.parent / f".{real.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    msg = f"{lock}: held by another process for {timeout:.0f}s"
+                    raise TimeoutError(msg) from None
+                time.sleep(0.02)
+        yield lock
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -20,11 +20,18 @@ users edit::
 
 A variant is ``filler + prefix + phrasing (slots filled) + suffix + punctuation``. Every
 phrasing is used once plain, then round-robin with random decorations, until each intent has
-``per_intent`` distinct texts. Output is deterministic for a seed. Pure: no printing, no typer.
+``per_intent`` distinct texts (distinct by :func:`ftctl.data.text_key`: ``麻烦了？`` and
+``麻烦了?`` are one text). Output is deterministic for a seed. Pure: no printing, no typer.
+
+Generate writes only files it wrote before: beside its outputs it records what it wrote
+(``STEM.generated.json``: each file's sha256), and it refuses to replace a file that holds rows
+it did not write (an edited or appended file, someone else's data) unless ``force``. It never
+writes the reviewed data (``[data] reviewed``).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
@@ -35,8 +42,19 @@ from pathlib import Path
 import yaml
 
 from ftctl.config import DataConfig
-from ftctl.data import DEFAULT_MAX_CHARS, Example, write_examples
-from ftctl.errors import ConfigError, DataError, Problem
+from ftctl.data import (
+    DEFAULT_MAX_CHARS,
+    Example,
+    TextKey,
+    file_format,
+    read_examples,
+    text_key,
+    text_keys,
+    to_csv,
+    to_jsonl,
+)
+from ftctl.errors import ConfigError, DataError, FtctlError, Problem
+from ftctl.fsutil import atomic_write_text, sha256_bytes, sha256_file
 from ftctl.progress import NULL, Reporter
 
 DECORATIONS = ("prefixes", "fillers", "suffixes", "punctuation")
@@ -244,7 +262,7 @@ def _intent_texts(it: IntentTemplates, slots: dict, n: int, seed: int) -> list[t
     order = list(range(len(it.phrasings)))
     rng.shuffle(order)
     out: list[tuple[str, _Origin]] = []
-    seen: set[str] = set()
+    seen: set[TextKey] = set()
     max_attempts = n * _ATTEMPTS_PER_SAMPLE + len(order)
     for attempt in range(max_attempts):
         if len(out) >= n:
@@ -252,8 +270,9 @@ def _intent_texts(it: IntentTemplates, slots: dict, n: int, seed: int) -> list[t
         i = order[attempt % len(order)]
         body = _fill(it.phrasings[i], slots, rng)
         text = body.strip() if attempt < len(order) else _decorate(body, it.decorations, rng)
-        if text and text not in seen:
-            seen.add(text)
+        key = text_key(text)
+        if text and key not in seen:
+            seen.add(key)
             out.append((text, _Origin(it.label, i, it.phrasings[i])))
     return out
 
@@ -274,7 +293,7 @@ def generate(
     """
     if per_intent < 1:
         raise DataError("per_intent must be >= 1", hint="pass --per-intent N with N >= 1")
-    owner: dict[str, _Origin] = {}
+    owner: dict[TextKey, tuple[str, _Origin]] = {}
     rows: list[Example] = []
     with reporter.task("generating", total=len(templates.intents), unit="intents") as advance:
         for it in templates.intents:
@@ -293,11 +312,13 @@ def generate(
                         f"(over --max-chars {max_chars})",
                         hint="shorten the phrasing, its slot values or decorations",
                     )
-                other = owner.get(text)
+                key = text_key(text)
+                other_text, other = owner.get(key, (text, None))
                 if other is not None and other.label != it.label:
+                    same = f" (as '{other_text}')" if other_text != text else ""
                     raise DataError(
                         f"{templates.path}: the text '{text}' comes out of two intents: "
-                        f"{other} and {origin}",
+                        f"{other}{same} and {origin}",
                         hint="a text may have only one label: reword one of the two phrasings",
                         problems=[
                             Problem(
@@ -307,7 +328,7 @@ def generate(
                             ),
                         ],
                     )
-                owner[text] = origin
+                owner[key] = (text, origin)
                 ex_id = f"{it.label}-{k:03d}" if with_ids else None
                 rows.append(Example(text, it.label, ex_id))
             advance(1)
@@ -332,14 +353,84 @@ class Generated:
     paths: list[Path]
 
 
+RECORD_SUFFIX = ".generated.json"  # OUT_DIR/STEM.generated.json: what generate wrote
+
+
+def record_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}{RECORD_SUFFIX}"
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = doc.get("files") if isinstance(doc, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+def written_by_generate(path: Path) -> bool:
+    """Whether a ``*.generated.json`` record beside ``path`` lists it (generate may replace
+    it: nothing else should write there)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return False
+    return any(path.name in _read_record(rec) for rec in path.parent.glob(f"*{RECORD_SUFFIX}"))
+
+
+def foreign_rows(path: Path, recorded: dict, examples: Sequence[Example]) -> list[Example] | None:
+    """The rows of ``path`` that replacing it with ``examples`` would lose and that generate did
+    not write: [] when the file is what generate recorded writing, or when every row of it
+    (same text, same label) is in ``examples``; None when the file cannot be read as data."""
+    if not path.exists():
+        return []
+    entry = recorded.get(path.name)
+    if isinstance(entry, dict) and entry.get("sha256") == sha256_file(path):
+        return []
+    try:
+        rows = read_examples(path, max_chars=10**6).examples
+    except FtctlError:
+        return None
+    new = {(k, ex.label) for k, ex in zip(text_keys([e.text for e in examples]), examples,
+                                         strict=True)}  # fmt: skip
+    keys = text_keys([ex.text for ex in rows])
+    return [ex for ex, k in zip(rows, keys, strict=True) if (k, ex.label) not in new]
+
+
+def _refuse(path: Path, lost: list[Example] | None) -> DataError:
+    if lost is None:
+        what = "is not a data file generate can read"
+    else:
+        shown = "; ".join(f"line {ex.line}: '{ex.text}' {ex.label}" for ex in lost[:3])
+        more = f"; ... {len(lost) - 3} more" if len(lost) > 3 else ""
+        what = f"holds {len(lost)} row(s) data generate did not write ({shown}{more})"
+    return DataError(
+        f"{path} {what}; replacing it would lose them, so nothing was written",
+        hint="move those rows to the reviewed data ([data] reviewed, which generate never "
+        "writes: `ftctl data import-review`), write elsewhere with --out-dir/--name, or pass "
+        "--force to replace the file anyway",
+    )
+
+
 def write_generated(
-    cfg: DataConfig, *, with_ids: bool = False, reporter: Reporter = NULL
+    cfg: DataConfig, *, with_ids: bool = False, force: bool = False, reporter: Reporter = NULL
 ) -> Generated:
-    """Templates file -> examples -> OUT_DIR/NAME.jsonl and/or .csv (atomically), per ``cfg``."""
+    """Templates file -> examples -> OUT_DIR/NAME.jsonl and/or .csv (atomically), per ``cfg``,
+    and OUT_DIR/NAME.generated.json recording them. Refuses (DataError, nothing written) to
+    replace a file holding rows generate did not write unless ``force``, and (ConfigError)
+    to write the reviewed data."""
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise ConfigError(
             f"--name '{cfg.name}' must be a plain file stem", hint="e.g. --name train_v2"
         )
+    exts = {"jsonl": [".jsonl"], "csv": [".csv"], "both": [".jsonl", ".csv"]}[cfg.format]
+    paths = [Path(cfg.out_dir) / f"{cfg.name}{ext}" for ext in exts]
+    for path in paths:
+        if path.resolve() == Path(cfg.reviewed).resolve():
+            raise ConfigError(
+                f"{path} is the reviewed data ([data] reviewed): generate never writes it",
+                hint="choose another --out-dir or --name",
+            )
     templates = load_templates(cfg.templates)
     examples = generate(
         templates,
@@ -349,9 +440,30 @@ def write_generated(
         max_chars=cfg.max_chars,
         reporter=reporter,
     )
-    exts = {"jsonl": [".jsonl"], "csv": [".csv"], "both": [".jsonl", ".csv"]}[cfg.format]
-    paths = [
-        write_examples(Path(cfg.out_dir) / f"{cfg.name}{ext}", examples, with_ids=with_ids)
-        for ext in exts
-    ]
+    record = record_path(cfg.out_dir, cfg.name)
+    recorded = _read_record(record)
+    if not force:
+        for path in paths:
+            lost = foreign_rows(path, recorded, examples)
+            if lost != []:
+                raise _refuse(path, lost)
+    written = {}
+    for path in paths:
+        fmt = file_format(path)
+        body = (to_jsonl if fmt == "jsonl" else to_csv)(examples, with_ids=with_ids)
+        atomic_write_text(path, body)
+        written[path.name] = {"sha256": sha256_bytes(body.encode("utf-8")), "rows": len(examples)}
+    atomic_write_text(record, _record_text(cfg, templates, {**recorded, **written}))
     return Generated(templates, examples, paths)
+
+
+def _record_text(cfg: DataConfig, templates: Templates, files: dict) -> str:
+    doc = {
+        "written_by": "ftctl data generate",
+        "note": "the files below are generate's own; it refuses to replace a file that changed",
+        "templates": {"path": str(templates.path), "sha256": sha256_file(templates.path)},
+        "per_intent": cfg.per_intent,
+        "seed": cfg.seed,
+        "files": files,
+    }
+    return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"

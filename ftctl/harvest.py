@@ -9,16 +9,23 @@ names ``[harvest]`` gives). A logged answer is worth a look when
   (``pair_margin``), or
 - the same text got different labels (from two model versions, say).
 
-Candidates are deduplicated by text (keeping the most doubtful answer and counting how often
-it was seen), texts already in the training data are left out, and at most ``limit`` are
-kept, shared out round-robin across the predicted intents so that one noisy intent cannot
-fill the file. The review file is a CSV in UTF-8 with a BOM (Excel and WPS open it as is):
+Candidates are deduplicated by text (:func:`ftctl.data.text_key`; keeping the most doubtful
+answer and counting how often it was seen), texts already in the training data are left out,
+and at most ``limit`` are kept, shared out round-robin across the predicted intents so that
+one noisy intent cannot fill the file.
+
+Logs are streamed: read in chunks, split on LF only (a logged text may hold U+2028 or
+U+0085), one entry at a time, so memory grows with the distinct texts, not with the log. A bad
+line (broken JSON, a 4,300-digit number, a line over 1 MiB) is counted, never fatal.
+
+The review file is a CSV in UTF-8 with a BOM (Excel and WPS open it as is):
 text, predicted, score, runner_up, runner_up_score, reason, seen, and an empty ``label``
 column for the reviewer; ``ftctl data import-review`` reads it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -27,12 +34,12 @@ import os
 import re
 import stat
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from ftctl.data import TextKey, text_key
 from ftctl.errors import DataError, EnvironmentProblem
 from ftctl.fsutil import atomic_write_bytes
 
@@ -45,9 +52,8 @@ REVIEW_COLUMNS = (
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a cell starting so is a formula in Excel
 
 
-def normalize(text: str) -> str:
-    """The key texts are compared by: NFKC (full-width = half-width), spaces collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
+CHUNK = 1 << 16  # bytes read at a time
+MAX_LINE = 1 << 20  # a longer line is skipped (and counted as bad), never held whole
 
 
 def to_cell(text: str) -> str:
@@ -136,19 +142,45 @@ class ReadStats:
     before_since: int = 0
 
 
+def split_lines(fh: BinaryIO, max_line: int = MAX_LINE) -> Iterator[bytes | None]:
+    """The lines of a binary stream, split on LF (b"\\n") only, read ``CHUNK`` bytes at a time; a
+    line longer than ``max_line`` comes out as None (read past, never held whole)."""
+    buf, skipping = b"", False
+    while chunk := fh.read(CHUNK):
+        *lines, buf = (buf + chunk).split(b"\n")
+        for line in lines:
+            yield None if skipping or len(line) > max_line else line
+            skipping = False
+        if len(buf) > max_line:
+            buf, skipping = b"", True
+    if skipping or len(buf) > max_line:
+        yield None
+    elif buf:
+        yield buf
+
+
 def parse_lines(
-    data: bytes, cfg: HarvestConfig, source: str, stats: ReadStats, since: str | None = None
+    lines: Iterable[bytes | None],
+    cfg: HarvestConfig,
+    source: str,
+    stats: ReadStats,
+    since: str | None = None,
 ) -> Iterator[Entry]:
-    for lineno, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not raw.strip():
+    """The entries of a log's lines (:func:`split_lines`); every bad line counted in ``stats``
+    (the first one named), never raised."""
+    for lineno, raw in enumerate(lines, 1):
+        if raw is not None and not raw.strip():
             continue
         stats.lines += 1
         where = f"{source}:{lineno}"
-        try:
-            obj = json.loads(raw)
-            entry = parse_entry(obj, cfg, where) if isinstance(obj, dict) else "not an object"
-        except (json.JSONDecodeError, RecursionError):
-            entry = "not JSON (cut by a rotation?)"
+        if raw is None:
+            entry: Entry | str = f"a line over {MAX_LINE} bytes"
+        else:
+            try:
+                obj = json.loads(raw.decode("utf-8", errors="replace"))
+                entry = parse_entry(obj, cfg, where) if isinstance(obj, dict) else "not an object"
+            except (ValueError, RecursionError) as exc:  # broken JSON, a 4,300-digit number
+                entry = f"not JSON ({str(exc)[:80]}; cut by a rotation?)"
         if isinstance(entry, str):
             stats.bad_lines += 1
             stats.first_bad = stats.first_bad or f"{where}: {entry}"
@@ -170,7 +202,7 @@ class LogSource(Protocol):
 
     def listdir(self, directory: str) -> list[str]: ...
 
-    def read(self, path: str) -> bytes: ...
+    def open(self, path: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
 
 
 class LocalFiles:
@@ -179,8 +211,41 @@ class LocalFiles:
     def listdir(self, directory: str) -> list[str]:
         return os.listdir(directory)
 
-    def read(self, path: str) -> bytes:
-        return Path(path).read_bytes()
+    def open(self, path: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        return open(path, "rb")
+
+
+class _Windowed(io.RawIOBase):
+    """A remote file read in windows of pipelined SFTP requests (``readv``): fast over a
+    slow link, and never more than one window in memory (paramiko's prefetch would buffer
+    the whole file while we parse)."""
+
+    WINDOW = 32  # requests of 32 KiB in flight
+
+    def __init__(self, fh, size: int) -> None:
+        self._fh, self._size, self._pos, self._buf = fh, size, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._buf and self._pos < self._size:
+            spans = []
+            for _ in range(self.WINDOW):
+                if self._pos >= self._size:
+                    break
+                step = min(32768, self._size - self._pos)
+                spans.append((self._pos, step))
+                self._pos += step
+            self._buf = b"".join(self._fh.readv(spans))
+        n = len(self._buf) if n is None or n < 0 else n
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._fh.close()
+        super().close()
 
 
 class SFTPFiles:
@@ -197,10 +262,9 @@ class SFTPFiles:
             if a.st_mode is None or stat.S_ISREG(a.st_mode)
         ]
 
-    def read(self, path: str) -> bytes:
-        with self._sftp.open(path, "rb") as fh:
-            fh.prefetch()
-            return fh.read()
+    def open(self, path: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        fh = self._sftp.open(path, "rb")
+        return _Windowed(fh, fh.stat().st_size)  # type: ignore[return-value]
 
 
 def log_files(source: LogSource, log: str) -> list[str]:
@@ -230,19 +294,17 @@ def log_files(source: LogSource, log: str) -> list[str]:
 
 def read_log(
     source: LogSource, log: str, cfg: HarvestConfig, stats: ReadStats, since: str | None
-) -> list[Entry]:
-    entries: list[Entry] = []
+) -> Iterator[Entry]:
+    """The entries of ``log`` and its rotated files, streamed."""
     for path in log_files(source, log):
-        try:
-            data = source.read(path)
-        except OSError as exc:
-            raise EnvironmentProblem(f"{source.name}: cannot read {path}: {exc}") from None
-        if path.endswith(".gz"):
-            data = gzip.decompress(data)
         label = path if source.name == "local" else f"{source.name}:{path}"
         stats.files.append(label)
-        entries.extend(parse_lines(data, cfg, label, stats, since))
-    return entries
+        try:
+            with source.open(path) as raw:
+                fh = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+                yield from parse_lines(split_lines(fh), cfg, label, stats, since)
+        except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+            raise EnvironmentProblem(f"{source.name}: cannot read {path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- picking
@@ -291,58 +353,82 @@ class Harvest:
     per_reason: dict[str, int]
 
 
-def pick(
-    entries: Iterable[Entry],
-    cfg: HarvestConfig,
-    pairs: Sequence[tuple[str, str]],
-    *,
-    exclude: set[str] = frozenset(),  # type: ignore[assignment]
-    stats: ReadStats | None = None,
-) -> Harvest:
-    """Deduplicate, keep the doubtful, leave out ``exclude`` (normalized texts), cap at
-    ``cfg.limit`` shared round-robin across predicted intents."""
-    pair_set = {frozenset(p) for p in pairs}
-    by_text: dict[str, Candidate] = {}
-    for e in entries:
-        key = normalize(e.text or "")
+class Picker:
+    """:func:`pick` one entry at a time: one :class:`Candidate` per distinct text."""
+
+    def __init__(
+        self, cfg: HarvestConfig, pairs: Sequence[tuple[str, str]], exclude: set[TextKey]
+    ) -> None:
+        self.cfg, self.exclude = cfg, exclude
+        self.pairs = {frozenset(p) for p in pairs}
+        self.by_text: dict[TextKey, Candidate] = {}
+
+    def add(self, e: Entry) -> None:
+        key = text_key(e.text or "")
         if not key:
-            continue
-        c = by_text.get(key)
+            return
+        c = self.by_text.get(key)
         if c is None:
-            c = by_text[key] = Candidate(e, set(), 0)
+            c = self.by_text[key] = Candidate(e, set(), 0)
         c.seen += 1
         c.labels.add(e.label)
-        c.reasons |= reasons_for(e, cfg, pair_set)
+        c.reasons |= reasons_for(e, self.cfg, self.pairs)
         if Candidate(e, set()).doubt < c.doubt:
             c.entry = e
-    for c in by_text.values():
-        if len(c.labels) > 1:
-            c.reasons.add("inconsistent")
-    doubtful = [c for c in by_text.values() if c.reasons]
-    kept = [c for c in doubtful if normalize(c.entry.text or "") not in exclude]
+
+    def result(self, stats: ReadStats | None = None) -> Harvest:
+        """Keep the doubtful, leave out ``exclude``, cap at ``cfg.limit`` shared round-robin
+        across predicted intents."""
+        for c in self.by_text.values():
+            if len(c.labels) > 1:
+                c.reasons.add("inconsistent")
+        doubtful = {k: c for k, c in self.by_text.items() if c.reasons}
+        kept = [c for k, c in doubtful.items() if k not in self.exclude]
+        chosen = _round_robin(kept, self.cfg.limit)
+        per_intent: dict[str, int] = {}
+        per_reason: dict[str, int] = {}
+        for c in chosen:
+            per_intent[c.entry.label] = per_intent.get(c.entry.label, 0) + 1
+            for r in c.reasons:
+                per_reason[r] = per_reason.get(r, 0) + 1
+        return Harvest(
+            chosen, stats or ReadStats(), len(self.by_text), len(doubtful),
+            len(doubtful) - len(kept), dict(sorted(per_intent.items())),
+            dict(sorted(per_reason.items())),
+        )  # fmt: skip
+
+
+def _round_robin(kept: list[Candidate], limit: int) -> list[Candidate]:
     groups: dict[str, list[Candidate]] = {}
     for c in sorted(kept, key=lambda c: (c.doubt, -c.seen, c.entry.text)):
         groups.setdefault(c.entry.label, []).append(c)
     chosen: list[Candidate] = []
     queues = sorted(groups.values(), key=lambda g: g[0].doubt)
-    while len(chosen) < cfg.limit and queues:
+    while len(chosen) < limit and queues:
         for g in list(queues):
-            if len(chosen) == cfg.limit:
+            if len(chosen) == limit:
                 break
             chosen.append(g.pop(0))
             if not g:
                 queues.remove(g)
     chosen.sort(key=lambda c: (c.entry.label, c.doubt))
-    per_intent: dict[str, int] = {}
-    per_reason: dict[str, int] = {}
-    for c in chosen:
-        per_intent[c.entry.label] = per_intent.get(c.entry.label, 0) + 1
-        for r in c.reasons:
-            per_reason[r] = per_reason.get(r, 0) + 1
-    return Harvest(
-        chosen, stats or ReadStats(), len(by_text), len(doubtful), len(doubtful) - len(kept),
-        dict(sorted(per_intent.items())), dict(sorted(per_reason.items())),
-    )  # fmt: skip
+    return chosen
+
+
+def pick(
+    entries: Iterable[Entry],
+    cfg: HarvestConfig,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    exclude: set[TextKey] = frozenset(),  # type: ignore[assignment]
+    stats: ReadStats | None = None,
+) -> Harvest:
+    """Deduplicate, keep the doubtful, leave out ``exclude`` (text keys), cap at
+    ``cfg.limit`` shared round-robin across predicted intents."""
+    picker = Picker(cfg, pairs, exclude)
+    for e in entries:
+        picker.add(e)
+    return picker.result(stats)
 
 
 # --------------------------------------------------------------------------- the review file
@@ -396,17 +482,18 @@ def harvest(
     cfg: HarvestConfig,
     pairs: Sequence[tuple[str, str]],
     *,
-    exclude: set[str] = frozenset(),  # type: ignore[assignment]
+    exclude: set[TextKey] = frozenset(),  # type: ignore[assignment]
     since: str | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> Harvest:
-    """Read every (source, log path), then :func:`pick`. Errors if no line had a text."""
+    """Stream every (source, log path) through :func:`pick`. Errors if no line had a text."""
     stats = ReadStats()
-    entries: list[Entry] = []
+    picker = Picker(cfg, pairs, exclude)
     for source, log in sources:
         progress(f"reading {source.name}:{log}")
-        entries.extend(read_log(source, log, cfg, stats, since))
-    if stats.entries and not entries:
+        for entry in read_log(source, log, cfg, stats, since):
+            picker.add(entry)
+    if stats.entries == stats.without_text > 0:
         raise DataError(
             f"none of the {stats.entries} logged answers has a text (field '{cfg.text_field}')",
             hint="the service runs with --no-log-texts (nothing to review), or the log names "
@@ -419,4 +506,6 @@ def harvest(
             hint="let the service answer some requests first; for another service's log, "
             "set the field names in [harvest] (label_field, score_field, ...)",
         )
-    return pick(entries, cfg, pairs, exclude=exclude, stats=stats)
+    if stats.bad_lines:
+        progress(f"{stats.bad_lines} line(s) could not be read (first: {stats.first_bad})")
+    return picker.result(stats)

@@ -277,6 +277,9 @@ class _LocalFile:
     def write(self, data: bytes) -> None:
         self._fh.write(data)
 
+    def read(self, size: int = -1) -> bytes:
+        return self._fh.read(size)
+
     def close(self) -> None:
         self._fh.close()
 

@@ -380,3 +380,35 @@ def write_report(
     for name, data in files.items():
         paths.append(atomic_write_bytes(report_dir / name, data))
     return paths
+
+
+def write_verdict(report: dict[str, Any], report_dir: str | Path, model_dir: str | Path) -> Path:
+    """Record the gate's verdict in the candidate's directory (``eval_report.json``), bound to
+    the model's content digest and to the sha256 of ``report_dir``/report.json: deploy ships it
+    with the release (``ftctl releases`` shows it) and ``ftctl promote`` reads it back. Call it
+    after :func:`write_report`, for a gated eval (with a baseline); a later one replaces it."""
+    from ftctl.deploy.local import EVAL_REPORT
+    from ftctl.fsutil import sha256_file
+    from ftctl.manifest import model_digest
+
+    report_json = Path(report_dir) / "report.json"
+    gate, cand, base = report["gate"], report["candidate"], report.get("baseline")
+    doc = {
+        "verdict": gate["verdict"],
+        "accuracy": cand["accuracy"],
+        "macro_f1": cand["macro_f1"],
+        "gate": {
+            "reasons": gate["reasons"],
+            "report": str(report_json.resolve()),
+            "report_sha256": sha256_file(report_json),
+            "model_digest": model_digest(model_dir),
+            "baseline": {"path": base["path"], "weights_sha256": base["weights_sha256"]}
+            if base
+            else None,
+            "samples": report["draw"]["drawn"],
+            "seed": report["settings"]["seed"],
+            "created_utc": report["created_utc"],
+        },
+    }
+    text = json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
+    return atomic_write_bytes(Path(model_dir) / EVAL_REPORT, text.encode())

@@ -8,12 +8,15 @@ shows it: the header is row 1):
 
 - the text is empty or too long;
 - the label is not a known label (with the closest known one as a hint);
-- the text is already in the data (the target, or ``--against`` files) with another label,
-  or appears twice in the review with two labels.
+- the text is already in the reviewed data (or ``--against`` files) with another label, or
+  appears twice in the review with two labels ("the same text": :func:`ftctl.data.text_key`).
 
-Only when no row has a problem are the reviewed rows appended to the target data file (JSONL
-or CSV), in one atomic write that keeps the existing bytes as they are. Rows whose text is
-already there with the same label are skipped, not added twice.
+Only when no row has a problem are the reviewed rows appended to the reviewed data (``[data]
+reviewed``, its own file: ``data generate`` never writes it; ``train`` reads it last, so a
+reviewed label wins over a generated one), following the file's format and header, in one
+atomic write that keeps the existing bytes, the file's mode and its symlink, under an
+``fcntl`` lock (two imports at once lose nothing). Rows already there with the same label are
+skipped, not added twice.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftctl.data import Example, file_format, read_examples, to_csv, to_jsonl
-from ftctl.errors import DataError, Problem
-from ftctl.fsutil import atomic_write_bytes
-from ftctl.harvest import from_cell, normalize
+from ftctl.data import Example, TextKey, append_examples, file_format, read_examples, text_keys
+from ftctl.errors import ConfigError, DataError, Problem
+from ftctl.fsutil import file_lock
+from ftctl.generate import written_by_generate
+from ftctl.harvest import from_cell
 
 
 @dataclass(frozen=True)
@@ -119,14 +123,16 @@ def read_review(path: Path) -> tuple[list[ReviewRow], int, str]:
     return rows, n, encoding
 
 
-def _existing(paths: Iterable[Path], max_chars: int) -> dict[str, Example]:
-    """normalized text -> the first example with it, over every file that exists."""
-    seen: dict[str, Example] = {}
+def _existing(paths: Iterable[Path], max_chars: int, tokenizer=None) -> dict[TextKey, Example]:
+    """text key -> the first example with it, over every file that exists."""
+    seen: dict[TextKey, Example] = {}
     for path in paths:
         if not path.is_file():
             continue
-        for ex in read_examples(path, max_chars=max(max_chars, 10**6)).examples:
-            seen.setdefault(normalize(ex.text), ex)
+        examples = read_examples(path, max_chars=max(max_chars, 10**6)).examples
+        for key, ex in zip(text_keys([ex.text for ex in examples], tokenizer), examples,
+                           strict=True):  # fmt: skip
+            seen.setdefault(key, ex)
     return seen
 
 
@@ -134,15 +140,17 @@ def check_rows(
     rows: Sequence[ReviewRow],
     review: Path,
     labels: set[str],
-    existing: dict[str, Example],
+    existing: dict[TextKey, Example],
     max_chars: int,
+    tokenizer=None,
 ) -> tuple[list[Example], int, int, list[Problem]]:
     """(new examples, already in data, repeated in review, problems)."""
     file = str(review)
     problems: list[Problem] = []
-    new: dict[str, tuple[ReviewRow, Example]] = {}
+    new: dict[TextKey, tuple[ReviewRow, Example]] = {}
     already = repeated = 0
-    for r in rows:
+    keys = text_keys([r.text for r in rows], tokenizer)
+    for r, key in zip(rows, keys, strict=True):
         where = {"file": file, "line": r.row}
         if not r.text.strip():
             problems.append(Problem("empty text (the label is filled in)", field="text", **where))
@@ -159,7 +167,6 @@ def check_rows(
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(Problem(f"unknown label '{r.label}'{hint}", field="label", **where))
             continue
-        key = normalize(r.text)
         old = existing.get(key)
         if old is not None and old.label != r.label:
             problems.append(
@@ -187,23 +194,8 @@ def check_rows(
         if twin is not None:
             repeated += 1
             continue
-        new[key] = (r, Example(r.text.strip(), r.label))
+        new[key] = (r, Example(r.text.strip(), r.label, f"{review.stem}:{r.row}"))
     return [ex for _, ex in new.values()], already, repeated, problems
-
-
-def append_examples(target: Path, examples: Sequence[Example]) -> None:
-    """Append to a JSONL or CSV data file in one atomic write; existing bytes kept as is."""
-    fmt = file_format(target)
-    old = target.read_bytes() if target.is_file() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    if fmt == "jsonl":
-        new = to_jsonl(examples)
-    else:
-        new = to_csv(examples)
-        if old:  # the header is there already
-            new = new.split("\n", 1)[1]
-    atomic_write_bytes(target, old + new.encode("utf-8"))
 
 
 def import_review(
@@ -212,12 +204,22 @@ def import_review(
     *,
     labels: Iterable[str] | None = None,
     against: Sequence[Path] = (),
+    label_files: Sequence[Path] = (),
     max_chars: int = 128,
+    tokenizer=None,
 ) -> ImportResult:
-    """Check every reviewed row; append them to ``target`` only if none has a problem
-    (DataError listing all of them otherwise). ``labels`` None: the labels of the target
-    and ``against`` files plus the review's ``predicted`` column (the model's labels)."""
+    """Check every reviewed row; append them to ``target`` (the reviewed data) only if none has
+    a problem (DataError listing all of them otherwise). ``labels`` None: the labels of the
+    target, ``against`` and ``label_files`` (the generated data, say) plus the review's
+    ``predicted`` column (the model's labels). The target is read, checked and appended under
+    one lock."""
     file_format(target)  # an unknown target format fails before anything is read
+    if written_by_generate(target):
+        raise ConfigError(
+            f"{target}: `ftctl data generate` writes that file (and would replace it)",
+            hint="import into the reviewed data ([data] reviewed, data/reviewed.jsonl, the "
+            "default): train reads it after the generated data, so the reviewed labels win",
+        )
     rows, total, encoding = read_review(review)
     result = ImportResult(review, target, encoding, rows=total, reviewed=len(rows))
     if not rows:
@@ -225,12 +227,27 @@ def import_review(
             f"{review}: no row has a label ({total} rows)",
             hint="fill in the 'label' column of the rows you reviewed, save, and run this again",
         )
-    existing = _existing([target, *against], max_chars)
     if labels is None:
-        known = {ex.label for ex in existing.values()} | {r.predicted for r in rows}
-        labels = {lab for lab in known if lab}
+        labels = {ex.label for ex in _existing(label_files, max_chars).values()}
+        labels |= {r.predicted for r in rows if r.predicted}
+        labels.add(None)  # ... and those of the target and ``against``, read under the lock
+    try:
+        with file_lock(target):
+            _check_and_append(result, rows, set(labels), against, max_chars, tokenizer)
+    except TimeoutError as exc:
+        raise DataError(
+            f"{target}: {exc}", hint="another import is stuck; see which process holds it"
+        ) from None
+    return result
+
+
+def _check_and_append(result: ImportResult, rows, labels, against, max_chars, tokenizer) -> None:
+    review, target = result.review, result.target
+    existing = _existing([target, *against], max_chars, tokenizer)
+    if None in labels:  # no list given: the labels the data uses are known labels
+        labels = (labels - {None}) | {ex.label for ex in existing.values()}
     new, result.already, result.repeated, result.problems = check_rows(
-        rows, review, set(labels), existing, max_chars
+        rows, review, set(labels), existing, max_chars, tokenizer
     )
     if result.problems:
         shown = "\n".join(f"  {p}" for p in result.problems[:30])
@@ -245,4 +262,3 @@ def import_review(
     if new:
         append_examples(target, new)
     result.added = new
-    return result

@@ -36,7 +36,7 @@ from typing import Any
 from ftctl import distributed
 from ftctl import model as M
 from ftctl.config import TrainConfig, size_bytes
-from ftctl.data import Example, Overlap, load_examples, reconcile
+from ftctl.data import Example, Reconciliation, combine, load_examples, reconcile
 from ftctl.errors import ConfigError, DataError, Problem, TrainError
 from ftctl.features import (
     CachePlan,
@@ -233,7 +233,7 @@ class Inputs:
     """Every input, checked: what ``prepare_inputs`` gives the later steps."""
 
     model_path: Path
-    new_path: Path
+    new_paths: tuple[Path, ...]
     out_dir: Path
     tokenizer: Any
     new: list[Example]
@@ -241,7 +241,8 @@ class Inputs:
     unknown: dict[str, Example]  # labels the base model lacks (grown with --add-labels)
     n_layers: int
     labels: list[str]  # the base model's, named by --label-map when they are LABEL_i
-    overlap: Overlap  # texts in both new and old data (relabels, repeats) taken out of old
+    overlap: Reconciliation  # texts in both new and old data (relabels, repeats) taken out of old
+    merged: Reconciliation  # texts in two new-data files: the later file's row kept
 
 
 def _require(value: Path | None, flag: str) -> Path:
@@ -250,6 +251,12 @@ def _require(value: Path | None, flag: str) -> Path:
             f"{flag} is required", hint=f"pass {flag} PATH or set it in ftctl.toml [train]"
         )
     return Path(value)
+
+
+def _require_files(values: Sequence[Path], flag: str) -> tuple[Path, ...]:
+    if not values:
+        _require(None, flag)
+    return tuple(Path(v) for v in values)
 
 
 def _unknown_label_error(missing: dict[str, Example], n_known: int) -> DataError:
@@ -269,7 +276,7 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
     """Check the model directory (without loading its weights), the data and the labels;
     nothing is written. Every problem is an FtctlError with a hint."""
     model_path = _require(cfg.model_path, "--model-path")
-    new_path = _require(cfg.new_data, "--new-data")
+    new_paths = _require_files(cfg.new_data, "--new-data")
     out_dir = Path(cfg.output_path)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-path {out_dir}: exists and is not a directory")
@@ -280,11 +287,14 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
             hint="write the fine-tuned model elsewhere, e.g. --output-path models/incremental",
         )
     labels = M.resolve_labels(model_path, cfg.label_map)
-    new = load_examples(new_path, what="new data")
+    tokenizer = M.load_tokenizer(model_path)  # "the same text" is what this model sees
+    new, merged = combine(
+        [load_examples(p, what="new data", tokenizer=tokenizer) for p in new_paths], tokenizer
+    )  # on the same text the later file wins: the reviewed data over the generated
     old: list[Example] = []
     if cfg.old_data is not None:
-        old = load_examples(cfg.old_data, what="old data")
-    new, old, overlap = reconcile(new, old)  # relabels: the new label wins; one copy of repeats
+        old = load_examples(cfg.old_data, what="old data", tokenizer=tokenizer)
+    new, old, overlap = reconcile(new, old, tokenizer)  # the new label wins; one copy of repeats
     unknown: dict[str, Example] = {}
     for ex in [*new, *old]:
         if ex.label not in labels and ex.label not in unknown:
@@ -303,7 +313,6 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
             f"--max-length {cfg.max_length}: the model takes at most {max_pos} tokens",
             hint=f"use --max-length {max_pos} or less",
         )
-    tokenizer = M.load_tokenizer(model_path)
     new, dropped = informative(tokenizer, new)
     old, dropped_old = informative(tokenizer, old)
     if dropped or dropped_old:
@@ -314,7 +323,8 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
         )
     if not new:
         raise DataError(
-            f"{new_path}: no usable examples after filtering (every text is all [UNK])",
+            f"{', '.join(map(str, new_paths))}: no usable examples after filtering (every text "
+            "is all [UNK])",
             hint="the texts must use characters in the model's vocab.txt",
         )
     if not old:
@@ -323,8 +333,9 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
             "(pass --old-data with the original training data to mix in replay)"
         )
     return Inputs(
-        model_path, new_path, out_dir, tokenizer, new, old, unknown, n_layers, labels, overlap
-    )
+        model_path, new_paths, out_dir, tokenizer, new, old, unknown, n_layers, labels, overlap,
+        merged,
+    )  # fmt: skip
 
 
 # ============================================================================ step 2: the model
@@ -441,7 +452,17 @@ def _fingerprint(cfg: TrainConfig, inputs: dict[str, Any]) -> str:
 
 
 def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    def plain(v: Any) -> Any:
+        return (
+            str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, tuple) else v
+        )
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def data_role(i: int) -> str:
+    """The manifest's name of the i-th --new-data file: new, new_2, new_3, ..."""
+    return "new" if i == 0 else f"new_{i + 1}"
 
 
 def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any], **save: Any):
@@ -523,7 +544,7 @@ def train(
                 "started by torchrun: training in one process (`ftctl train --nproc N` launches)"
             )
         inputs = prepare_inputs(cfg, warn)
-        for line in inputs.overlap.messages():
+        for line in [*inputs.merged.messages(), *inputs.overlap.messages()]:
             reporter.info(line)
         precision = resolve_precision(cfg.precision, device)
         built = build_model(cfg, inputs, device, warn)
@@ -542,7 +563,7 @@ def train(
         )
         digests = {
             "base_model_sha256": model_sha256(inputs.model_path),
-            "new_data_sha256": sha256_file(inputs.new_path),
+            "new_data_sha256": [sha256_file(p) for p in inputs.new_paths],
             "old_data_sha256": sha256_file(cfg.old_data) if cfg.old_data else None,
         }
         setup = Setup(
@@ -620,7 +641,12 @@ def manifest_payload(
         "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "base_model": {"path": str(inputs.model_path), "sha256": digests["base_model_sha256"]},
         "data": {
-            "new": {"path": str(inputs.new_path), "sha256": digests["new_data_sha256"]},
+            **{
+                data_role(i): {"path": str(path), "sha256": sha}
+                for i, (path, sha) in enumerate(
+                    zip(inputs.new_paths, digests["new_data_sha256"], strict=True)
+                )
+            },
             "old": (
                 {"path": str(cfg.old_data), "sha256": digests["old_data_sha256"]}
                 if cfg.old_data
@@ -637,6 +663,7 @@ def manifest_payload(
             else None
         ),
         "data_overlap": inputs.overlap.to_dict(),
+        "new_data_overlap": inputs.merged.to_dict(),
         "label_counts": {
             "train": dict(sorted(Counter(ex.label for ex in mix.train).items())),
             "val": dict(sorted(Counter(ex.label for ex in mix.val).items())),

@@ -196,7 +196,7 @@ class RichReporter:
 
     def stage(self, name: str) -> None:
         if not self.quiet:
-            self.console.rule(f"[bold]{name}", align="left")
+            self.console.rule(f"[bold]{escape(name)}", align="left")  # names hold [x] too
 
     def info(self, message: str) -> None:
         if not self.quiet:

@@ -76,6 +76,13 @@ def generate_cmd(
     ids: Annotated[
         bool, typer.Option("--ids", help='Write an "id" field (for test pools).')
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an output file even if it holds rows generate did not write.",
+        ),
+    ] = False,
     json_: common.JsonOpt = False,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,
@@ -84,7 +91,9 @@ def generate_cmd(
     """Expand the templates file into balanced, deduplicated training data.
 
     Writes OUT_DIR/STEM.jsonl ({"text","label"}) and/or OUT_DIR/STEM.csv
-    (user_input,intent_code), deterministic for a seed.
+    (user_input,intent_code), deterministic for a seed, and OUT_DIR/STEM.generated.json (what
+    it wrote). A file holding rows generate did not write is not replaced (exit 3) unless
+    --force; the reviewed data ([data] reviewed) is never written.
 
     Example: `ftctl data generate --per-intent 120 --seed 42`
     """
@@ -104,7 +113,7 @@ def generate_cmd(
         name=name,
     )
     cfgmod.check(cfg)
-    made = write_generated(cfg, with_ids=ids, reporter=common.reporter(ctx))
+    made = write_generated(cfg, with_ids=ids, force=force, reporter=common.reporter(ctx))
     templates, examples, paths = made.templates, made.examples, made.paths
     per_label = counts(examples)
     ordered = {label: per_label.get(label, 0) for label in templates.labels}
@@ -163,11 +172,23 @@ def read_label_list(path: Path | None, label_map: Path | None = None) -> list[st
     return labels
 
 
-def _validate_file(path: Path, max_chars: int, labels: list[str] | None) -> dict:
+def model_tokenizer(path: Path | None):
+    """The tokenizer of a --labels model directory (then "the same text" is the same token
+    ids), else None."""
+    if path is None or not path.is_dir():
+        return None
+    from ftctl.model import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _validate_file(path: Path, max_chars: int, labels: list[str] | None, tokenizer=None) -> dict:
     """Summary of one file; whole-file failures become one error problem."""
     rows = []
     try:
-        result = read_examples(path, max_chars=max_chars, allowed_labels=labels)
+        result = read_examples(
+            path, max_chars=max_chars, allowed_labels=labels, tokenizer=tokenizer
+        )
         problems, rows = result.problems, result.examples
     except FtctlError as exc:
         message = exc.message.removeprefix(f"{path}: ")  # the location is printed once
@@ -182,10 +203,10 @@ def _validate_file(path: Path, max_chars: int, labels: list[str] | None) -> dict
     return {"file": str(path), "examples": len(rows), "rows": rows, "problems": problems}
 
 
-def _add_cross_file(reports: list[dict]) -> dict[str, int]:
+def _add_cross_file(reports: list[dict], tokenizer=None) -> dict[str, int]:
     """Texts in several files (relabels, duplicates) as warnings on the later file's rows;
     their counts."""
-    cross = cross_file_problems([r["rows"] for r in reports])
+    cross = cross_file_problems([r["rows"] for r in reports], tokenizer)
     for r in reports:
         r["problems"] += [p for p in cross if p.file == r["file"]]
     relabels = sum(p.field == "label" for p in cross)
@@ -228,7 +249,9 @@ def validate_cmd(
 
     Given several files (new data first, then old data), a text found in more than one is
     reported too: with another label (a relabel: `ftctl train` keeps the --new-data label and
-    drops the old row) or the same one (a duplicate: train keeps one copy).
+    drops the old row) or the same one (a duplicate: train keeps one copy). Texts are the same
+    when the model sees them the same: NFKC, whitespace, lowercasing; with --labels MODEL_DIR,
+    equal token ids of its tokenizer.
 
     Exit codes: 0 clean (warnings allowed), 3 any error (or any warning with --strict).
 
@@ -237,8 +260,9 @@ def validate_cmd(
     cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
     cfgmod.check(cfg)
     allowed = read_label_list(labels, label_map)
-    reports = [_validate_file(f, cfg.max_chars, allowed) for f in files]
-    across = _add_cross_file(reports)
+    tokenizer = model_tokenizer(labels)
+    reports = [_validate_file(f, cfg.max_chars, allowed, tokenizer) for f in files]
+    across = _add_cross_file(reports, tokenizer)
     n_err = sum(1 for r in reports for p in r["problems"] if p.severity == "error")
     n_warn = sum(1 for r in reports for p in r["problems"] if p.severity == "warning")
     failed = n_err > 0 or (strict and n_warn > 0)

@@ -70,18 +70,51 @@ def _live_table(res) -> Table:
     from ftctl.demo import showcase_table
 
     table = Table(
-        title=f"live service {res.server_url}: before and after the deploy", title_justify="left"
+        title="the live services' answers: staging (deploy) and production (promote), before "
+        "-> after",
+        title_justify="left",
     )
-    for col in ("text", "expected", "before", "after"):
+    for col in ("text", "expected", "staging", "production"):
         table.add_column(col, overflow="fold")
-    for row in showcase_table(res.live_before, res.live_after):
-        table.add_row(
-            row["text"],
-            row["expected"],
-            Text(row["before"], style="green" if row["before_ok"] else "red"),
-            Text(row["after"], style="green" if row["after_ok"] else "red"),
+    rows = {env: showcase_table(a.get("before", []), a.get("after", []))
+            for env, a in res.live.items()}  # fmt: skip
+
+    def cell(row: dict) -> Text:
+        return Text.assemble(
+            (row["before"], "green" if row["before_ok"] else "red"),
+            " -> ",
+            (row["after"], "green" if row["after_ok"] else "red"),
         )
+
+    for st, pr in zip(rows.get("staging", []), rows.get("production", []), strict=False):
+        table.add_row(st["text"], st["expected"], cell(st), cell(pr))
     return table
+
+
+def _summary_lines(res, workdir: Path, keep_serving: bool) -> list[str]:
+    dep = res.deploy["hosts"][0] if res.deploy and res.deploy.get("hosts") else {}
+    prom = res.promote or {}
+    ph = ((prom.get("deploy") or {}).get("hosts") or [{}])[0]
+    rev = res.review or {}
+    lines = [
+        f"review: the reviewer labelled {rev.get('filled', 0)} of {res.harvest['rows']} "
+        f"harvested rows ({rev.get('file')}); import-review added {rev.get('added', 0)} to "
+        f"{rev.get('target')}",
+        f"gate: [bold green]{res.gate_report['gate']['verdict']}[/] (recorded in the model as "
+        "eval_report.json; promote requires it)",
+        f"staging: deployed {dep.get('release', '?')} over {res.transport} in "
+        f"{dep.get('seconds', 0):.1f}s (original kept as releases/{dep.get('backup')})",
+        f"production: promoted {prom.get('release')} ({str(prom.get('sha256'))[:8]}, the same "
+        f"name and digest) in {ph.get('seconds', 0):.1f}s; its deploys.log says it came from "
+        f"staging's {prom.get('release')}",
+    ]
+    if keep_serving:
+        lines.append(
+            f"the services keep running: staging {res.urls.get('staging')}, production "
+            f"{res.urls.get('production')} (supervisors in {workdir}/staging, "
+            f"{workdir}/production)"
+        )
+    return lines
 
 
 def demo_cmd(
@@ -133,11 +166,14 @@ def demo_cmd(
     """Run the whole seed workflow on the shipped demo data, on this machine.
 
     Generates the incremental data, trains a base classifier (a small stand-in for
-    chinese-roberta-wwm-ext: it confuses the seed's three pairs), tests it, starts a local
-    "production" server (real sshd + supervisor + `ftctl serve`), fine-tunes with the seed's
-    anti-forgetting strategies, gates candidate vs base, deploys over SSH, shows live
-    predictions before and after, and ends with `ftctl harvest` of the live service's doubtful
-    answers into a review file. Exit 4 if the gate fails, 0 when all went through.
+    chinese-roberta-wwm-ext: it confuses the seed's three pairs), tests it, starts two local
+    servers, staging and production (each a real sshd + supervisor + `ftctl serve`), sends
+    users' questions to production and harvests its doubtful answers over SSH, lets the
+    shipped reviewer's answers (data/demo_reviewer.csv) fill in the review file and imports
+    it, fine-tunes on the generated + reviewed data with the seed's anti-forgetting
+    strategies, gates candidate vs base, deploys to staging, promotes staging's release to
+    production, and shows both services' answers before and after. Exit 4 if the gate fails,
+    0 when all went through.
 
     Example: `ftctl demo` (or `ftctl demo --json > demo.json`)
     """
@@ -157,15 +193,11 @@ def demo_cmd(
     out = common.out
     out.print(_before_after_table(res))
     out.print(_pairs_table(res))
-    out.print(_live_table(res))
     if res.harvest:
         out.print(_harvest_table(res))
-    dep = res.deploy["hosts"][0] if res.deploy and res.deploy.get("hosts") else {}
-    out.print(
-        f"gate: [bold green]{res.gate_report['gate']['verdict']}[/]   deployed "
-        f"{dep.get('release', '?')} over {res.transport} in {dep.get('seconds', 0):.1f}s "
-        f"(original kept as releases/{dep.get('backup')})"
-    )
+    out.print(_live_table(res))
+    for line in _summary_lines(res, workdir, keep_serving):
+        out.print(line, highlight=False)
     out.print(
         Text.assemble(
             "report: ",
@@ -174,14 +206,6 @@ def demo_cmd(
         )
     )
     out.print("stages: " + ", ".join(f"{s.name.split(' (')[0]} {s.seconds}s" for s in res.stages))
-    if res.harvest:
-        out.print(
-            f"review file: {res.harvest['out']} ({res.harvest['rows']} rows): fill in the label "
-            f"column, then `ftctl data import-review {res.harvest['out']}`",
-            markup=False,
-        )
-    if keep_serving:
-        out.print(f"the server keeps running at {res.server_url} (supervisor in {workdir}/server)")
 
 
 def _harvest_table(res) -> Table:

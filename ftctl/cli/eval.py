@@ -130,14 +130,16 @@ def eval_cmd(
     Both models see the same cases. The gate FAILS (exit 4) when the candidate is worse than
     the baseline by more than --max-drop points AND significantly (one-sided exact McNemar,
     --alpha) on overall accuracy, any intent's recall, or a confused pair's cross errors.
-    Confused pairs naming labels the model lacks are an error (exit 2).
+    Confused pairs naming labels the model lacks are an error (exit 2). With --baseline and
+    --report-dir the verdict, bound to the model's digest and to report.json's sha256, is also
+    written to MODEL/eval_report.json: deploy ships it, `ftctl promote` requires a PASS.
 
     Example:
 
         ftctl eval --model-path models/incremental/final --baseline live/final --report-dir rep
     """
     from ftctl.evaluate import run_eval
-    from ftctl.report import write_report
+    from ftctl.report import write_report, write_verdict
 
     settings = override(
         common.config(ctx).eval,
@@ -155,6 +157,8 @@ def eval_cmd(
     report = run_eval(model, settings, baseline_dir=baseline, strict=strict, reporter=rep)
     if settings.report_dir is not None:
         paths = write_report(report, settings.report_dir, reporter=rep)
+        if baseline is not None:  # the verdict travels with the model (deploy, promote)
+            paths.append(write_verdict(report, settings.report_dir, model))
         rep.info("report: " + ", ".join(str(p) for p in paths))
     if json_out:
         common.emit_json(ctx, {"ok": report["gate"]["verdict"] != "FAIL", **report})

@@ -14,21 +14,20 @@ from ftctl.cli import common, ssh
 from ftctl.config import Config, HarvestConfig, check, override
 
 
-def _incremental_data(conf: Config) -> Path:
-    """The incremental data file: [train] new_data, else [data] out_dir/name.jsonl."""
-    return conf.train.new_data or conf.data.out_dir / f"{conf.data.name}.jsonl"
+def _training_data(conf: Config) -> list[Path]:
+    """What the next round trains on: [train] new_data (else the generated [data]
+    out_dir/name.jsonl) and the reviewed data."""
+    generated = list(conf.train.new_data) or [conf.data.out_dir / f"{conf.data.name}.jsonl"]
+    return [*generated, conf.data.reviewed]
 
 
-def _known_texts(paths: list[Path]) -> set[str]:
-    from ftctl.data import read_examples
-    from ftctl.harvest import normalize
+def _known_texts(paths: list[Path]):
+    from ftctl.data import read_examples, text_keys
 
-    return {
-        normalize(ex.text)
-        for p in paths
-        if p.is_file()
-        for ex in read_examples(p, max_chars=10**6).examples
-    }
+    texts = [
+        ex.text for p in paths if p.is_file() for ex in read_examples(p, max_chars=10**6).examples
+    ]
+    return set(text_keys(texts))
 
 
 def _summary(res, out: Path) -> None:
@@ -118,7 +117,7 @@ def harvest_cmd(
         typer.Option(
             "--exclude",
             help="Leave out texts already in this data file; repeatable.",
-            show_default="the incremental data file",
+            show_default="the generated and the reviewed data, and the test pool",
         ),
     ] = None,
     json_out: common.JsonOpt = False,
@@ -138,7 +137,8 @@ def harvest_cmd(
     hcfg = override(conf.harvest, limit=limit, max_score=max_score, min_margin=min_margin)
     check(hcfg)
     since_iso = core.parse_since(since) if since else None
-    excluded = _known_texts(exclude if exclude is not None else [_incremental_data(conf)])
+    known = [*_training_data(conf), conf.eval.test_data]  # a reviewed test case would leak
+    excluded = _known_texts(exclude if exclude is not None else known)
     rep = common.reporter(ctx)
     conns = []
     try:
@@ -180,16 +180,18 @@ def import_review_cmd(
         Path | None,
         typer.Option(
             "--to",
-            help="Data file the reviewed rows are appended to (.jsonl or .csv).",
-            show_default="[train] new_data, else data/incremental_training_data.jsonl",
+            help="The reviewed data the rows are appended to (.jsonl or .csv); never a file "
+            "`data generate` writes.",
+            show_default="[data] reviewed, data/reviewed.jsonl",
         ),
     ] = None,
     labels: Annotated[
         Path | None,
         typer.Option(
             "--labels",
-            help="Allowed labels: a model directory or a file with one label per line "
-            "(default: those in the data and the review's predicted column).",
+            help="Allowed labels: a model directory (its tokenizer then decides which texts are "
+            "the same) or a file with one label per line (default: those in the training data "
+            "and the review's predicted column).",
         ),
     ] = None,
     against: Annotated[
@@ -203,26 +205,33 @@ def import_review_cmd(
     max_chars: common.MaxCharsOpt = None,
     json_out: common.JsonOpt = False,
 ) -> None:
-    """Append the reviewed rows of a harvest's review file to the incremental data.
+    """Append the reviewed rows of a harvest's review file to the reviewed data.
 
+    The reviewed data ([data] reviewed, data/reviewed.jsonl) is its own file: `data generate`
+    never writes it, and `train` reads it after the generated data, so a reviewed label wins.
     Rows with an empty label are left out. Every filled row is checked first (empty text,
-    unknown label, a text the data already has with another label, the same text with two
-    labels), each problem with its row number; with any problem nothing is written (exit 3).
-    The file may be saved from Excel/WPS as CSV UTF-8 or GB18030.
+    unknown label, a text the reviewed data already has with another label, the same text
+    with two labels), each problem with its row number; with any problem nothing is written
+    (exit 3). The rows follow the file's format and header; the append is atomic and locked
+    (two imports at once lose nothing). The review may be saved from Excel/WPS as CSV UTF-8
+    or GB18030.
 
     Example: `ftctl data import-review data/review-20261130-081500.csv --labels models/live/final`
     """
-    from ftctl.cli.data import read_label_list
+    from ftctl.cli.data import model_tokenizer, read_label_list
     from ftctl.review import import_review
 
     conf = common.config(ctx)
     dcfg = override(conf.data, max_chars=max_chars)
     check(dcfg)
-    target = to or _incremental_data(conf)
+    target = to or dcfg.reviewed
     if against is None:
         against = [conf.train.old_data] if conf.train.old_data else []
     allowed = read_label_list(labels) if labels is not None else None
-    res = import_review(review, target, labels=allowed, against=against, max_chars=dcfg.max_chars)
+    res = import_review(
+        review, target, labels=allowed, against=against, label_files=_training_data(conf),
+        max_chars=dcfg.max_chars, tokenizer=model_tokenizer(labels),
+    )  # fmt: skip
     if json_out:
         common.emit_json(ctx, res.to_dict())
         return
@@ -235,7 +244,12 @@ def import_review_cmd(
     )  # fmt: skip
     if res.encoding != "utf-8-sig":
         common.out.print(f"(read as {res.encoding})", markup=False)
-    common.out.print(f"next: ftctl train --new-data {target}", markup=False)
+    nxt = (
+        "ftctl train (it reads the reviewed data after the generated data: a reviewed label wins)"
+        if target == dcfg.reviewed
+        else f"ftctl train --new-data GENERATED --new-data {target} (the later file's label wins)"
+    )
+    common.out.print(f"next: {nxt}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

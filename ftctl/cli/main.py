@@ -129,7 +129,7 @@ def root(
 
 
 def _register() -> None:
-    from ftctl.cli import data, demo, deploy, eval, harvest, image, pipeline, serve, train
+    from ftctl.cli import data, demo, deploy, eval, harvest, image, pipeline, promote, serve, train
 
     app.add_typer(data.app, name="data")
     app.add_typer(image.app, name="image")
@@ -140,6 +140,7 @@ def _register() -> None:
     harvest.register(app)  # harvest (import-review is under `data`)
     demo.register(app)  # demo
     pipeline.register(app)  # pipeline
+    promote.register(app)  # promote
 
 
 _register()

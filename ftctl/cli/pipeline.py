@@ -18,6 +18,7 @@ from ftctl.config import (
     check,
     override,
 )
+from ftctl.data import with_reviewed
 from ftctl.errors import StageFailed
 from ftctl.pipeline import PipelineResult, Stage, run_stages
 
@@ -96,7 +97,12 @@ class _Pipeline:
             "templates": str(self.data.templates),
             "intents": len(templates.intents),
             "per_intent": self.data.per_intent,
-            "would_write": [str(stem.with_suffix(".jsonl")), str(stem.with_suffix(".csv"))],
+            "would_write": [
+                str(stem.with_suffix(".jsonl")),
+                str(stem.with_suffix(".csv")),
+                f"{stem}.generated.json",
+            ],
+            "never_writes": str(self.data.reviewed),
             "where": self._where(),
         }
 
@@ -104,7 +110,8 @@ class _Pipeline:
     def train(self) -> dict[str, Any]:
         cfg = self.train_cfg
         if self.docker:
-            args = ["--new-data", str(cfg.new_data), "--output-path", str(cfg.output_path)]
+            args = [arg for f in cfg.new_data for arg in ("--new-data", str(f))]
+            args += ["--no-reviewed", "--output-path", str(cfg.output_path)]
             if cfg.model_path:
                 args += ["--model-path", str(cfg.model_path)]
             if cfg.old_data:
@@ -126,7 +133,7 @@ class _Pipeline:
         M.check_supported(cfg.model_path)  # config.json, model type, tokenizer: read only
         return {
             "model_path": str(cfg.model_path),
-            "new_data": str(cfg.new_data),
+            "new_data": [str(f) for f in cfg.new_data],
             "old_data": str(cfg.old_data) if cfg.old_data else None,
             "would_write": str(self.candidate),
             "epochs": cfg.epochs,
@@ -140,12 +147,13 @@ class _Pipeline:
     # ------------------------------------------------------------------ gate
     def gate(self) -> dict[str, Any]:
         from ftctl.evaluate import check_gate, run_eval
-        from ftctl.report import write_report
+        from ftctl.report import write_report, write_verdict
 
         report = run_eval(
             self.candidate, self.eval, baseline_dir=self.train_cfg.model_path, reporter=self.rep
         )
         write_report(report, self.eval.report_dir, reporter=self.rep)
+        write_verdict(report, self.eval.report_dir, self.candidate)  # travels with the release
         check_gate(report, self.eval.report_dir)
         return {
             "verdict": report["gate"]["verdict"],
@@ -286,7 +294,11 @@ def _settings(conf: Config, model_path, templates, old_data, output_path, test_d
     train_cfg = override(
         conf.train, model_path=model_path, old_data=old_data, output_path=output_path
     )
-    train_cfg = override(train_cfg, new_data=data_cfg.out_dir / f"{data_cfg.name}.jsonl")
+    generated = data_cfg.out_dir / f"{data_cfg.name}.jsonl"
+    others = [f for f in train_cfg.new_data if Path(f).resolve() != generated.resolve()]
+    train_cfg = override(  # what generate writes, [train] new_data, the reviewed data last
+        train_cfg, new_data=with_reviewed((generated, *others), data_cfg.reviewed)
+    )
     eval_cfg = override(conf.eval, test_data=test_data, report_dir=report_dir)
     eval_cfg = override(eval_cfg, report_dir=eval_cfg.report_dir or DEFAULT_REPORT_DIR)
     check(data_cfg, train_cfg, eval_cfg)

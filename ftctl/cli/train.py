@@ -18,6 +18,7 @@ from ftctl import config as cfgmod
 from ftctl.base import BaseConfig
 from ftctl.cli import common
 from ftctl.config import TrainConfig
+from ftctl.data import with_reviewed
 from ftctl.errors import OutOfMemory
 
 PathOpt = Annotated[Path | None, typer.Option()]
@@ -158,8 +159,21 @@ def _launch(ctx: typer.Context, cfg) -> None:
 def train(
     ctx: typer.Context,
     new_data: Annotated[
-        Path | None, typer.Option("--new-data", help="Incremental data (.jsonl or .csv).")
+        list[Path] | None,
+        typer.Option(
+            "--new-data",
+            help="Incremental data (.jsonl or .csv); repeatable: on the same text a later "
+            "file's label wins.",
+        ),
     ] = None,
+    reviewed: Annotated[
+        bool,
+        typer.Option(
+            "--reviewed/--no-reviewed",
+            help="Also train on the reviewed data ([data] reviewed) when it exists, as the last "
+            "--new-data file (a reviewed label wins).",
+        ),
+    ] = True,
     old_data: Annotated[
         Path | None,
         typer.Option("--old-data", help="Original training data to replay (anti-forgetting)."),
@@ -361,9 +375,10 @@ def train(
         raise typer.Exit(
             rerun_in_docker(ctx, gpus=gpus, image=image, gpus_used=used, shm_size=shm_size, ipc=ipc)
         )
+    conf = common.config(ctx)
     cfg = cfgmod.override(
-        common.config(ctx).train,
-        new_data=new_data,
+        conf.train,
+        new_data=tuple(new_data) if new_data else None,
         old_data=old_data,
         model_path=model_path,
         output_path=output_path,
@@ -390,6 +405,8 @@ def train(
         grad_accum=grad_accum,
         cache_budget=cache_budget,
     )
+    if reviewed:
+        cfg = cfgmod.override(cfg, new_data=with_reviewed(cfg.new_data, conf.data.reviewed))
     cfgmod.check(cfg)
     from ftctl import distributed
 

@@ -14,10 +14,9 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from ftctl.deploy.host import Staged
+from ftctl.deploy.host import Staged, health_now
 from ftctl.deploy.results import CanaryWatch
 from ftctl.deploy.session import Session
-from ftctl.errors import FtctlError
 from ftctl.progress import NULL, Reporter
 
 POLL_S = 3.0  # seconds between two rounds of checks
@@ -37,21 +36,10 @@ def watch_text(cfg) -> str:
 
 
 def check_once(session: Session, digest: str | None) -> str | None:
-    """One health check of a canary, made on the server by the server program's ``health``
-    command (the go-live's own check: the health command, or the URL answering 200 and, when it
-    reports a digest, serving ``digest``). None when healthy, else why not."""
-    cfg = session.cfg
-    req = {
-        "health_url": cfg.health_url,
-        "health_cmd": cfg.health_cmd,
-        "health_timeout": cfg.health_timeout,
-        "digest": digest,
-    }
-    try:
-        ans = session.call("health", req, what="canary health check", ok_codes=(0, 1))
-    except FtctlError as exc:
-        return exc.message
-    return None if ans.get("healthy") else str(ans.get("detail") or "unhealthy")
+    """One health check of a canary (:func:`~ftctl.deploy.host.health_now`): None when
+    healthy, else why not."""
+    healthy, detail = health_now(session, digest)
+    return None if healthy else detail
 
 
 def watch(

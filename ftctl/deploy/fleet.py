@@ -7,9 +7,10 @@ failure reverts the canaries and stops. A host whose link drops during its go-li
 again (up to ``reconnect_timeout``) and its go-live's own outcome counts; not reached, it is
 "unknown", a failure. Any failure stops the rest and, by default (``on_failure = "revert"``),
 puts back every host that may serve the new model: those switched, and an unknown one, reached
-again within ``reconnect_timeout`` (else named, exit 6). The fleet never stays mixed in silence: every
-host's state is in the result (:data:`~ftctl.deploy.results.HOST_STATES`). One deploy id for
-all of it, in each host's deploys.log (hosts that never went live get a line saying why).
+again within ``reconnect_timeout`` (else named, exit 6). The fleet never stays mixed in
+silence: every host's state is in the result (:data:`~ftctl.deploy.results.HOST_STATES`). One
+deploy id for all of it, in each host's deploys.log (hosts that never went live get a line
+saying why).
 """
 
 from __future__ import annotations
@@ -71,8 +72,12 @@ def deploy(
     dry_run: bool = False,
     reporter: Reporter = NULL,
     hooks: Hooks | None = None,
+    release: str | None = None,
+    note: dict | None = None,
 ) -> DeployResult:
-    """Deploy to every host (see the module docstring); failures are recorded in the result."""
+    """Deploy to every host (see the module docstring); failures are recorded in the result.
+    ``release`` names the new release (default ``<UTC ts>-<sha8>``); ``note`` adds fields to
+    each host's deploys.log entry (promote: ``promoted_from``)."""
     _check(cfg)
     model = load_local_model(model_dir, reporter)
     deploy_id = new_id(model.sha8)
@@ -102,11 +107,15 @@ def deploy(
             connect,
             hosts[i],
             lambda conn: stage(
-                conn, cfg, model, deploy_id, hr, reporter=reporter, hooks=hooks, bar=bar
+                conn, cfg, model, deploy_id, hr, reporter=reporter, hooks=hooks, bar=bar,
+                release=release,
             ),
-        )
+        )  # fmt: skip
 
     staged = _in_parallel(one, len(hosts), result)
+    for s in staged:
+        if s is not None:
+            s.note = dict(note or {})
     if result.error is not None:  # nothing switched anywhere: give the other locks back
         for s in staged:
             if s is not None:

@@ -42,6 +42,7 @@ class Staged:
     digest: str | None
     prune: list[str] = field(default_factory=list)  # releases retention removes once live
     started: float = field(default_factory=time.monotonic)
+    note: dict = field(default_factory=dict)  # extra fields of the deploys.log entry
 
     def close(self) -> None:
         if self.lock is not None:
@@ -122,8 +123,10 @@ def stage(
     reporter: Reporter = NULL,
     hooks: Hooks | None = None,
     bar: bool = True,
+    release: str | None = None,
 ) -> Staged:
-    """Upload ``model`` next to the live one; the live model is untouched. Raises DeployError."""
+    """Upload ``model`` next to the live one; the live model is untouched. Raises DeployError.
+    ``release``: the name to give it (promote keeps staging's), default ``<UTC ts>-<sha8>``."""
     session = Session(conn, cfg, reporter)
     hr.host = f"{conn.user}@{conn.host}:{conn.port}"
     reporter.stage(f"{session.host}: lock and look")
@@ -145,7 +148,7 @@ def stage(
             hr.release, hr.reused = st.live, True
             return Staged(session, hr, lock, None, st.live, model.digest)
         _check_space(session, st, plan)
-        name = plan.reuse or f"{utc_stamp()}-{model.sha8}"
+        name = plan.reuse or release or f"{utc_stamp()}-{model.sha8}"
         incoming = None if plan.reuse else f".incoming-{os.urandom(6).hex()}"
         prep = _prepare(session, plan, incoming)
         hr.backup = prep.get("backup")
@@ -277,6 +280,7 @@ def job_for(s: Staged, action: str, deploy_id: str, release: str, previous: str 
             "backup": hr.backup,
             "seconds": round(time.monotonic() - s.started, 2),
             "ftctl": __version__,
+            **s.note,
         },
     }
 
@@ -287,6 +291,26 @@ def predict_url(cfg) -> str | None:
     if cfg.health_url:
         return cfg.health_url.rsplit("/", 1)[0] + "/predict"
     return None
+
+
+def health_now(session: Session, digest: str | None) -> tuple[bool, str]:
+    """The profile's health check, made on the server now by the server program (the
+    go-live's own check: ``health_cmd`` exits 0, or ``health_url`` answers 200 and, when it
+    reports a digest, serves ``digest``): (healthy, what passed or why not)."""
+    cfg = session.cfg
+    if not (cfg.health_url or cfg.health_cmd):
+        return False, "no health_url or health_cmd in the profile: nothing says it is healthy"
+    req = {
+        "health_url": cfg.health_url,
+        "health_cmd": cfg.health_cmd,
+        "health_timeout": cfg.health_timeout,
+        "digest": digest,
+    }
+    try:
+        ans = session.call("health", req, what="health check", ok_codes=(0, 1))
+    except FtctlError as exc:
+        return False, exc.message
+    return bool(ans.get("healthy")), str(ans.get("detail") or "unhealthy")
 
 
 def publish(s: Staged, action: str, deploy_id: str, reporter: Reporter = NULL) -> None:

@@ -97,15 +97,18 @@ def test_the_demos_harvest_stage_reads_its_own_live_service_over_ssh(tmp_path, t
                                                                       repo_root):  # fmt: skip
     """The demo's last stage on the demo's own server (sshd + supervisor + ftctl serve), without
     the hour of training before it (tests/integration/test_demo.py runs the whole demo)."""
-    from ftctl.demo import DemoConfig, LocalServer, _harvest
+    from ftctl.demo import DemoConfig, LocalServer, _harvest, _traffic, users_questions
 
     server = LocalServer(tmp_path / "server", tiny_model_dir, ssh=True).start()
     try:
-        new_data = write_jsonl(tmp_path / "new.jsonl", [("帮我打卡", "CLOCK_IN")])
-        cfg = DemoConfig(data_dir=repo_root / "data", traffic=40, harvest_limit=10)
-        h = _harvest(cfg, server, new_data, tmp_path / "review.csv")
+        cfg = DemoConfig(data_dir=repo_root / "data", harvest_limit=10)
+        questions = users_questions(cfg)
+        _traffic(server, questions)
+        known = write_jsonl(tmp_path / "new.jsonl", [(questions[0], "PROCESSING_BATCH_LIST")])
+        h = _harvest(cfg, server, [known, tmp_path / "none.jsonl"], tmp_path / "review.csv")
     finally:
         server.close()
     assert h["log"] == f"{server.sshd.host}:{server.remote_dir}/logs/predictions.jsonl"
-    assert h["answers"] == 40 and 0 < h["rows"] <= 10 and h["top"]
+    assert h["answers"] == len(questions) and 0 < h["rows"] <= 10 and h["top"]
+    assert questions[0] not in {row["text"] for row in h["top"]}  # already in the data
     assert (tmp_path / "review.csv").read_bytes().startswith(b"\xef\xbb\xbf")

@@ -320,10 +320,10 @@ def test_validate_names_a_missing_file_once(tmp_path):
 
 
 def test_full_width_and_spacing_variants_are_the_same_text(tmp_path):
-    from ftctl.data import normalize_text
+    from ftctl.data import text_key
 
-    assert normalize_text(" 帮我  打卡？ ") == normalize_text("帮我 打卡?")
-    assert normalize_text("ＡＢＣ１２３") == "ABC123"
+    assert text_key(" 帮我  打卡？ ") == text_key("帮我 打卡?")
+    assert text_key("ＡＢＣ１２３") == text_key("abc123") == "abc123"
     path = write_lines(
         tmp_path / "d.jsonl",
         ['{"text": "帮我打卡？", "label": "CLOCK_IN"}',
@@ -334,7 +334,8 @@ def test_full_width_and_spacing_variants_are_the_same_text(tmp_path):
     result = read_examples(path)
     assert [p.message for p in result.problems] == [
         "duplicate of line 1",
-        "conflict: same text labelled 'CLOCK_IN' on line 1 and 'ATTENDANCE_TODAY' here",
+        "conflict: same text labelled 'CLOCK_IN' on line 1 ('帮我打卡？') and "
+        "'ATTENDANCE_TODAY' here",
     ]
     assert [ex.text for ex in result.examples] == ["帮我打卡？", "帮我打卡 ?"]
 

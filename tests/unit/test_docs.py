@@ -58,7 +58,9 @@ Repository paths
     (GitHub's way: lowercase, punctuation dropped, spaces to hyphens).
 
     Paths under models/ or reports/ (what the user's runs create, e.g. models/incremental/final)
-    are never checked, nor paths outside ROOTS. So a file the reader is meant to bring or create
+    are never checked, nor paths outside ROOTS, nor the few files ftctl itself creates at a
+    default path in a shipped folder (``RUN_MADE``: data/reviewed.jsonl, what import-review
+    starts). So a file the reader is meant to bring or create
     (an example input, an output) is written without a shipped folder in front (``extra.csv``,
     ``/tmp/train.csv``), never as ``data/extra.csv``.
 """
@@ -88,6 +90,7 @@ from ftctl.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOTS = ("ftctl", "docs", "bench", "data", "tests", ".ci", "docker")
+RUN_MADE = frozenset({"data/reviewed.jsonl"})  # [data] reviewed: created by import-review
 SHELL_LANGS = {"", "bash", "sh", "shell", "console", "zsh", "text", "shell-session"}
 YAML_COMMAND_KEYS = {"run", "script", "before_script", "after_script"}
 WRAPPERS = {"sudo", "env", "time", "nohup", "exec"}
@@ -530,7 +533,7 @@ def check_python(kind: str, target: str, args: list[str]) -> list[str]:
 def path_problem(word: str) -> str | None:
     """None when the repository path exists (or is a placeholder), else why not."""
     word = word.rstrip(".")
-    if any(mark in word for mark in ("…", "...", "$", "PLACEHOLDER")):
+    if any(mark in word for mark in ("…", "...", "$", "PLACEHOLDER")) or word in RUN_MADE:
         return None
     if any(ch in word for ch in "*?"):
         return (

@@ -47,7 +47,7 @@ def write_log(path: Path, lines: list[str]) -> Path:
 def entries(tmp_path, lines, cfg=CFG, since=None):
     log = write_log(tmp_path / "p.jsonl", lines)
     stats = ReadStats()
-    return read_log(LocalFiles(), str(log), cfg, stats, since), stats
+    return list(read_log(LocalFiles(), str(log), cfg, stats, since)), stats
 
 
 def test_doubtful_answers_are_picked_for_their_reasons(tmp_path):
@@ -197,3 +197,65 @@ def test_cli_help_has_examples():
     for cmd in (["harvest"], ["data", "import-review"]):
         result = runner.invoke(app, [*cmd, "--help"])
         assert result.exit_code == 0 and "xample" in result.output
+
+
+# ------------------------------------------------------------------ streaming
+
+
+def test_lines_split_on_newline_only_and_a_bad_line_is_counted_not_fatal(tmp_path):
+    odd = "换行\u2028分隔\u0085也在文本里"  # str.splitlines would cut the line at both
+    es, stats = entries(tmp_path, [
+        line(odd, "CLOCK_IN", 0.4),
+        '{"text": "大数", "label": "CLOCK_IN", "score": ' + "9" * 4400 + "}",  # int() refuses
+        '{"text": "断了", "label": "CLO',  # cut by a rotation
+        "[" * 100_000 + "]" * 100_000,  # nested too deep
+        line("好的", "CLOCK_IN", 0.3),
+    ])  # fmt: skip
+    assert [e.text for e in es] == [odd, "好的"]
+    assert stats.bad_lines == 3 and stats.lines == 5 and ":2: not JSON" in stats.first_bad
+
+
+def test_a_line_longer_than_the_cap_is_skipped_without_holding_it(tmp_path):
+    from ftctl.harvest import split_lines
+
+    data = b"a\n" + b"x" * 5000 + b"\nb\n" + b"y" * 5000
+    assert list(split_lines(io.BytesIO(data), max_line=1000)) == [b"a", None, b"b", None]
+
+
+_MEASURE = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE)
+out = proc.stdout.read()
+_pid, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+                  "doc": json.loads(out)}))
+"""
+
+
+@pytest.mark.slow
+def test_harvest_of_a_200_mb_log_stays_under_100_mb_rss(tmp_path):
+    """Memory is constant as the log grows: a 200 MB log (10,000 distinct texts, each seen
+    about 100 times, with bad lines among them) is harvested by a child `ftctl harvest` whose
+    peak RSS (ru_maxrss) stays under 100 MB."""
+    import subprocess
+    import sys
+
+    block = "".join(
+        line(f"第{i}号批次{'查' * (i % 7)}的情况", "PROCESSING_BATCH_LIST", 0.3 + (i % 60) / 100,
+             "MATERIAL_BATCH_QUERY", 0.2, t=f"2026-11-30T08:{i % 60:02d}:00Z") + "\n"
+        for i in range(10_000)
+    ).encode() + b'{"broken\n' + b'{"n": ' + b"7" * 4400 + b"}\n"  # fmt: skip
+    log = tmp_path / "big.jsonl"
+    with log.open("wb") as fh:
+        while fh.tell() < 200 * 2**20:
+            fh.write(block)
+    size, repeats = log.stat().st_size, log.stat().st_size // len(block)
+    cmd = [sys.executable, "-m", "ftctl", "harvest", "--log", str(log), "--out",
+           str(tmp_path / "r.csv"), "--json", "--limit", "50"]  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True,
+                         timeout=1200, check=True)  # fmt: skip
+    got = json.loads(res.stdout)
+    assert got["rc"] == 0, res.stderr
+    assert size >= 200 * 2**20 and got["doc"]["answers"] == 10_000 * repeats
+    assert got["doc"]["bad_lines"] == 2 * repeats and got["doc"]["distinct"] == 10_000
+    assert got["maxrss_kb"] < 100 * 1024, f"peak RSS {got['maxrss_kb'] / 1024:.0f} MB"

@@ -324,7 +324,7 @@ def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
     # re-evaluate the saved model on the same validation split: the best epoch's figures
     assert best["epoch"] > 0
     mix = mix_data(
-        load_examples(c.new_data),
+        load_examples(c.new_data[0]),
         load_examples(c.old_data),
         replay_ratio=0.5,
         val_ratio=0.1,
