@@ -259,17 +259,21 @@ class _Rollout:
             hr.ok, hr.state, hr.error, hr.release = True, "switched", None, s.release
             hr.warnings.append("the link dropped during the go-live; reached again, it went live")
             return None
+        exc: FtctlError
         if live == s.previous:
             hr.state, hr.rolled_back = "rolled_back", True
-            return DeployError(
+            exc = DeployError(
                 f"{hr.host}: {why}; rolled back to {s.previous} (seen after the link dropped)",
                 hint="the previous model is live again; see deploys.log on the server",
             )
-        hr.state = "failed"
-        return RollbackFailed(
-            f"{hr.host}: {why}; it serves {live} (seen after the link dropped)",
-            hint="look at the server now (`ftctl status`)",
-        )
+        else:
+            hr.state = "failed"
+            exc = RollbackFailed(
+                f"{hr.host}: {why}; it serves {live} (seen after the link dropped)",
+                hint="look at the server now (`ftctl status`)",
+            )
+        hr.error = exc.to_dict()
+        return exc
 
     def _status(self, spec) -> dict | None:
         """``ftctl status`` of one host (it finishes a go-live that died); None if unreachable."""
