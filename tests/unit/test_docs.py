@@ -74,9 +74,9 @@ Anchors
     link markup gone, a link's text kept), lowercased; every character dropped that is not a
     letter, a combining mark, a decimal or letter number, a connector (``_``), ``-`` or a space;
     then each space becomes ``-``; a repeated slug gets ``-1``, ``-2``... So Chinese characters
-    stay and Chinese punctuation goes: ``## 常见问题（FAQ）`` is ``#常见问题faq``, ``### GPU 内存不足
-    怎么办？`` is ``#gpu-内存不足怎么办``. A fragment may be written percent-encoded
-    (``#%E5%B8%B8...``), as browsers copy it.
+    stay and Chinese punctuation goes: ``## 常见问题（FAQ）`` is ``#常见问题faq``,
+    ``### GPU 内存不足怎么办？`` is ``#gpu-内存不足怎么办``. A fragment may be written
+    percent-encoded (``#%E5%B8%B8...``), as browsers copy it.
 """
 
 from __future__ import annotations
@@ -921,7 +921,7 @@ ZH_DOCS = [p for p in doc_files() if "zh-CN" in p.name or "zh-CN" in p.parent.pa
         ("冻结　早期层", "冻结早期层"),  # the ideographic space is not a space: dropped
         ("① 数据回放", "-数据回放"),  # a circled number is No (other number): dropped
         ("Ｆｕｌｌ ＷＩＤＴＨ", "ｆｕｌｌ-ｗｉｄｔｈ"),  # full-width letters are letters
-        ("cafe\u0301 `[deploy.*] remote_python`", "cafe\u0301-deploy-remote_python"),  # a mark stays
+        ("cafe\u0301 `[deploy.*] remote_python`", "cafe\u0301-deploy-remote_python"),  # a mark
         ("见 [部署](deploy.md) 一节", "见-部署-一节"),  # a link's text stays, its target goes
         # github-slugger's README examples
         ("Привет non-latin 你好", "привет-non-latin-你好"),
@@ -942,7 +942,9 @@ def test_links_to_chinese_headings_resolve_raw_and_percent_encoded(doc_at):
         "## 本页\n"
     )
     assert check_doc(good, stand_in_cli()) == []
-    bad = doc_at("[a](linked.md#部署锁在哪里？) [b](linked.md#部署锁在哪里-2) [c](#本页面)\n\n## 本页\n")
+    bad = doc_at(
+        "[a](linked.md#部署锁在哪里？) [b](linked.md#部署锁在哪里-2) [c](#本页面)\n\n## 本页\n"
+    )
     problems = check_doc(bad, stand_in_cli())
     assert [p.partition(": link ")[2] for p in problems] == [
         f"linked.md#部署锁在哪里？: {rel(linked)} has no heading #部署锁在哪里？",
@@ -1016,12 +1018,16 @@ BROKEN_CHINESE_EXAMPLES = [
         "docs/zh-CN/faq.md has no heading #gpu内存不足怎么办",
     ),
     (
+        "README.zh-CN.md",
+        "模板放在 `data/incremental_samples.yaml`",
+        "模板放在 `data/incremental_sample.yaml`",
+        "data/incremental_sample.yaml: no such file in the repository",
+    ),
+    (
         "docs/zh-CN/train.md",
-        "    --old-data data/original_training_data.jsonl \\\n    --model-path models/chinese-"
-        "roberta-wwm-ext-classifier/final \\\n    --output-path models/incremental \\\n    --epochs",
-        "    --old-data data/original_train_data.jsonl \\\n    --model-path models/chinese-"
-        "roberta-wwm-ext-classifier/final \\\n    --output-path models/incremental \\\n    --epochs",
-        "data/original_train_data.jsonl: no such file in the repository",
+        "--replay-ratio 0.5 --freeze-layers 8",
+        "--replay-rate 0.5 --freeze-layers 8",
+        "--replay-rate: not an option of `ftctl train`",
     ),
     (
         "docs/zh-CN/faq.md",
