@@ -12,6 +12,7 @@ from rich.text import Text
 from ftctl.cli import common
 from ftctl.config import check, override
 from ftctl.demo import DemoConfig
+from ftctl.terms import seed_term
 
 # --------------------------------------------------------------------------- demo
 
@@ -25,7 +26,7 @@ def _before_after_table(res) -> Table:
 
     base, cand = res.gate_report["baseline"], res.gate_report["candidate"]
     table = Table(
-        title="comprehensive test, same 500 cases (seed 12345): base -> candidate",
+        title=f"{seed_term('comprehensive test')}, same 500 cases (seed 12345): base -> candidate",
         title_justify="left",
     )
     for col in ("intent", "base", "candidate", "change"):
@@ -57,7 +58,8 @@ def _pairs_table(res) -> Table:
     from ftctl.demo import pair_table
 
     table = Table(
-        title="confused pairs (* above): cross errors on the same cases", title_justify="left"
+        title=f"{seed_term('confused pairs')}, * above: cross errors on the same cases",
+        title_justify="left",
     )
     for col in ("pair", "before", "after"):
         table.add_column(col, justify="left" if col == "pair" else "right")
@@ -164,7 +166,7 @@ def demo_cmd(
     out.print(
         f"gate: [bold green]{res.gate_report['gate']['verdict']}[/]   deployed "
         f"{dep.get('release', '?')} over {res.transport} in {dep.get('seconds', 0):.1f}s "
-        f"(original kept as releases/{dep.get('backup')})"
+        f"({seed_term('backup')}: original kept as releases/{dep.get('backup')})"
     )
     out.print(
         Text.assemble(

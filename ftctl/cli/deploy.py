@@ -10,6 +10,7 @@ import typer
 from ftctl.cli import common, ssh
 from ftctl.config import DeployConfig
 from ftctl.errors import ConfigError, FtctlError
+from ftctl.terms import seed_term
 
 RestartOpt = Annotated[str | None, typer.Option("--restart-cmd", help="Remote restart command.")]
 ReloadOpt = Annotated[
@@ -114,7 +115,10 @@ def _finish(ctx: typer.Context, result, as_json: bool) -> None:
             elif h.ok:
                 common.out.print(_host_line(h), markup=False)
                 if h.backup:
-                    common.out.print(f"  original model kept as releases/{h.backup}", markup=False)
+                    common.out.print(
+                        f"  {seed_term('backup')}: original model kept as releases/{h.backup}",
+                        markup=False,
+                    )
                 if h.pruned:
                     common.out.print(f"  removed old releases: {', '.join(h.pruned)}", markup=False)
                 if h.reverted:
