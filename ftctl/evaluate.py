@@ -27,6 +27,7 @@ from ftctl.data import DEFAULT_MAX_CHARS, Example, load_examples, read_examples,
 from ftctl.errors import ConfigError, DataError, EvalError, FtctlError, GateFailed, Problem
 from ftctl.model import resolve_device
 from ftctl.progress import NULL, Reporter
+from ftctl.terms import seed_term
 
 SCHEMA_VERSION = 2
 TOP_CONFUSIONS = 3  # per intent, in the report
@@ -760,5 +761,6 @@ def check_gate(report: dict[str, Any], report_dir: Path | str | None = None) -> 
     raise GateFailed(
         f"gate FAILED: the candidate regresses against the baseline in {len(reasons)} "
         "check(s):\n" + "\n".join(f"  {r}" for r in reasons),
-        hint=f"do not deploy it; {where}raise --replay-ratio or lower --epochs/--lr and retrain",
+        hint=f"do not deploy it; {where}the seed's FAQ on {seed_term('other intents dropped')}: "
+        "raise --replay-ratio (0.7-0.8) or lower --epochs/--lr, and retrain",
     )

@@ -38,6 +38,7 @@ from ftctl.errors import EnvironmentProblem, OutOfMemory
 from ftctl.features import Features, Staged, batches, epoch_seed, evaluate_sums, trainable_top
 from ftctl.fsutil import atomic_write_text
 from ftctl.progress import NULL, Reporter
+from ftctl.terms import seed_term
 
 METRICS = "metrics.jsonl"
 MAX_GRAD_NORM = 1.0  # as the HF Trainer default
@@ -311,7 +312,7 @@ def fit(
         loss_sum, seen = _train_epoch(parts, cfg, epoch, prog, setup)
         stopped = _end_epoch(parts, cfg, prog, setup, loss_sum, seen, t0)
         if stopped:
-            rep.info(f"early stop: no improvement for {prog.bad_evals} epoch(s)")
+            rep.info(f"{seed_term('early stopping')}: no improvement for {prog.bad_evals} epoch(s)")
 
     ckpt.load_trainable(model, prog.best_weights)
     return FitResult(

@@ -16,6 +16,7 @@ from typing import Any
 
 from ftctl.fsutil import atomic_write_bytes
 from ftctl.progress import NULL, Reporter
+from ftctl.terms import seed_term
 
 REPORT_FILES = (
     "report.json",
@@ -204,7 +205,7 @@ def _checks_md(gate: dict[str, Any]) -> list[str]:
 
 def _pairs_md(comp: dict[str, Any]) -> list[str]:
     """One verdict line per target pair."""
-    out = ["## Target pairs", ""]
+    out = [f"## {seed_term('target pairs')}", ""]
     if not comp["pairs"]:
         return [*out, "No confused pairs configured ([eval] pairs).", ""]
     for p in comp["pairs"]:
@@ -327,7 +328,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {lab} | {pi['support']} | {_pct(pi['precision'])} | {_pct(pi['recall'])} | "
                 f"{_pct(pi['f1'])} |"
             )
-    out += ["", "## Confused pairs", "", "| pair | A→B | B→A |", "|---|---|---|"]
+    out += ["", f"## {seed_term('confused pairs')}", "", "| pair | A→B | B→A |", "|---|---|---|"]
     cpairs = comp["pairs"] if comp else None
     for i, p in enumerate(cand["pairs"]):
         if cpairs:

@@ -53,6 +53,7 @@ from ftctl.fit import EpochHook, FitResult, Setup, explain_oom, fit, numerics, r
 from ftctl.fsutil import atomic_dir, sha256_file
 from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
 from ftctl.progress import NULL, Reporter
+from ftctl.terms import seed_term
 
 # ============================================================================ data mixing
 
@@ -330,7 +331,8 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
     if not old:
         warn(
             "no --old-data: training on the new data alone; forgetting protection is reduced "
-            "(pass --old-data with the original training data to mix in replay)"
+            f"(the seed's {seed_term('keep old data')}: pass --old-data with the original "
+            "training data to mix in replay)"
         )
     return Inputs(
         model_path, new_paths, out_dir, tokenizer, new, old, unknown, n_layers, labels, overlap,

@@ -12,6 +12,7 @@ from rich.text import Text
 from ftctl.cli import common
 from ftctl.config import check, override
 from ftctl.demo import DemoConfig
+from ftctl.terms import seed_term
 
 # --------------------------------------------------------------------------- demo
 
@@ -25,7 +26,7 @@ def _before_after_table(res) -> Table:
 
     base, cand = res.gate_report["baseline"], res.gate_report["candidate"]
     table = Table(
-        title="comprehensive test, same 500 cases (seed 12345): base -> candidate",
+        title=f"{seed_term('comprehensive test')}, same 500 cases (seed 12345): base -> candidate",
         title_justify="left",
     )
     for col in ("intent", "base", "candidate", "change"):
@@ -57,7 +58,8 @@ def _pairs_table(res) -> Table:
     from ftctl.demo import pair_table
 
     table = Table(
-        title="confused pairs (* above): cross errors on the same cases", title_justify="left"
+        title=f"{seed_term('confused pairs')}, * above: cross errors on the same cases",
+        title_justify="left",
     )
     for col in ("pair", "before", "after"):
         table.add_column(col, justify="left" if col == "pair" else "right")
@@ -103,7 +105,8 @@ def _summary_lines(res, workdir: Path, keep_serving: bool) -> list[str]:
         f"gate: [bold green]{res.gate_report['gate']['verdict']}[/] (recorded in the model as "
         "eval_report.json; promote requires it)",
         f"staging: deployed {dep.get('release', '?')} over {res.transport} in "
-        f"{dep.get('seconds', 0):.1f}s (original kept as releases/{dep.get('backup')})",
+        f"{dep.get('seconds', 0):.1f}s ({seed_term('backup')}: original kept as "
+        f"releases/{dep.get('backup')})",
         f"production: promoted {prom.get('release')} ({str(prom.get('sha256'))[:8]}, the same "
         f"name and digest) in {ph.get('seconds', 0):.1f}s; its deploys.log says it came from "
         f"staging's {prom.get('release')}",

@@ -11,6 +11,7 @@ from ftctl.cli import common, ssh
 from ftctl.config import DeployConfig
 from ftctl.deploy.server.shared import SETTLED, UNCHECKED
 from ftctl.errors import ConfigError, FtctlError
+from ftctl.terms import seed_term
 
 RestartOpt = Annotated[str | None, typer.Option("--restart-cmd", help="Remote restart command.")]
 ReloadOpt = Annotated[
@@ -175,7 +176,10 @@ def _finish(ctx: typer.Context, result, as_json: bool) -> None:
             elif h.ok:
                 common.out.print(_host_line(h), markup=False)
                 if h.backup:
-                    common.out.print(f"  original model kept as releases/{h.backup}", markup=False)
+                    common.out.print(
+                        f"  {seed_term('backup')}: original model kept as releases/{h.backup}",
+                        markup=False,
+                    )
                 if h.pruned:
                     common.out.print(f"  removed old releases: {', '.join(h.pruned)}", markup=False)
                 if h.state == "reverted":

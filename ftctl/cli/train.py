@@ -20,6 +20,7 @@ from ftctl.cli import common
 from ftctl.config import TrainConfig
 from ftctl.data import with_reviewed
 from ftctl.errors import OutOfMemory
+from ftctl.terms import seed_term
 
 PathOpt = Annotated[Path | None, typer.Option()]
 
@@ -46,7 +47,8 @@ def _print_result(result, title: str) -> None:
     common.out.print(
         f"wrote {result.final_dir}  (best epoch {result.best_epoch}, "
         f"val acc {result.val_accuracy:.4f}, {rp['train']} train / {rp['val']} val, "
-        f"{rp['replay']} replayed, {result.frozen_layers} layers frozen, "
+        f"{seed_term('replay')} {rp['replay']} rows, "
+        f"{seed_term('frozen layers')} {result.frozen_layers}, "
         f"{result.device}, {result.elapsed_s:.1f} s)"
     )
 

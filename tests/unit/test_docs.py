@@ -4,8 +4,10 @@ Nothing is run: ftctl commands are checked against the Typer app through click
 (``typer.main.get_command(app)``), bench scripts against their argparse parsers.
 
 Which files
-    README.md, every ``*.md`` under docs/, the README.md of each top-level folder (bench/,
-    models/, ...), and the example CI files ``docs/ci/*.yml``.
+    README.md and its translations (``README.zh-CN.md``), every ``*.md`` under docs/ (the
+    Chinese pages of docs/zh-CN/ too), the README.md of each top-level folder (bench/,
+    models/, ...), and the example CI files ``docs/ci/*.yml``. A Chinese page is checked exactly
+    like an English one: its commands, flags, paths, links and anchors.
 
 Where commands are found
     * fenced code blocks (```` ``` ```` or ``~~~``) whose language is a shell or none: bash, sh,
@@ -57,12 +59,24 @@ Repository paths
     from the page's folder, and its ``#fragment`` must be one a heading of that page makes
     (GitHub's way: lowercase, punctuation dropped, spaces to hyphens).
 
+    A path ends at a space, a quote, a bracket, ``,;|:#`` or a full-width (CJK) punctuation mark:
+    in ``见 data/test_cases.jsonl，再`` the path is ``data/test_cases.jsonl``.
+
     Paths under models/ or reports/ (what the user's runs create, e.g. models/incremental/final)
-    are never checked, nor paths outside ROOTS, nor the few files ftctl itself creates at a
-    default path in a shipped folder (``RUN_MADE``: data/reviewed.jsonl, what import-review
-    starts). So a file the reader is meant to bring or create
+    are never checked, nor paths outside ROOTS. So a file the reader is meant to bring or create
     (an example input, an output) is written without a shipped folder in front (``extra.csv``,
-    ``/tmp/train.csv``), never as ``data/extra.csv``.
+    ``/tmp/train.csv``), never as ``data/extra.csv``. The one exception is a file ftctl itself
+    writes by default: a path that is the default of a ``Path`` field of ftctl/config.py (such as
+    ``[eval] test_data``, ``[data] reviewed``) may be named before a run has made it.
+
+Anchors
+    GitHub's rule (github-slugger): the heading's text as rendered (inline code, emphasis and
+    link markup gone, a link's text kept), lowercased; every character dropped that is not a
+    letter, a combining mark, a decimal or letter number, a connector (``_``), ``-`` or a space;
+    then each space becomes ``-``; a repeated slug gets ``-1``, ``-2``... So Chinese characters
+    stay and Chinese punctuation goes: ``## 常见问题（FAQ）`` is ``#常见问题faq``,
+    ``### GPU 内存不足怎么办？`` is ``#gpu-内存不足怎么办``. A fragment may be written
+    percent-encoded (``#%E5%B8%B8...``), as browsers copy it.
 """
 
 from __future__ import annotations
@@ -76,8 +90,10 @@ import re
 import shlex
 import subprocess
 import sys
+import unicodedata
+import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -86,11 +102,11 @@ import pytest
 import typer
 import yaml
 
+from ftctl import config as ftctl_config
 from ftctl.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOTS = ("ftctl", "docs", "bench", "data", "tests", ".ci", "docker")
-RUN_MADE = frozenset({"data/reviewed.jsonl"})  # [data] reviewed: created by import-review
 SHELL_LANGS = {"", "bash", "sh", "shell", "console", "zsh", "text", "shell-session"}
 YAML_COMMAND_KEYS = {"run", "script", "before_script", "after_script"}
 WRAPPERS = {"sudo", "env", "time", "nohup", "exec"}
@@ -100,8 +116,11 @@ REDIRECTS = {">", ">>", "<", "<<", "<<<", ">&", "&>", "&>>", "<>", ">|"}
 _PLACEHOLDER_TAG = re.compile(r"<[^<>\s]*>")
 _FD_BEFORE_REDIRECT = re.compile(r"(?<=\s)\d+(?=[<>])")
 _MENTIONS_COMMAND = re.compile(r"(^|[\s/;|&(])(ftctl|python[\d.]*)(\s|$)|bench/")
+_CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"  # CJK symbols and punctuation, full-width forms
 _PATH = re.compile(
-    r"(?<![\w./~$@-])(?:" + "|".join(re.escape(r) for r in ROOTS) + r")/[^\s`'\"()\[\]{}<>,;|:#]*"
+    r"(?<![\w./~$@-])(?:"
+    + "|".join(re.escape(r) for r in ROOTS)
+    + rf")/[^\s`'\"()\[\]{{}}<>,;|:#{_CJK_PUNCT}]*"
 )
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 _INLINE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
@@ -125,8 +144,9 @@ class Where:
 
 
 def doc_files() -> list[Path]:
-    """README.md, docs/**/*.md, each top-level folder's README.md, docs/ci/*.yml."""
-    files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    """README.md, README.*.md, docs/**/*.md, each top-level folder's README.md, docs/ci/*.yml."""
+    files = [ROOT / "README.md", *sorted(ROOT.glob("README.*.md"))]
+    files += sorted((ROOT / "docs").rglob("*.md"))
     files += sorted(p for p in ROOT.glob("*/README.md") if not p.parent.name.startswith("."))
     files += sorted((ROOT / "docs" / "ci").glob("*.yml"))
     return list(dict.fromkeys(files))
@@ -221,9 +241,15 @@ def yaml_commands(file: str, text: str) -> list[Where]:
     return found
 
 
-def command_lines(path: Path) -> list[Where]:
+def source(path: Path, text: str | None = None) -> str:
+    """The text of a doc file: ``text`` when given (a changed copy checked as if it were
+    ``path``), else the file's."""
+    return path.read_text(encoding="utf-8") if text is None else text
+
+
+def command_lines(path: Path, text: str | None = None) -> list[Where]:
     """Every logical line of a doc file that may hold commands."""
-    text = path.read_text(encoding="utf-8")
+    text = source(path, text)
     if path.suffix == ".yml":
         return yaml_commands(rel(path), text)
     blocks, prose = split_markdown(text)
@@ -236,17 +262,17 @@ def command_lines(path: Path) -> list[Where]:
     return lines + [w for w in inline_spans(rel(path), prose) if _INLINE_COMMAND.match(w.text)]
 
 
-def option_spans(path: Path) -> list[Where]:
+def option_spans(path: Path, text: str | None = None) -> list[Where]:
     """Inline code spans of a markdown page that start with a long option (`--json`)."""
     if path.suffix != ".md":
         return []
-    _, prose = split_markdown(path.read_text(encoding="utf-8"))
+    _, prose = split_markdown(source(path, text))
     return [w for w in inline_spans(rel(path), prose) if w.text.startswith("--")]
 
 
-def path_texts(path: Path) -> list[Where]:
+def path_texts(path: Path, text: str | None = None) -> list[Where]:
     """The parts of a doc file where repository paths are checked: code and inline code."""
-    text = path.read_text(encoding="utf-8")
+    text = source(path, text)
     if path.suffix == ".yml":
         return [Where(rel(path), n, ln) for n, ln in enumerate(text.splitlines(), start=1)]
     blocks, prose = split_markdown(text)
@@ -530,10 +556,24 @@ def check_python(kind: str, target: str, args: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- paths
 
 
+@functools.cache
+def written_by_default() -> frozenset[str]:
+    """The repository paths ftctl writes by default: every ``Path`` default of a field of a
+    config dataclass in ftctl/config.py (``[eval] test_data``...)."""
+    found = set()
+    for obj in vars(ftctl_config).values():
+        if isinstance(obj, type) and is_dataclass(obj):
+            found.update(f.default.as_posix() for f in fields(obj) if isinstance(f.default, Path))
+    return frozenset(found)
+
+
 def path_problem(word: str) -> str | None:
-    """None when the repository path exists (or is a placeholder), else why not."""
+    """None when the repository path exists (or is a placeholder, or a file ftctl writes by
+    default), else why not."""
     word = word.rstrip(".")
-    if any(mark in word for mark in ("…", "...", "$", "PLACEHOLDER")) or word in RUN_MADE:
+    if any(mark in word for mark in ("…", "...", "$", "PLACEHOLDER")):
+        return None
+    if word in written_by_default():
         return None
     if any(ch in word for ch in "*?"):
         return (
@@ -561,24 +601,47 @@ def repo_path_problems(where: Where) -> list[str]:
     return problems
 
 
-def anchors(page: Path) -> set[str]:
-    """The #fragments a page's headings make, as GitHub makes them: lowercased, punctuation
-    (backticks included) dropped, spaces to hyphens, repeats numbered."""
-    _, prose = split_markdown(page.read_text(encoding="utf-8"))
+_HEADING = re.compile(r"^ {0,3}#{1,6}\s+(.+?)(?:\s+#+)?\s*$", flags=re.MULTILINE)
+_HEADING_LINK = re.compile(r"(!?)\[([^\]]*)\]\([^)]*\)")
+_SLUG_KEEPS = ("Nd", "Nl", "Pc")  # besides letters (L*) and marks (M*)
+
+
+def slug(heading: str) -> str:
+    """The #fragment GitHub makes of a heading (github-slugger): its rendered text lowercased;
+    every character but letters, marks, decimal and letter numbers, connectors (``_``), ``-``
+    and spaces dropped (CJK characters stay, Chinese punctuation and the ideographic space go);
+    each space a hyphen."""
+    text = _HEADING_LINK.sub(lambda m: "" if m.group(1) else m.group(2), heading)
+    text = re.sub(r"<[^<>]+>", "", text).lower()  # inline HTML tags render as nothing
+    kept = (
+        ch
+        for ch in text
+        if ch in "- "
+        or unicodedata.category(ch)[0] in "LM"
+        or unicodedata.category(ch) in _SLUG_KEEPS
+    )
+    return "".join(kept).replace(" ", "-")
+
+
+def anchors(page: Path, text: str | None = None) -> set[str]:
+    """The #fragments a page's headings make, as GitHub makes them (:func:`slug`), a repeated
+    one numbered ``-1``, ``-2``..."""
+    _, prose = split_markdown(source(page, text))
     found: set[str] = set()
-    for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", prose, flags=re.MULTILINE):
-        slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+    for m in _HEADING.finditer(prose):
+        slug_ = slug(m.group(1))
         n = 0
-        while (f"{slug}-{n}" if n else slug) in found:
+        while (f"{slug_}-{n}" if n else slug_) in found:
             n += 1
-        found.add(f"{slug}-{n}" if n else slug)
+        found.add(f"{slug_}-{n}" if n else slug_)
     return found
 
 
-def link_problems(path: Path) -> list[str]:
+def link_problems(path: Path, text: str | None = None) -> list[str]:
     """Relative link targets that do not exist, and #fragments no heading of theirs makes."""
     problems = []
-    _, prose = split_markdown(path.read_text(encoding="utf-8"))
+    text = source(path, text)
+    _, prose = split_markdown(text)
     for m in _LINK.finditer(prose):
         target, _, fragment = m.group(1).partition("#")
         if re.match(r"[a-z][\w+.-]*:", target):
@@ -587,20 +650,26 @@ def link_problems(path: Path) -> list[str]:
         page = (path.parent / target) if target else path
         if not page.exists():
             problems.append(f"{where}: no such file")
-        elif fragment and page.suffix == ".md" and fragment not in anchors(page):
-            problems.append(f"{where}: {rel(page)} has no heading #{fragment}")
+        elif fragment and page.suffix == ".md":
+            made = anchors(page, text if page == path else None)
+            if urllib.parse.unquote(fragment) not in made:
+                problems.append(f"{where}: {rel(page)} has no heading #{fragment}")
     return problems
 
 
 # ----------------------------------------------------------------------------- the checker
 
 
-def check_doc(path: Path, root: click.Command | None = None) -> list[str]:
-    """Every problem of one doc file, as ``file:line: the line`` + what is wrong."""
+def check_doc(
+    path: Path, root: click.Command | None = None, *, text: str | None = None
+) -> list[str]:
+    """Every problem of one doc file, as ``file:line: the line`` + what is wrong; with
+    ``text``, of that text checked as if it were the file's."""
     root = root or ftctl_root()
+    text = source(path, text)
     problems: list[str] = []
     try:
-        lines = command_lines(path)
+        lines = command_lines(path, text)
     except yaml.YAMLError as exc:  # GitHub and GitLab would reject the file
         lines, problems = [], [f"{rel(path)}: not valid YAML: {exc}"]
     for where in lines:
@@ -617,12 +686,12 @@ def check_doc(path: Path, root: click.Command | None = None) -> list[str]:
             found = check_ftctl(args, root) if args is not None else []
             found += check_python(*target) if target else []
             problems += [f"{where}\n    {p}" for p in found]
-    for where in path_texts(path):
+    for where in path_texts(path, text):
         problems += [f"{where}\n    {p}" for p in repo_path_problems(where)]
-    for where in option_spans(path):
+    for where in option_spans(path, text):
         problems += [f"{where}\n    {p}" for p in loose_option_problems(where, root)]
     if path.suffix == ".md":
-        problems += link_problems(path)
+        problems += link_problems(path, text)
     return problems
 
 
@@ -832,3 +901,175 @@ def test_ci_files_commands_are_read_with_their_lines():
     assert len(pipeline) == 1 and "--report-dir reports --json" in pipeline[0].text
     source = (ROOT / "docs" / "ci" / "gitlab-ci.yml").read_text().splitlines()
     assert "ftctl pipeline" in source[pipeline[0].line - 1]
+
+
+# ----------------------------------------------------------------------------- Chinese pages
+
+ZH_DOCS = [p for p in doc_files() if "zh-CN" in p.name or "zh-CN" in p.parent.parts]
+
+
+@pytest.mark.parametrize(
+    ("heading", "fragment"),
+    [
+        ("常见问题（FAQ）", "常见问题faq"),
+        ("微调后其他意图准确率下降了怎么办？", "微调后其他意图准确率下降了怎么办"),
+        ("GPU 内存不足怎么办？", "gpu-内存不足怎么办"),
+        ("怎么做到“验证后再部署”？", "怎么做到验证后再部署"),
+        ("服务器上的 python3 是 3.6，能部署吗？", "服务器上的-python3-是-36能部署吗"),
+        ("部署：`ftctl deploy`、`promote`", "部署ftctl-deploypromote"),
+        ("注意事项 1–3：不要过度微调、保持数据平衡", "注意事项-13不要过度微调保持数据平衡"),
+        ("冻结　早期层", "冻结早期层"),  # the ideographic space is not a space: dropped
+        ("① 数据回放", "-数据回放"),  # a circled number is No (other number): dropped
+        ("Ｆｕｌｌ ＷＩＤＴＨ", "ｆｕｌｌ-ｗｉｄｔｈ"),  # full-width letters are letters
+        ("cafe\u0301 `[deploy.*] remote_python`", "cafe\u0301-deploy-remote_python"),  # a mark
+        ("见 [部署](deploy.md) 一节", "见-部署-一节"),  # a link's text stays, its target goes
+        # github-slugger's README examples
+        ("Привет non-latin 你好", "привет-non-latin-你好"),
+        ("😄 emoji", "-emoji"),
+    ],
+)
+def test_slug_follows_githubs_rule_for_chinese_headings(heading: str, fragment: str):
+    assert slug(heading) == fragment
+
+
+def test_links_to_chinese_headings_resolve_raw_and_percent_encoded(doc_at):
+    linked = doc_at("").parent / "linked.md"
+    linked.write_text("# 常见问题\n\n## 部署锁在哪里？\n\n## 部署锁在哪里？\n", encoding="utf-8")
+    assert anchors(linked) == {"常见问题", "部署锁在哪里", "部署锁在哪里-1"}
+    encoded = urllib.parse.quote("部署锁在哪里-1")
+    good = doc_at(
+        f"[a](linked.md#部署锁在哪里) [b](linked.md#{encoded}) [c](#本页) [d](linked.md)\n\n"
+        "## 本页\n"
+    )
+    assert check_doc(good, stand_in_cli()) == []
+    bad = doc_at(
+        "[a](linked.md#部署锁在哪里？) [b](linked.md#部署锁在哪里-2) [c](#本页面)\n\n## 本页\n"
+    )
+    problems = check_doc(bad, stand_in_cli())
+    assert [p.partition(": link ")[2] for p in problems] == [
+        f"linked.md#部署锁在哪里？: {rel(linked)} has no heading #部署锁在哪里？",
+        f"linked.md#部署锁在哪里-2: {rel(linked)} has no heading #部署锁在哪里-2",
+        f"#本页面: {rel(bad)} has no heading #本页面",
+    ]
+
+
+def test_a_path_ends_at_chinese_punctuation(doc_at):
+    doc = doc_at(
+        "```bash\nftctl data generate  # 写到 data/incremental_training_data.jsonl，"
+        "不是 data/missing.jsonl。\n```\n\n见 `data/test_cases.jsonl`（测试集）。\n"
+    )
+    problems = check_doc(doc, stand_in_cli())
+    assert len(problems) == 1, problems
+    assert problems[0].endswith("data/missing.jsonl: no such file in the repository")
+
+
+def test_a_file_ftctl_writes_by_default_may_be_named_before_it_exists(doc_at, monkeypatch):
+    assert "data/test_cases.jsonl" in written_by_default()  # [eval] test_data
+    doc = doc_at("`data/not-yet.jsonl` and `data/nowhere.jsonl`\n")
+    monkeypatch.setattr(sys.modules[__name__], "written_by_default", lambda: {"data/not-yet.jsonl"})
+    problems = check_doc(doc, stand_in_cli())
+    assert len(problems) == 1 and "data/nowhere.jsonl: no such file" in problems[0], problems
+
+
+def test_the_chinese_pages_are_read_and_link_to_their_english_pages():
+    names = {rel(p) for p in ZH_DOCS}
+    assert {"README.zh-CN.md", "docs/zh-CN/deploy.md", "docs/zh-CN/train.md"} <= names
+    assert "docs/zh-CN/faq.md" in names and (ROOT / "docs" / "faq.md") in doc_files()
+    pairs = [(ROOT / "README.zh-CN.md", ROOT / "README.md")]
+    pairs += [(p, ROOT / "docs" / p.name) for p in ZH_DOCS if p.parent.name == "zh-CN"]
+    for zh, en in pairs:
+        assert en.is_file(), f"{rel(zh)} has no English page {rel(en)}"
+        for page, other in ((zh, en), (en, zh)):
+            head = "\n".join(page.read_text(encoding="utf-8").splitlines()[:5])
+            target = os.path.relpath(other, page.parent)
+            assert f"]({target})" in head, f"{rel(page)} does not link {target} at its top"
+
+
+BROKEN_CHINESE_EXAMPLES = [
+    # (page, the text as it is, the same text broken, what the checker must say)
+    (
+        "docs/zh-CN/deploy.md",
+        "--health-url http://127.0.0.1:8000/health --smoke 帮我打卡=CLOCK_IN",
+        "--health-url http://127.0.0.1:8000/health --smoke-case 帮我打卡=CLOCK_IN",
+        "--smoke-case: not an option of `ftctl deploy`",
+    ),
+    (
+        "docs/zh-CN/deploy.md",
+        "ftctl releases --host root@47.100.235.168 ",
+        "ftctl release --host root@47.100.235.168 ",
+        "`ftctl release`: no such command",
+    ),
+    (
+        "docs/zh-CN/deploy.md",
+        "[English](../deploy.md)",
+        "[English](../deploy-en.md)",
+        "link ../deploy-en.md: no such file",
+    ),
+    (
+        "docs/zh-CN/deploy.md",
+        "[部署到一半断了](#部署到一半断了)",
+        "[部署到一半断了](#部署到一半断了了)",
+        "link #部署到一半断了了: docs/zh-CN/deploy.md has no heading #部署到一半断了了",
+    ),
+    (
+        "README.zh-CN.md",
+        "(docs/zh-CN/faq.md#gpu-内存不足怎么办)",
+        "(docs/zh-CN/faq.md#gpu内存不足怎么办)",  # the space became no hyphen
+        "docs/zh-CN/faq.md has no heading #gpu内存不足怎么办",
+    ),
+    (
+        "README.zh-CN.md",
+        "模板放在 `data/incremental_samples.yaml`",
+        "模板放在 `data/incremental_sample.yaml`",
+        "data/incremental_sample.yaml: no such file in the repository",
+    ),
+    (
+        "docs/zh-CN/train.md",
+        "--replay-ratio 0.5 --freeze-layers 8",
+        "--replay-rate 0.5 --freeze-layers 8",
+        "--replay-rate: not an option of `ftctl train`",
+    ),
+    (
+        "docs/zh-CN/faq.md",
+        "ftctl train --freeze-layers 6 \\",
+        "ftctl train --freeze-layer 6 \\",
+        "--freeze-layer: not an option of `ftctl train`",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("page", "as_is", "broken", "said"),
+    BROKEN_CHINESE_EXAMPLES,
+    ids=[f"{b[0]}:{b[3][:30]}" for b in BROKEN_CHINESE_EXAMPLES],
+)
+def test_a_broken_chinese_example_fails_where_the_real_page_does_not(page, as_is, broken, said):
+    """The real page is checked as it is and with one example broken in place (same lines):
+    the broken copy has exactly one problem more, and it is the one broken."""
+    path = ROOT / page
+    text = path.read_text(encoding="utf-8")
+    assert text.count(as_is) == 1, f"{page} no longer holds {as_is!r}: update this test"
+    real = check_doc(path)
+    new = [p for p in check_doc(path, text=text.replace(as_is, broken)) if p not in real]
+    assert len(new) == 1 and said in new[0], new
+    assert not [p for p in real if said in p]
+
+
+BROKEN_TAIL = """
+```bash
+ftctl deploy --profile production --rollback-on-error   # 一个不存在的参数
+```
+
+另见[不存在的页面](不存在.md)和[不存在的标题](#不存在的标题)。
+"""
+
+
+@pytest.mark.parametrize("page", ZH_DOCS, ids=rel)
+def test_every_chinese_page_fails_with_a_broken_example_appended(page: Path):
+    text = page.read_text(encoding="utf-8")
+    real = check_doc(page)
+    new = [p for p in check_doc(page, text=text + BROKEN_TAIL) if p not in real]
+    assert len(new) == 3, new
+    assert "--rollback-on-error: not an option of `ftctl deploy`" in new[0]
+    assert new[1].endswith("link 不存在.md: no such file")
+    assert new[2].endswith(f"link #不存在的标题: {rel(page)} has no heading #不存在的标题")
