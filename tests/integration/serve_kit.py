@@ -58,6 +58,20 @@ def raw(port: int, request: bytes, *, timeout: float = 5, after=None) -> bytes:
         return data
 
 
+def raw_to_close(port: int, request: bytes, *, timeout: float = 10) -> tuple[bytes, bool]:
+    """Send bytes, then read until the server closes: (all it sent, whether the connection
+    was reset rather than closed). A reset while sending counts too."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        data = b""
+        try:
+            s.sendall(request)
+            while chunk := s.recv(65536):
+                data += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return data, True
+        return data, False
+
+
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
 

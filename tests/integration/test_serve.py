@@ -28,6 +28,7 @@ from tests.integration.serve_kit import (
     point,
     post,
     raw,
+    raw_to_close,
     status_of,
 )
 
@@ -139,8 +140,6 @@ def test_pipelined_requests_on_one_connection_are_all_answered(live):
 # --------------------------------------------------------------------------- bad requests
 
 BAD = [
-    ("Content-Length -1", b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
-    ("bad request line", b"NONSENSE\r\n\r\n", 400),
     ("50,000 nested [", post("/predict", b"[" * 50_000), 400),
     ("50,000 nested {", post("/predict", b'{"a":' * 12_000), 400),
     ("not JSON", post("/predict", b"{nope"), 400),
@@ -156,6 +155,12 @@ BAD = [
     ("empty list", post("/predict", b'{"texts": []}'), 400),
     ("too many texts", post("/predict", json.dumps({"texts": ["a"] * 9}).encode()), 400),
     ("text too long", post("/predict", json.dumps({"text": "字" * 101}).encode()), 400),
+    ("a 5,000-digit number", post("/predict", b'{"text": ' + b"9" * 5000 + b"}"), 400),
+    (
+        "a 5,000-digit number in a list",
+        post("/predict", b'{"texts": [1' + b"0" * 5000 + b"]}"),
+        400,
+    ),
     ("body over the limit", post("/predict", b'{"text": "' + b"a" * 200_000 + b'"}'), 413),
     (
         "chunked body over the limit",
@@ -181,6 +186,26 @@ def test_each_bad_request_gets_a_json_4xx_within_a_second(live, what, request_by
     assert took < 1.0, f"{what}: {took:.2f}s"
     assert http(live.url + "/health")[0] == 200  # still healthy
     assert live.proc.poll() is None
+
+
+MALFORMED = [
+    ("Content-Length -1", b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"),
+    ("a 5,000-digit Content-Length", post("/predict", b"{}").replace(b"Length: 2", b"Length: " + b"9" * 5000)),
+    ("bad request line", b"NONSENSE\r\n\r\n"),
+    ("a head over max_header_bytes", b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 50_000),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "request_bytes"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_a_request_http_cannot_parse_gets_a_400_even_with_more_bytes_behind_it(
+    live, what, request_bytes
+):
+    """uvicorn's own 400 (text/plain), then a graceful close: 200 KB more sent after the bad
+    request do not turn the close into a reset that would destroy the answer."""
+    resp, reset = raw_to_close(live.port, request_bytes + b"x" * 200_000)
+    assert status_of(resp) == 400, resp[:300]
+    assert not reset, f"{what}: the connection was reset"
+    assert http(live.url + "/health")[0] == 200
 
 
 def test_an_oversized_body_is_drained_so_a_plain_client_reads_the_413(live):
