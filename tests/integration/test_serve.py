@@ -263,20 +263,23 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path, release):
     sp.stop()
 
 
-def _sighup_ignored(pid: int) -> bool:
-    status = Path(f"/proc/{pid}/status").read_text()
-    ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)", status, re.M).group(1), 16)
-    return bool(ignored & (1 << (signal.SIGHUP - 1)))
+def _wait_for_handler(sp: ServeProcess, mask: str, sig: int) -> None:
+    """Until /proc says ``sig`` is in the ``mask`` (SigIgn, SigCgt) of the service."""
+    deadline = time.monotonic() + 30
+    while True:
+        status = Path(f"/proc/{sp.proc.pid}/status").read_text()
+        bits = int(re.search(rf"^{mask}:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        if bits & (1 << (sig - 1)):
+            return
+        assert sp.proc.poll() is None and time.monotonic() < deadline, sp.log()
+        time.sleep(0.002)
 
 
 def test_sighup_while_loading_does_not_kill_and_the_link_read_last_wins(tmp_path, release, models):
     sp = ServeProcess(tmp_path, release)
     sp.start(wait=False)
     # from the first line of ftctl on (the interpreter's own start-up, ~50 ms, is before it)
-    deadline = time.monotonic() + 30
-    while not _sighup_ignored(sp.proc.pid):
-        assert sp.proc.poll() is None and time.monotonic() < deadline, sp.log()
-        time.sleep(0.005)
+    _wait_for_handler(sp, "SigIgn", signal.SIGHUP)
     sent, swapped = 0, False
     while True:
         sp.signal(signal.SIGHUP)
@@ -475,20 +478,11 @@ def test_no_log_texts_keeps_the_texts_out_of_the_log(tmp_path, release):
 # --------------------------------------------------------------------------- faults
 
 
-def _sigterm_caught(pid: int) -> bool:
-    status = Path(f"/proc/{pid}/status").read_text()
-    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
-    return bool(caught & (1 << (signal.SIGTERM - 1)))
-
-
 def test_sigterm_from_the_first_line_exits_0(tmp_path, release):
     """From ftctl's first line on (before its imports), a SIGTERM stops it with exit 0."""
     sp = ServeProcess(tmp_path, release)
     sp.start(wait=False)
-    deadline = time.monotonic() + 30
-    while not _sigterm_caught(sp.proc.pid):
-        assert sp.proc.poll() is None and time.monotonic() < deadline, sp.log()
-        time.sleep(0.002)
+    _wait_for_handler(sp, "SigCgt", signal.SIGTERM)
     sp.signal(signal.SIGTERM)
     assert sp.proc.wait(30) == 0, sp.log()
     assert not any(e.get("event") == "listening" for e in sp.events())
