@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 from ftctl.localserver import free_port
 from ftctl.quiet import QUIET_ENV
@@ -127,7 +128,10 @@ class ServeProcess:
         self.cmd = cmd + list(args)
         self.proc: subprocess.Popen | None = None
 
+    running: ClassVar[list[ServeProcess]] = []  # started and not stopped: kill_leftovers()
+
     def start(self, *, wait: bool = True) -> ServeProcess:
+        ServeProcess.running.append(self)
         self._err = open(self.stderr_path, "ab")  # noqa: SIM115 (closed in stop)
         err = self._err
         if isinstance(self.stderr, str):
@@ -175,7 +179,19 @@ class ServeProcess:
     def log(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
+    @classmethod
+    def kill_leftovers(cls, keep: list[ServeProcess]) -> None:
+        """Kill what a failed test left running, but ``keep`` (a test that passes stops its
+        own service; a module's shared one stops with its fixture)."""
+        for sp in [sp for sp in cls.running if sp not in keep]:
+            cls.running.remove(sp)
+            if sp.proc is not None and sp.proc.poll() is None:
+                sp.proc.kill()
+                sp.proc.wait()
+
     def stop(self, timeout: float = 60) -> int | None:
+        if self in ServeProcess.running:
+            ServeProcess.running.remove(self)
         if self.proc is None:
             return None
         if self.proc.poll() is None:

@@ -44,6 +44,13 @@ max_chars = 100
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_services():
+    before = list(ServeProcess.running)
+    yield
+    ServeProcess.kill_leftovers(keep=before)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve-models")
