@@ -152,7 +152,7 @@ def test_a_reload_thread_that_dies_anyway_is_reported(link, monkeypatch):
 
     monkeypatch.setattr(holder, "reload", die)
     holder.request_reload()
-    holder.wait_reloads(10)
+    holder._worker.join(10)  # ended, its exception reported (within this test)
     assert "the reload thread died: Fatal: injected" in holder.failure()
     assert not holder.health()["reloading"]
 
@@ -330,6 +330,7 @@ def test_a_model_thread_that_dies_anyway_fails_what_waits_and_says_so():
     b.start()
     with pytest.raises(RuntimeError, match="the model thread died: Fatal: injected"):
         running.result(10)
+    b._thread.join(10)  # ended, its exception reported (within this test)
     assert "the model thread died: Fatal: injected" in b.failure()
     with pytest.raises(Overloaded, match="the model thread died"):
         b.submit(["late"])  # refused at once, not left to time out
@@ -589,7 +590,7 @@ def test_prediction_log_writer_that_dies_is_reported(tmp_path, monkeypatch):
     assert log.failure() is None
     monkeypatch.setattr(log, "_encode", boom)
     log.write(["甲"], [P], "a" * 64)
-    _until(lambda: log.failure() is not None)
+    log._thread.join(10)  # ended, its exception reported (within this test)
     assert "writer thread died: Fatal: injected" in log.failure()
 
 
