@@ -280,7 +280,7 @@ class ServeConfig:
     device: str = "auto"  # auto | cpu | cuda; the model is moved there once, at load
     threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
     batch_size: int = 64  # most texts in one forward pass
-    batch_wait_ms: float = 3.0  # how long a request that finds the model idle waits for others
+    batch_wait_ms: float = 10.0  # longest wait of an idle model for requests it expects
     max_pending: int = 2048  # texts waiting for the model; one request more is answered 503
     max_in_flight: int = 512  # requests handled at once; one more is answered 503
     max_connections: int = 1024  # open connections or requests at once; one more is answered 503

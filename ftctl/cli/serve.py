@@ -68,7 +68,8 @@ def serve_cmd(
         float | None,
         typer.Option(
             "--batch-wait-ms",
-            help="How long a request that finds the model idle waits for others to join it.",
+            help="Longest wait of an idle model for the requests it expects (never for one "
+            "client alone).",
             show_default=common.default_text(ServeConfig, "batch_wait_ms"),
         ),
     ] = None,

@@ -104,7 +104,7 @@ class Batcher:
         holder,
         *,
         max_batch: int = 64,
-        max_wait: float = 0.003,
+        max_wait: float = 0.010,
         max_pending: int = 1024,
         predict_timeout: float = 30.0,
         on_batch: Callable[[list[str], list[Prediction], str], None] | None = None,
