@@ -10,7 +10,7 @@ level by level, in ``--rounds`` slices of the time each (ftctl, peer, ftctl, pee
 drift in the machine's load hits both alike.
 
     .venv/bin/python bench/bench_serve.py                    # 1, 16, 64 clients, 15 s each
-    .venv/bin/python bench/bench_serve.py --seconds 30 --rounds 5 --json
+    .venv/bin/python bench/bench_serve.py --seconds 30 --rounds 2 --json
 
 Prints requests/s and p50/p99 latency per level and the ratios; exits 1 if the two services
 disagree on a label (they serve the same model) or any request failed.
@@ -125,7 +125,11 @@ def main() -> int:
     ap.add_argument("--model", type=Path, help="another model directory (default: 768x12)")
     ap.add_argument("--clients", default="1,16,64", help="concurrency levels")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured time per level")
-    ap.add_argument("--rounds", type=int, default=3, help="turns each side takes per level")
+    ap.add_argument(
+        "--rounds", type=int, default=1,
+        help="turns each side takes per level (on a shared machine: 2-3, with --seconds long "
+        "enough that each turn still holds many batches: a batch of 64 takes seconds on CPU)",
+    )  # fmt: skip
     ap.add_argument("--test-data", type=Path, default=ROOT / "data/test_cases.jsonl")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
