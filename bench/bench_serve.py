@@ -5,11 +5,12 @@ with random weights (hidden 768, 12 layers, vocab 21128, ~410 MB; built once int
 by bench/deploykit.py). The peer (bench/serve_peer.py) is written the way such services
 usually are: FastAPI, a pipeline("text-classification") loaded once, one pipeline call per
 request. At each level, N clients each send requests back to back over a keep-alive
-connection (texts from data/test_cases.jsonl) for a fixed time; the two services are measured
-one after the other, level by level, so drift in the machine's load hits both alike.
+connection (texts from data/test_cases.jsonl) for a fixed time; the two services take turns,
+level by level, in ``--rounds`` slices of the time each (ftctl, peer, ftctl, peer, ...), so
+drift in the machine's load hits both alike.
 
     .venv/bin/python bench/bench_serve.py                    # 1, 16, 64 clients, 15 s each
-    .venv/bin/python bench/bench_serve.py --seconds 30 --json
+    .venv/bin/python bench/bench_serve.py --seconds 30 --rounds 2 --json
 
 Prints requests/s and p50/p99 latency per level and the ratios; exits 1 if the two services
 disagree on a label (they serve the same model) or any request failed.
@@ -63,7 +64,7 @@ def ask(port: int, text: str) -> dict:
 def measure(port: int, clients: int, seconds: float, texts: list[str], warmup: float = 2.0):
     """N client threads, back-to-back requests on keep-alive connections. Throughput: the
     requests that finish inside the window (it opens ``warmup`` s after the clients start);
-    latency: theirs, from send to answer."""
+    latency: theirs, from send to answer. Returns the raw latencies and failures."""
     t_start = time.monotonic() + warmup
     t_end = t_start + seconds
     latencies: list[float] = []
@@ -98,7 +99,11 @@ def measure(port: int, clients: int, seconds: float, texts: list[str], warmup: f
         t.start()
     for t in threads:
         t.join()
-    latencies.sort()
+    return latencies, failures
+
+
+def summary(clients: int, seconds: float, latencies: list[float], failures: list[str]) -> dict:
+    latencies = sorted(latencies)
 
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
@@ -120,6 +125,11 @@ def main() -> int:
     ap.add_argument("--model", type=Path, help="another model directory (default: 768x12)")
     ap.add_argument("--clients", default="1,16,64", help="concurrency levels")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured time per level")
+    ap.add_argument(
+        "--rounds", type=int, default=1,
+        help="turns each side takes per level (on a shared machine: 2-3, with --seconds long "
+        "enough that each turn still holds many batches: a batch of 64 takes seconds on CPU)",
+    )  # fmt: skip
     ap.add_argument("--test-data", type=Path, default=ROOT / "data/test_cases.jsonl")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
@@ -151,9 +161,15 @@ def main() -> int:
             )
             results: dict[str, list[dict]] = {FTCTL: [], PEER: []}
             for n in (int(c) for c in args.clients.split(",")):
+                print(f"{n} clients: {args.rounds} turns each ...", flush=True)
+                raw: dict[str, tuple[list, list]] = {FTCTL: ([], []), PEER: ([], [])}
+                for _ in range(args.rounds):
+                    for name in (FTCTL, PEER):
+                        lat, fail = measure(ports[name], n, args.seconds / args.rounds, texts)
+                        raw[name][0].extend(lat)
+                        raw[name][1].extend(fail)
                 for name in (FTCTL, PEER):
-                    print(f"{name}: {n} clients ...", flush=True)
-                    results[name].append(measure(ports[name], n, args.seconds, texts))
+                    results[name].append(summary(n, args.seconds, *raw[name]))
         finally:
             for proc in procs.values():
                 proc.terminate()
@@ -175,8 +191,8 @@ def main() -> int:
     lines.append(f"labels agree: {agree}")
     failed = sum(r["failed"] for rs in results.values() for r in rs)
     if args.json:
-        print(json.dumps({"model": str(model), "seconds": args.seconds, "labels_agree": agree,
-                          "results": results}, indent=2))  # fmt: skip
+        print(json.dumps({"model": str(model), "seconds": args.seconds, "rounds": args.rounds,
+                          "labels_agree": agree, "results": results}, indent=2))  # fmt: skip
     else:
         print("\n".join(lines))
     return 0 if agree and not failed else 1

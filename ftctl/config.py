@@ -334,15 +334,16 @@ class ServeConfig:
     device: str = "auto"  # auto | cpu | cuda; the model is moved there once, at load
     threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
     batch_size: int = 64  # most texts in one forward pass
-    batch_wait_ms: float = 3.0  # how long a request that finds the model idle waits for others
+    batch_wait_ms: float = 10.0  # longest wait of an idle model for requests it expects
     max_pending: int = 2048  # texts waiting for the model; one request more is answered 503
     max_in_flight: int = 512  # requests handled at once; one more is answered 503
-    max_connections: int = 1024  # open connections; one more is answered 503
+    max_connections: int = 1024  # open connections or requests at once; one more is answered 503
     backlog: int = 2048  # listen backlog (the kernel caps it at net.core.somaxconn)
     max_body: int = 1 << 20  # bytes of one request body; more is answered 413
     max_texts: int = 256  # texts in one {"texts": [...]} request
     max_chars: int = 1000  # characters of one text
     header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    max_header_bytes: int = 16384  # a request head (request line + headers); more is answered 400
     body_timeout: float = 10.0  # seconds for a request's body to arrive (408)
     predict_timeout: float = 30.0  # seconds to wait for the model's answer (504)
     keep_alive: int = 5  # seconds an idle keep-alive connection stays open
@@ -361,8 +362,8 @@ class ServeConfig:
             out.append(Problem("must be auto, cpu, cuda or cuda:N", field="serve.device"))
         positive = ("max_length", "batch_size", "max_pending", "max_in_flight",
                     "max_connections", "backlog", "max_body", "max_texts", "max_chars",
-                    "header_timeout", "body_timeout", "predict_timeout", "keep_alive",
-                    "graceful_timeout", "log_max_bytes")  # fmt: skip
+                    "header_timeout", "max_header_bytes", "body_timeout", "predict_timeout",
+                    "keep_alive", "graceful_timeout", "log_max_bytes")  # fmt: skip
         for name in positive:
             if not getattr(self, name) > 0:
                 out.append(Problem("must be > 0", field=f"serve.{name}"))

@@ -9,10 +9,14 @@ import traceback
 from pathlib import Path
 from typing import Annotated
 
-# `ftctl serve`: a SIGHUP (reload) that comes while it starts must not kill it; this runs before
-# the slow imports below, and ftctl.serve.server.PendingSignal takes over once serve runs
-if "serve" in sys.argv[1:]:
+# `ftctl serve`, from its first line (before the slow imports below): a SIGHUP (reload) that
+# comes while it starts must not kill it (the load reads the link anyway), and a SIGTERM stops
+# it at once with exit 0 (nothing is served yet); ftctl.serve.server takes over once serve runs
+if next((a for a in sys.argv[1:] if not a.startswith("-")), None) == "serve" or (
+    sys.argv[1:2] in (["--config"], ["-c"]) and sys.argv[3:4] == ["serve"]
+):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(0))
 
 import click
 import typer

@@ -68,7 +68,8 @@ def serve_cmd(
         float | None,
         typer.Option(
             "--batch-wait-ms",
-            help="How long a request that finds the model idle waits for others to join it.",
+            help="Longest wait of an idle model for the requests it expects (never for one "
+            "client alone).",
             show_default=common.default_text(ServeConfig, "batch_wait_ms"),
         ),
     ] = None,
@@ -117,7 +118,9 @@ def serve_cmd(
 
     Concurrent requests are batched into one forward pass. `kill -HUP <pid>` loads the model
     the directory (link) points at now, beside the old one, and swaps without failing a
-    request; SIGTERM stops accepting, finishes the requests in flight and exits. Under systemd
+    request; SIGTERM stops accepting, finishes the requests in flight and exits 0 (during the
+    model load: at once). If a thread of the service dies, /health turns 503 and it exits 1
+    (for its service manager to restart it). Under systemd
     socket activation (LISTEN_FDS) it serves the socket it is given (--host/--port unused).
     Logs are JSON lines on stderr; every answer also goes to the prediction log (for
     `ftctl harvest`). More settings: [serve] in ftctl.toml (docs/serve.md).

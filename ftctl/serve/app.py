@@ -2,21 +2,26 @@
 
 ``POST /predict`` takes ``{"text": "..."}`` or ``{"texts": ["...", ...]}``; ``GET /health``
 reports the model and its reloads. Every answer is JSON, errors too: ``{"error": message,
-"status": code}``. What a client can get wrong, and what it gets back:
+"status": code}``. What a client can get wrong, and what it gets back (all 4xx):
 
 - a body over ``max_body`` bytes: 413 (the body is read and dropped first, up to a bound, so
   the client reads the answer instead of a reset connection);
 - a body that does not arrive within ``body_timeout`` seconds: 408;
-- not UTF-8, not JSON, nested too deep, the wrong shape or types, an empty text, too many or
-  too long texts, text that is not valid Unicode (lone surrogates): 400;
-- a wrong path: 404; a wrong method: 405; more requests in flight than ``max_in_flight``, or
-  more texts waiting than the batcher holds: 503 with ``Retry-After``; no answer from the model
-  within ``predict_timeout``: 504.
+- not UTF-8, not JSON, nested too deep, a number too long to read, the wrong shape or types, an
+  empty text, too many or too long texts, text that is not valid Unicode (lone surrogates): 400;
+- a wrong path: 404; a wrong method: 405.
+
+What the service cannot do right now is a 5xx: more requests in flight than ``max_in_flight``,
+or more work queued than the model can do within ``predict_timeout``: 503 with
+``Retry-After``, at once; no answer from the model in time: 504; the model failed on this
+request: 500. An answer sent before the body was read does not close the connection: uvicorn
+reads and drops the rest of the body, so a client still sending it reads the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -41,9 +46,15 @@ class Limits:
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, *, close: bool = False, retry: bool = False):
+    """An answer other than 200. ``close``: close the connection after it (the body was not
+    read, and is not worth reading); ``retry_after``: seconds, for a 503."""
+
+    def __init__(
+        self, status: int, message: str, *, close: bool = False, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.close, self.retry = status, message, close, retry
+        self.status, self.message, self.close = status, message, close
+        self.retry_after = retry_after
 
 
 def parse_request(body: bytes, limits: Limits) -> tuple[list[str], bool]:
@@ -61,6 +72,8 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], bool]:
         ) from None
     except RecursionError:
         raise HTTPError(400, "body is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise HTTPError(400, f"body has a value that cannot be read: {exc}") from None
     if not isinstance(req, dict) or ("text" in req) == ("texts" in req):
         raise HTTPError(400, 'expected {"text": "..."} or {"texts": ["...", ...]}')
     if "text" in req:
@@ -152,6 +165,7 @@ class ServeApp:
         log: Callable[[dict], None] = lambda event: None,
         access_log: bool = False,
         extra_health: Callable[[], dict] = dict,
+        failures: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.holder = holder
         self.batcher = batcher
@@ -159,6 +173,7 @@ class ServeApp:
         self.log = log
         self.access_log = access_log
         self.extra_health = extra_health
+        self.more_failures = failures
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
@@ -174,14 +189,15 @@ class ServeApp:
             status, payload = exc.status, {"error": exc.message, "status": exc.status}
             if exc.close:
                 headers.append((b"connection", b"close"))
-            if exc.retry:
-                headers.append((b"retry-after", b"1"))
+            if exc.retry_after is not None:
+                headers.append((b"retry-after", str(exc.retry_after).encode()))
             if status == 405:
                 headers.append((b"allow", b"POST" if scope["path"] == "/predict" else b"GET"))
         except ConnectionResetError:  # the client left before sending its whole body
             return
         except Exception as exc:  # a bug of ours: still a JSON answer, and a log line
-            self.log({"event": "error", "path": scope["path"], "error": repr(exc)})
+            with contextlib.suppress(Exception):
+                self.log({"event": "error", "path": scope["path"], "error": repr(exc)})
             status, payload = 500, {"error": f"internal error: {type(exc).__name__}", "status": 500}
         finally:
             self.in_flight -= 1
@@ -192,27 +208,37 @@ class ServeApp:
         await send({"type": "http.response.body", "body": body})
         if self.access_log:
             client = scope.get("client") or ("", 0)
-            self.log({"event": "access", "client": f"{client[0]}:{client[1]}",
-                      "method": scope["method"], "path": scope["path"], "status": status,
-                      "ms": round((time.perf_counter() - t0) * 1000, 1),
-                      "bytes": len(body), **info})  # fmt: skip
+            with contextlib.suppress(Exception):
+                self.log({"event": "access", "client": f"{client[0]}:{client[1]}",
+                          "method": scope["method"], "path": scope["path"], "status": status,
+                          "ms": round((time.perf_counter() - t0) * 1000, 1),
+                          "bytes": len(body), **info})  # fmt: skip
 
     async def _route(self, scope, receive, info: dict) -> tuple[int, dict]:
         path, method = scope["path"], scope["method"]
         if path == "/health":
             if method not in ("GET", "HEAD"):
                 raise HTTPError(405, "use GET /health")
-            return 200, self.health()
+            return self.health()
         if path == "/predict":
             if method != "POST":
                 raise HTTPError(405, 'use POST /predict with {"text": "..."}')
             if self.in_flight > self.limits.max_in_flight:
-                raise HTTPError(503, "too many requests in flight", retry=True, close=True)
+                raise HTTPError(503, "too many requests in flight", retry_after=1)
             return 200, await self.predict(scope, receive, info)
         raise HTTPError(404, "not found: GET /health, POST /predict")
 
-    def health(self) -> dict:
-        return self.holder.health() | {"batching": self.batcher.stats()} | self.extra_health()
+    def failure(self) -> str | None:
+        """Why the service cannot answer any more (a thread of it died), else None."""
+        return self.batcher.failure() or self.holder.failure() or self.more_failures()
+
+    def health(self) -> tuple[int, dict]:
+        """200 and the state; 503 with ``status: failed`` and the ``error`` once a thread of
+        the service has died (the process is then stopping, for its manager to restart it)."""
+        body = self.holder.health() | {"batching": self.batcher.stats()} | self.extra_health()
+        if (why := self.failure()) is not None:
+            return 503, body | {"status": "failed", "error": why}
+        return 200, body
 
     async def predict(self, scope, receive, info: dict) -> dict:
         body = await read_body(receive, scope, self.limits)
@@ -221,18 +247,39 @@ class ServeApp:
         try:
             future = self.batcher.submit(texts)
         except Overloaded as exc:
-            raise HTTPError(503, f"overloaded: {exc}", retry=True) from None
-        try:
-            answer = await asyncio.wait_for(
-                asyncio.wrap_future(future), self.limits.predict_timeout
-            )
-        except TimeoutError:
-            raise HTTPError(
-                504, f"no answer from the model within {self.limits.predict_timeout:g} s"
-            ) from None
-        except Exception as exc:
-            raise HTTPError(500, f"prediction failed: {type(exc).__name__}: {exc}") from None
+            raise HTTPError(503, f"overloaded: {exc}", retry_after=exc.retry_after) from None
+        answer = await self._wait(future, receive)
         if single:
             return _prediction(answer.predictions[0]) | {"sha256": answer.sha256}
         predictions = [_prediction(p) for p in answer.predictions]
         return {"predictions": predictions, "sha256": answer.sha256}
+
+    async def _wait(self, future, receive):
+        """The answer, within ``predict_timeout``. If the client leaves first, or the time is
+        up, the request is cancelled: its texts leave the queue at once."""
+        answer = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait(
+                (answer, gone), timeout=self.limits.predict_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+        finally:
+            gone.cancel()
+        if answer not in done:
+            answer.cancel()
+            if gone in done:
+                raise ConnectionResetError("client went away")
+            raise HTTPError(
+                504, f"no answer from the model within {self.limits.predict_timeout:g} s"
+            )
+        try:
+            return answer.result()
+        except Exception as exc:
+            raise HTTPError(500, f"prediction failed: {type(exc).__name__}: {exc}") from None
+
+
+async def _disconnect(receive) -> None:
+    """Returns once the client has gone (the body has been read: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -2,13 +2,17 @@
 swaps in a new one on reload (:class:`ModelHolder`).
 
 A reload loads the model the link points at *now* beside the old one, warms it, then swaps
-one reference; batches already running finish on the old model, so a deploy that reloads
-instead of restarting fails zero requests. A model that does not load leaves the old one
-serving, and /health says so at once (``reload.state`` = ``failed``, ``last_reload_error``).
+one reference under the batch lock (:attr:`ModelHolder.batch_lock`): the batch running then
+finishes on the old model, the next one runs on the new, and /health never names a model other
+than the one answering. A deploy that reloads instead of restarting fails zero requests. A
+model that does not load leaves the old one serving, and /health says so at once
+(``reload.state`` = ``failed``, ``last_reload_error``). The reload thread catches everything;
+if it dies anyway, :meth:`ModelHolder.failure` says so (/health turns 503, the process exits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -44,6 +48,7 @@ class Predictor:
     max_length: int = 64
     device: str = "cpu"
     batch_size: int = 64  # texts per forward pass
+    warm_seconds: float = 0.0  # one pass over one short text, once warmed up
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Top-2 labels of every text, in input order: length-sorted forward passes of at most
@@ -83,7 +88,8 @@ def load_predictor(
     model_dir: str | Path, *, max_length: int = 64, device: str = "cpu", batch_size: int = 64
 ) -> Predictor:
     """Resolve the link now and load what it points at (cheap checks first, then the weights),
-    then run one warm-up pass so that the first request does not pay for lazy set-up."""
+    then run warm-up passes so that the first request does not pay for lazy set-up (the
+    second one is timed: ``warm_seconds``)."""
     from ftctl.model import load_classifier, resolve_device
 
     real = os.path.realpath(model_dir)
@@ -94,6 +100,9 @@ def load_predictor(
     model, tokenizer = load_classifier(real, device=device)
     p = Predictor(real, digest, labels, model, tokenizer, max_length, device, batch_size)
     p.predict([WARMUP_TEXT])
+    t0 = time.perf_counter()
+    p.predict([WARMUP_TEXT])  # timed warm: a first guess at the service rate
+    p.warm_seconds = time.perf_counter() - t0
     return p
 
 
@@ -104,7 +113,8 @@ def _now() -> str:
 class ModelHolder:
     """The live predictor. ``reload()`` swaps in a new one only once it has loaded;
     ``request_reload()`` (what SIGHUP calls) runs it in a background thread, and a request
-    that comes while one runs starts another one right after it (the link may have moved)."""
+    that comes while one runs starts another one right after it (the link may have moved).
+    ``log`` may fail (a full disk under stderr): that never stops a reload."""
 
     def __init__(
         self,
@@ -119,6 +129,7 @@ class ModelHolder:
         self._load_args = {"max_length": max_length, "device": device, "batch_size": batch_size}
         self.log = log
         self.current = load_predictor(model_dir, **self._load_args)
+        self.batch_lock = threading.Lock()  # held by the batcher for a batch; the swap takes it
         self.started = _now()
         self.reload_attempts = 0  # reloads started
         self.reloads = 0  # reloads that swapped a new model in
@@ -129,6 +140,17 @@ class ModelHolder:
         self._state_lock = threading.Lock()  # the request_reload bookkeeping
         self._worker: threading.Thread | None = None
         self._again = False
+        self._died: str | None = None  # the reload thread ended by something it could not catch
+
+    def _report(self, event: dict) -> None:
+        with contextlib.suppress(Exception):
+            self.log(event)
+
+    def swap(self, new: Predictor) -> Predictor:
+        """Serve ``new`` from the next batch on (waits for the batch running now)."""
+        with self.batch_lock:
+            old, self.current = self.current, new
+        return old
 
     def reload(self) -> bool:
         """Load what the link points at now; swap it in if it loaded. Never raises."""
@@ -148,10 +170,10 @@ class ModelHolder:
                     "error": self.last_error,
                     "seconds": round(time.monotonic() - t0, 2),
                 }
-                self.log({"event": "reload_failed", "serving": self.current.sha256[:8],
-                          "model_dir": target, "error": self.last_error})  # fmt: skip
+                self._report({"event": "reload_failed", "serving": self.current.sha256[:8],
+                              "model_dir": target, "error": self.last_error})  # fmt: skip
                 return False
-            old, self.current = self.current, new
+            old = self.swap(new)
             self.reloads += 1
             self.last_error = None
             self.last_reload = attempt | {
@@ -160,15 +182,9 @@ class ModelHolder:
                 "sha256": new.sha256,
                 "seconds": round(time.monotonic() - t0, 2),
             }
-            self.log(
-                {
-                    "event": "reloaded",
-                    "old": old.sha256[:8],
-                    "new": new.sha256[:8],
-                    "model_dir": new.model_dir,
-                    "seconds": self.last_reload["seconds"],
-                }
-            )
+            self._report({"event": "reloaded", "old": old.sha256[:8], "new": new.sha256[:8],
+                          "model_dir": new.model_dir,
+                          "seconds": self.last_reload["seconds"]})  # fmt: skip
             return True
 
     def request_reload(self) -> None:
@@ -182,13 +198,29 @@ class ModelHolder:
             self._worker.start()
 
     def _reload_loop(self) -> None:
-        while True:
-            self.reload()
+        try:
+            while True:
+                try:
+                    self.reload()
+                except Exception as exc:  # a bug of ours: reported, and the next SIGHUP works
+                    self.last_error = f"reload crashed: {type(exc).__name__}: {exc}"
+                    self._report({"event": "reload_crashed", "error": self.last_error})
+                with self._state_lock:
+                    if not self._again:
+                        self._worker = None
+                        return
+                    self._again = False
+        except BaseException as exc:
+            self._died = f"the reload thread died: {type(exc).__name__}: {exc}"
+            raise
+        finally:
             with self._state_lock:
-                if not self._again:
+                if self._worker is threading.current_thread():
                     self._worker = None
-                    return
-                self._again = False
+
+    def failure(self) -> str | None:
+        """Why the service cannot go on (the reload thread died), else None."""
+        return self._died
 
     def wait_reloads(self, timeout: float | None = None) -> None:
         """Block until no background reload runs (tests and shutdown)."""

@@ -1,17 +1,19 @@
 """Running the app: uvicorn underneath, the listening socket, signals, a draining stop.
 
-- **uvicorn** (its pure-Python h11 protocol) parses HTTP. :class:`Protocol` adds what a
-  service facing real clients needs and uvicorn leaves out: a JSON body for a malformed
-  request, a timeout on a request's headers (uvicorn has none before the first request), a
-  cap on open connections answered with a JSON 503, and a drain that lets a connection
-  accepted just before SIGTERM send its request instead of being closed unanswered.
+- **uvicorn's public API** (:func:`uvicorn_config`): ``uvicorn.Config``/``Server`` with
+  ``limit_concurrency``, ``backlog``, ``timeout_keep_alive``, ``timeout_graceful_shutdown``,
+  ``h11_max_incomplete_event_size`` and ``sockets=``. :class:`Protocol` (a subclass of its h11
+  protocol) adds only three guarantees those settings cannot give, each named in
+  docs/serve.md: a timeout on a request's head, an answer never lost to a reset (a graceful,
+  lingering close), and a moment on SIGTERM for a connection whose request is on its way.
+  uvicorn is pinned exactly, and tests/unit/test_serve_unit.py fails when a hook it overrides
+  (or relies on) changes.
 - **The socket** is inherited from the service manager when ``LISTEN_FDS`` is set for this
-  process (systemd socket activation): connections that arrive while the service restarts wait
-  in the kernel's queue and are answered by the next process. Otherwise ftctl binds
-  ``host:port`` itself, with a listen backlog of ``backlog``.
-- **SIGHUP** reloads the model (see :class:`~ftctl.serve.model.ModelHolder`); one that comes
-  while the model is still loading is remembered and acted on once it is up. **SIGTERM** (and
-  Ctrl-C) stop accepting, finish the requests in flight, then exit 0.
+  process (systemd socket activation). Otherwise ftctl binds ``host:port`` itself. Either way
+  its protocol is IPPROTO_TCP, so asyncio sets TCP_NODELAY on every accepted connection.
+- **Signals** (:class:`StopSignal`, :class:`PendingSignal`): SIGTERM/Ctrl-C while the model
+  loads stop at once; once serving, they stop accepting, finish what is in flight, then exit 0.
+  A SIGHUP that comes while loading is remembered and acted on once the service is up.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ftctl.errors import FtctlError
+
+if TYPE_CHECKING:
+    from ftctl.config import ServeConfig
 
 SD_LISTEN_FDS_START = 3
 
@@ -48,86 +54,131 @@ def _raw_json(status: int, reason: str, message: str) -> bytes:
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    header_timeout: float = 10.0  # seconds for a request's headers to arrive
-    max_connections: int = 1024  # open connections; one more is answered 503
+    header_timeout: float = 10.0  # seconds for a request's head to arrive
     drain_grace: float = 0.5  # on SIGTERM: how long a connection with no request yet may send one
+    linger: float = 2.0  # closing mid-request: read and drop what still comes, this long at most
+
+
+# what the client side of a connection is in when all it sent has been read
+_READ_WHOLE = (h11.IDLE, h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+
+class GracefulTransport:
+    """The connection's transport as uvicorn sees it: ``close()`` never throws the answer
+    away. Closing a TCP socket with unread input makes the kernel send a reset, and a reset
+    can destroy the answer before the client reads it (or fail a client still sending its
+    body). So when input may be left (a body not read to its end, a request h11 could not
+    parse, bytes received but not parsed), ``close()`` sends the answer and a FIN, goes on
+    reading and dropping what still comes, and closes when the client does or after
+    ``linger`` seconds. With nothing left unread it closes at once."""
+
+    def __init__(self, transport, *, unread: Callable[[], bool], linger: float, loop) -> None:
+        self._transport = transport
+        self._unread = unread
+        self._linger = linger
+        self._loop = loop
+        self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.lingering = False
+
+    def __getattr__(self, name: str):  # everything else is the real transport's
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closed or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        t = self._transport
+        if t.is_closing():
+            return
+        if not t.can_write_eof() or not self._unread():
+            t.close()
+            return
+        self.lingering = True
+        t.write_eof()  # the answer, then FIN
+        t.resume_reading()
+        self._timer = self._loop.call_later(self._linger, t.close)
+
+    def stop_lingering(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class Protocol(H11Protocol):
-    """uvicorn's h11 protocol with JSON errors, a header timeout, a connection cap and a
-    gentler drain. ``limits`` is set on the subclass made by :func:`protocol_class`."""
+    """uvicorn's h11 protocol plus the guarantees its public settings cannot give (see
+    docs/serve.md, "What uvicorn cannot do"):
+
+    1. **A head timeout**: a connection must send a whole request head within
+       ``header_timeout`` of opening (and, kept alive, within one to two of them after its
+       last answer); otherwise it is closed, with a JSON 408 if it had sent part of one.
+       uvicorn has no timeout before a connection's first request.
+    2. **No answer lost to a reset**: every close goes through :class:`GracefulTransport`.
+    3. **A drain that lets a request on its way arrive**: on SIGTERM, a connection accepted
+       just before, whose request has not come yet, gets ``drain_grace`` to send it.
+
+    Hooks overridden: ``connection_made``, ``connection_lost``, ``data_received``,
+    ``shutdown`` (pinned with uvicorn's version by tests/unit/test_serve_unit.py).
+    ``limits`` is set on the subclass made by :func:`protocol_class`.
+    """
 
     limits = ConnectionLimits()
 
     def connection_made(self, transport) -> None:
-        no_delay(transport.get_extra_info("socket"))
-        super().connection_made(transport)
-        self._header_timer = None
-        self._waiting_cycle = None
-        self._bytes_since_response = 0
+        graceful = GracefulTransport(
+            transport, unread=self._may_have_unread, linger=self.limits.linger, loop=self.loop
+        )
+        super().connection_made(graceful)
         self._draining = False
-        if len(self.connections) > self.limits.max_connections:
-            transport.write(_raw_json(503, "Service Unavailable", "too many connections"))
-            transport.close()
-            return
-        self._arm_header_timer()
+        self._seen = self.cycle
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.limits.header_timeout, self._check_head
+        )
 
     def connection_lost(self, exc) -> None:
-        self._cancel_header_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self.transport.stop_lingering()
         super().connection_lost(exc)
 
-    # -- header timeout ------------------------------------------------------------------
-    def _arm_header_timer(self) -> None:
-        self._cancel_header_timer()
-        self._waiting_cycle = self.cycle
-        self._bytes_since_response = 0
-        self._header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timeout)
-
-    def _cancel_header_timer(self) -> None:
-        if getattr(self, "_header_timer", None) is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        busy = self.cycle is not None and not self.cycle.response_complete
-        if self.transport.is_closing() or busy or self.cycle is not self._waiting_cycle:
-            return  # a request is being answered: not ours to cut
-        if self._bytes_since_response:  # half a request: say why it is cut
-            self.transport.write(
-                _raw_json(408, "Request Timeout", "request headers not received in time")
-            )
-        self.transport.close()
-
     def data_received(self, data: bytes) -> None:
-        self._bytes_since_response += len(data)
+        if self.transport.lingering:  # the answer is out: what still comes is dropped
+            return
         super().data_received(data)
 
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.cycle is not self._waiting_cycle:  # a new request's headers have arrived
-            self._cancel_header_timer()
-            self._waiting_cycle = self.cycle
-            if self._draining and self.cycle is not None:
-                self.cycle.keep_alive = False
+    def _may_have_unread(self) -> bool:
+        return (
+            self.conn.their_state not in _READ_WHOLE
+            or bool(self.conn.trailing_data[0])
+            or self.flow.read_paused
+        )
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        idle = self.cycle is None or self.cycle.response_complete  # not a pipelined next one
-        if idle and not self.transport.is_closing() and not self._draining:
-            self._arm_header_timer()
-
-    # -- JSON for a request h11 cannot parse (bad Content-Length, bad request line, ...) --
-    def send_400_response(self, msg: str) -> None:
-        self._cancel_header_timer()
-        message = "invalid HTTP request (request line, a header or Content-Length)"
-        self.transport.write(_raw_json(400, "Bad Request", message))
+    # -- 1. head timeout -------------------------------------------------------------------
+    def _check_head(self) -> None:
+        """Every ``header_timeout``: a connection that stayed idle for a whole period (no
+        request in progress, none begun since the last check) is cut."""
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if busy or self.cycle is not self._seen:
+            self._seen = self.cycle
+            self._head_timer = self.loop.call_later(self.limits.header_timeout, self._check_head)
+            return
+        if self.conn.trailing_data[0]:  # half a request head: say why it is cut
+            message = "request head not received in time"
+            self.transport.write(_raw_json(408, "Request Timeout", message))
         self.transport.close()
 
-    # -- drain ----------------------------------------------------------------------------
+    # -- 3. drain --------------------------------------------------------------------------
     def shutdown(self) -> None:
         idle = self.cycle is None or self.cycle.response_complete
-        if idle and (self.cycle is None or self._bytes_since_response):
+        waiting = self.cycle is None or bool(self.conn.trailing_data[0])
+        if idle and waiting and not self._draining:
             # accepted, but its request has not arrived (or not whole): give it a moment
             self._draining = True
             self.loop.call_later(self.limits.drain_grace, self._shutdown_now)
@@ -135,28 +186,33 @@ class Protocol(H11Protocol):
         super().shutdown()
 
     def _shutdown_now(self) -> None:
-        if self.transport.is_closing():
-            return
-        if self.cycle is None or (
-            self.cycle.response_complete and self.conn.their_state is h11.IDLE
-        ):
-            super().shutdown()
-        else:
-            self.cycle.keep_alive = False
-
-
-def no_delay(sock) -> None:
-    """TCP_NODELAY on an accepted connection. asyncio sets it only on sockets whose ``proto``
-    is IPPROTO_TCP, and a socket made by ``socket.create_server`` (or passed by systemd) has
-    proto 0: a response written in two parts then waits for the client's delayed ACK, 40 ms
-    per keep-alive request (measured: 104 ms instead of 60 ms for one text)."""
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.transport.is_closing():
+            super().shutdown()  # idle: closed; answering: closed once answered
 
 
 def protocol_class(limits: ConnectionLimits) -> type[Protocol]:
     return type("FtctlProtocol", (Protocol,), {"limits": limits})
+
+
+def uvicorn_config(app, cfg: ServeConfig):
+    """``uvicorn.Config`` for ``app`` from ``[serve]``: uvicorn's public settings, plus
+    :class:`Protocol` for what they cannot do."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        http=protocol_class(ConnectionLimits(header_timeout=cfg.header_timeout)),
+        ws="none",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        limit_concurrency=cfg.max_connections,  # connections or requests; one more gets a 503
+        backlog=cfg.backlog,
+        timeout_keep_alive=cfg.keep_alive,
+        timeout_graceful_shutdown=cfg.graceful_timeout,
+        h11_max_incomplete_event_size=cfg.max_header_bytes,
+    )
 
 
 # --------------------------------------------------------------------------- the socket
@@ -164,7 +220,8 @@ def protocol_class(limits: ConnectionLimits) -> type[Protocol]:
 
 def inherited_sockets() -> list[socket.socket]:
     """The listening sockets systemd passed to this process (``sd_listen_fds``): fds 3.. when
-    ``LISTEN_PID`` is our pid. The variables are then removed, as sd_listen_fds(1) does."""
+    ``LISTEN_PID`` is our pid. The variables are then removed, as sd_listen_fds(1) does.
+    (``socket.socket(fileno=)`` reads the family, type and protocol from the fd itself.)"""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
     try:
@@ -187,15 +244,24 @@ def inherited_sockets() -> list[socket.socket]:
 
 
 def bind(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening TCP socket on host:port, or FtctlError saying why not."""
+    """A listening TCP socket on host:port, or FtctlError saying why not.
+
+    Made with protocol IPPROTO_TCP, not 0 as ``socket.create_server`` makes it: asyncio sets
+    TCP_NODELAY only on connections whose protocol says TCP, and without it a response
+    written in two parts waits for the client's delayed ACK (40 ms per keep-alive request)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host, port), family=family, backlog=backlog)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
     except OSError as exc:  # port in use, privileged port, unknown address
+        sock.close()
         raise FtctlError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}",
             hint="another process may hold that port: stop it or pass --port / --host",
         ) from exc
+    return sock
 
 
 def address(sock: socket.socket) -> str:
@@ -245,8 +311,7 @@ def sd_notify(state: str) -> bool:
 class PendingSignal:
     """A signal from the first moment, before the server takes it over: the handler only sets
     a flag (all a handler may safely do while anything else runs), and the server acts on it
-    once it is up. SIGHUP: a reload asked for while the model loads; SIGTERM: stop as soon as
-    the server has started (nothing is in flight yet)."""
+    once it is up (SIGHUP: a reload asked for while the model loads)."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
@@ -260,28 +325,68 @@ class PendingSignal:
         self.pending = True
 
 
-def ignore_sighup_early(argv: list[str]) -> None:
-    """Called first thing by the CLI: when the command is ``serve``, SIGHUP is ignored until
-    :class:`PendingSignal` takes over (a reload asked for before the model loads needs nothing
-    done: the load reads the link afterwards)."""
-    if "serve" in argv[1:] and hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+class Stop(BaseException):
+    """Raised by :class:`StopSignal`'s handler while the model loads: the load is abandoned
+    (nothing is being served yet) and the process exits 0. A BaseException, so that no
+    ``except Exception`` on the way swallows it."""
+
+
+class StopSignal:
+    """SIGTERM and SIGINT for ``serve``. While the model loads, they stop at once
+    (:class:`Stop`); once the server exists (:meth:`attach`), they ask it to exit: it stops
+    accepting, finishes what is in flight, and returns. No moment in between loses one: a
+    signal that comes before :meth:`attach` is remembered and passed on there. (uvicorn
+    takes both signals over while it serves and, once drained, raises them again: they land
+    here, where they only set flags.)"""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.loading = True
+        self.server = None
+
+    def install(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+        return self
+
+    def loaded(self) -> None:
+        """From now on a stop is remembered, not raised. Raises :class:`Stop` if one came."""
+        self.loading = False
+        if self.requested:
+            raise Stop
+
+    def attach(self, server) -> None:
+        self.server = server
+        if self.requested:
+            server.should_exit = True
+
+    def _handler(self, _sig, _frame) -> None:
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True
+        elif self.loading:
+            raise Stop
 
 
 async def run_server(
     server,
     sockets: list[socket.socket],
     on_hup: Callable[[], None],
-    early: PendingSignal,
-    stop: PendingSignal,
+    early_hup: PendingSignal,
+    failure: Callable[[], str | None],
+    on_failure: Callable[[str], None],
+    *,
+    check_every: float = 0.2,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; SIGHUP calls ``on_hup`` in the event loop."""
-    if stop.pending:
-        server.should_exit = True
+    """Serve until SIGTERM/SIGINT (or a worker thread of the app dies: ``failure()`` names
+    it, ``on_failure`` is told, and the server stops); SIGHUP calls ``on_hup`` in the event
+    loop."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    if early.pending:  # came while loading: the link may have moved since the load began
-        early.pending = False
+    if early_hup.pending:  # came while loading: the link may have moved since the load began
+        early_hup.pending = False
         on_hup()
 
     async def ready() -> None:
@@ -289,11 +394,21 @@ async def run_server(
             await asyncio.sleep(0.01)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
 
-    notify = asyncio.create_task(ready())
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(check_every)
+            if (why := failure()) is not None:
+                on_failure(why)
+                server.should_exit = True
+                return
+
+    tasks = [asyncio.create_task(ready()), asyncio.create_task(watch())]
     try:
         await server.serve(sockets=sockets)
     finally:
-        notify.cancel()
+        for task in tasks:
+            task.cancel()
         sd_notify("STOPPING=1")
         loop.remove_signal_handler(signal.SIGHUP)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no death by SIGHUP while finishing
+        with contextlib.suppress(ValueError):  # not the main thread (tests)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no death by SIGHUP while finishing

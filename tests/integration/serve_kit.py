@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 from ftctl.localserver import free_port
 from ftctl.quiet import QUIET_ENV
@@ -58,6 +59,20 @@ def raw(port: int, request: bytes, *, timeout: float = 5, after=None) -> bytes:
         return data
 
 
+def raw_to_close(port: int, request: bytes, *, timeout: float = 10) -> tuple[bytes, bool]:
+    """Send bytes, then read until the server closes: (all it sent, whether the connection
+    was reset rather than closed). A reset while sending counts too."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        data = b""
+        try:
+            s.sendall(request)
+            while chunk := s.recv(65536):
+                data += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return data, True
+        return data, False
+
+
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
 
@@ -87,17 +102,24 @@ def point(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
+FAULTS = str(Path(__file__).with_name("serve_faults.py"))
+
+
 class ServeProcess:
-    """`ftctl serve` as a child process on a free port; its stderr (JSON lines) in a file."""
+    """`ftctl serve` as a child process on a free port; its stderr (JSON lines) in a file, or
+    ``stderr`` (a path such as /dev/full, or an fd) instead. ``fault``: run it through
+    tests/integration/serve_faults.py with that fault put in."""
 
     def __init__(self, workdir: Path, model_dir: Path, *args: str, config: str | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 env: dict[str, str] | None = None, stderr: str | int | None = None,
+                 fault: str | None = None) -> None:  # fmt: skip
         self.workdir = workdir
         self.env = {**ENV, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = workdir / f"serve-{self.port}.log"
-        cmd = [FTCTL]
+        self.stderr = stderr
+        cmd = [FTCTL] if fault is None else [sys.executable, FAULTS, fault]
         if config is not None:
             cfg = workdir / f"ftctl-{self.port}.toml"
             cfg.write_text(config, encoding="utf-8")
@@ -106,10 +128,18 @@ class ServeProcess:
         self.cmd = cmd + list(args)
         self.proc: subprocess.Popen | None = None
 
+    running: ClassVar[list[ServeProcess]] = []  # started and not stopped: kill_leftovers()
+
     def start(self, *, wait: bool = True) -> ServeProcess:
+        ServeProcess.running.append(self)
         self._err = open(self.stderr_path, "ab")  # noqa: SIM115 (closed in stop)
+        err = self._err
+        if isinstance(self.stderr, str):
+            err = self._other = open(self.stderr, "wb")  # noqa: SIM115 (closed in stop)
+        elif isinstance(self.stderr, int):
+            err = self.stderr
         self.proc = subprocess.Popen(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=self._err, stderr=self._err, env=self.env
+            self.cmd, stdin=subprocess.DEVNULL, stdout=self._err, stderr=err, env=self.env
         )
         if wait:
             self.wait_healthy()
@@ -149,7 +179,19 @@ class ServeProcess:
     def log(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
+    @classmethod
+    def kill_leftovers(cls, keep: list[ServeProcess]) -> None:
+        """Kill what a failed test left running, but ``keep`` (a test that passes stops its
+        own service; a module's shared one stops with its fixture)."""
+        for sp in [sp for sp in cls.running if sp not in keep]:
+            cls.running.remove(sp)
+            if sp.proc is not None and sp.proc.poll() is None:
+                sp.proc.kill()
+                sp.proc.wait()
+
     def stop(self, timeout: float = 60) -> int | None:
+        if self in ServeProcess.running:
+            ServeProcess.running.remove(self)
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -160,7 +202,28 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._err.close()
+        if isinstance(self.stderr, str):
+            self._other.close()
         return self.proc.returncode
+
+    def wait_event(self, name: str, timeout: float = 120) -> dict:
+        """The first stderr event called ``name``, once it is there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events() if e.get("event") == name]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, f"no {name} event:\n{self.log()}"
+            assert self.proc is None or self.proc.poll() is None, self.log()
+            time.sleep(0.005)
+
+    def wait_health(self, check, timeout: float = 60) -> dict:
+        """/health once ``check(body)`` holds."""
+        deadline = time.monotonic() + timeout
+        while not check(body := self.health()):
+            assert time.monotonic() < deadline, body
+            time.sleep(0.05)
+        return body
 
 
 class RequestLoop:
