@@ -64,6 +64,36 @@ def patch_safetensors(path: Path, select, change) -> int:
     return changed
 
 
+FINE_TUNED = ("bert.encoder.layer.11.", "classifier.", "bert.pooler.")  # what fine_tune_of changes
+
+
+def fine_tune_of(src: Path, out: Path, seed: int = 7, *, from_base: bool = False) -> tuple[Path, int]:
+    """A copy of ``src`` whose top layer, pooler and head changed (same header, same offsets),
+    the way a fine-tune with frozen embeddings and lower layers changes a model; with its
+    manifest. ``from_base``: the manifest names ``src`` as its base model, as `ftctl train`
+    writes it (path + sha256 of its weights), so a deploy can send a tensor delta against it.
+    Returns (the directory, bytes of the tensors changed)."""
+    import shutil
+
+    import numpy as np
+
+    from ftctl.manifest import model_sha256, write_manifest
+
+    shutil.copytree(src, out)
+    (out / "manifest.json").unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
+    changed = patch_safetensors(
+        out / "model.safetensors",
+        lambda name: name.startswith(FINE_TUNED),
+        lambda arr: arr + rng.normal(0, 1e-3, arr.shape).astype(arr.dtype),
+    )
+    payload: dict = {"kind": "test"}
+    if from_base:
+        payload["base_model"] = {"path": str(src), "sha256": model_sha256(src)}
+    write_manifest(out, payload)
+    return out, changed
+
+
 # `python -c CHILD_RUSAGE CMD...` runs CMD as its only child, then writes the child's peak RSS,
 # CPU and wall time on stderr as one line `RUSAGE {json}` (stdlib only: runs on a server's old
 # python3 too). Read it back with child_rusage(stderr).

@@ -40,6 +40,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 import zlib
 
 MAGIC = b"FTTD\x01\r\n\x00"
@@ -47,6 +48,7 @@ HEAD_MAX = 1 << 20  # bytes of the stream's JSON head
 MAX_RECORD = 64 << 20  # bytes an L or X record may produce (the client uses 4 MiB blocks)
 HEADER_MAX = 100 << 20  # a safetensors header larger than this is refused (as safetensors does)
 COPY_CHUNK = 1 << 20
+WRITEBACK = 64 << 20  # bytes written after which they go to disk in the background
 STORED, ZLIB = 0, 1
 CODECS = (STORED, ZLIB)
 
@@ -207,6 +209,35 @@ class Basis:
         return b"".join(self.ranges(offset, length, crc, length or 1))
 
 
+class Flusher(threading.Thread):
+    """``fdatasync`` of a file being written, in the background each time it is kicked, so the
+    final fsync has little left to write (rsync's watcher does the same for its uploads)."""
+
+    def __init__(self, fd):
+        threading.Thread.__init__(self, daemon=True)
+        self.fd = fd
+        self.wake = threading.Event()
+        self.done = False
+        self.start()
+
+    def run(self):
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.done:
+                return
+            with contextlib.suppress(OSError):  # the final fsync reports what matters
+                os.fdatasync(self.fd)
+
+    def kick(self):
+        self.wake.set()
+
+    def stop(self):
+        self.done = True
+        self.wake.set()
+        self.join()
+
+
 class Writer:
     """The new file: a temp file beside ``out_path``, hashed while written, renamed at the end."""
 
@@ -218,6 +249,8 @@ class Writer:
         self.fh = os.fdopen(os.open(self.tmp, flags, 0o666), "wb")
         self.sha = hashlib.sha256()
         self.size = 0
+        self.flushed = 0
+        self.flusher = Flusher(self.fh.fileno())
 
     def room(self, length, what):
         if self.size + length > self.new_size:
@@ -227,9 +260,14 @@ class Writer:
         self.fh.write(data)
         self.sha.update(data)
         self.size += len(data)
+        if self.size - self.flushed >= WRITEBACK:
+            self.fh.flush()
+            self.flusher.kick()
+            self.flushed = self.size
 
     def commit(self):
         self.fh.flush()
+        self.flusher.stop()
         os.fsync(self.fh.fileno())
         self.fh.close()
         os.replace(self.tmp, self.out_path)
@@ -240,6 +278,7 @@ class Writer:
             os.close(fd)
 
     def discard(self):
+        self.flusher.stop()
         if not self.fh.closed:
             self.fh.close()
         with contextlib.suppress(FileNotFoundError):
@@ -327,14 +366,14 @@ def apply(delta_stream, basis_path, out_path, progress=None):
 # ------------------------------------------------------------------------ command line
 
 
-def _exit_on_signal(signum, frame):
+def exit_on_signal(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through apply, which removes its temp file
 
 
 def main(argv):
     if len(argv) == 3 and argv[0] == "apply":
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _exit_on_signal)
+            signal.signal(sig, exit_on_signal)
         try:
             sha = apply(sys.stdin.buffer, argv[1], argv[2])
         except (DeltaError, OSError) as exc:
