@@ -67,7 +67,9 @@ def patch_safetensors(path: Path, select, change) -> int:
 FINE_TUNED = ("bert.encoder.layer.11.", "classifier.", "bert.pooler.")  # what fine_tune_of changes
 
 
-def fine_tune_of(src: Path, out: Path, seed: int = 7, *, from_base: bool = False) -> tuple[Path, int]:
+def fine_tune_of(
+    src: Path, out: Path, seed: int = 7, *, from_base: bool = False
+) -> tuple[Path, int]:
     """A copy of ``src`` whose top layer, pooler and head changed (same header, same offsets),
     the way a fine-tune with frozen embeddings and lower layers changes a model; with its
     manifest. ``from_base``: the manifest names ``src`` as its base model, as `ftctl train`
