@@ -68,12 +68,13 @@ FINE_TUNED = ("bert.encoder.layer.11.", "classifier.", "bert.pooler.")  # what f
 
 
 def fine_tune_of(
-    src: Path, out: Path, seed: int = 7, *, from_base: bool = False
+    src: Path, out: Path, seed: int = 7, *, from_base: bool = False, changed=FINE_TUNED
 ) -> tuple[Path, int]:
-    """A copy of ``src`` whose top layer, pooler and head changed (same header, same offsets),
-    the way a fine-tune with frozen embeddings and lower layers changes a model; with its
-    manifest. ``from_base``: the manifest names ``src`` as its base model, as `ftctl train`
-    writes it (path + sha256 of its weights), so a deploy can send a tensor delta against it.
+    """A copy of ``src`` whose top layer, pooler and head (the tensors named with a prefix in
+    ``changed``) changed a little, in place (same header, same offsets), the way a fine-tune
+    with frozen embeddings and lower layers changes a model; with its manifest.
+    ``from_base``: the manifest names ``src`` as its base model, as `ftctl train` writes it
+    (path + sha256 of its weights), so a deploy can send a tensor delta against it.
     Returns (the directory, bytes of the tensors changed)."""
     import shutil
 
@@ -84,9 +85,10 @@ def fine_tune_of(
     shutil.copytree(src, out)
     (out / "manifest.json").unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
+    prefixes = tuple(changed)
     changed = patch_safetensors(
         out / "model.safetensors",
-        lambda name: name.startswith(FINE_TUNED),
+        lambda name: name.startswith(prefixes),
         lambda arr: arr + rng.normal(0, 1e-3, arr.shape).astype(arr.dtype),
     )
     payload: dict = {"kind": "test"}

@@ -43,6 +43,8 @@ class RemoteState:
     has_rsync: bool = False
     index: dict[str, dict[str, list]] = field(default_factory=dict)  # release -> rel -> [sha, size]
     final_index: dict[str, list] = field(default_factory=dict)  # a real final/ dir's manifest
+    # release -> rel -> [sha, size] as its manifest.json says (unverified: tensor delta bases)
+    claims: dict[str, dict[str, list]] = field(default_factory=dict)
     previous: str | None = None  # the release live before the live one (from ``log``)
     log: list[dict] = field(default_factory=list)  # deploys.log, newest last (compact)
     samples: dict[str, dict] = field(default_factory=dict)
@@ -161,14 +163,27 @@ def choose_method(cfg: DeployConfig, st: RemoteState, local_conn: bool) -> tuple
     return "sftp", f"SFTP fallback ({', '.join(missing)})"
 
 
-def _sources(st: RemoteState) -> list[tuple[str, dict[str, list]]]:
-    """Where unchanged files can be linked from: the live release first, then newest first."""
+def _sources(st: RemoteState, claims: bool = False) -> list[tuple[str, dict[str, list]]]:
+    """Where unchanged files can be linked from: the live release first, then newest first.
+    ``claims``: also the files of which only a manifest names the sha256 (good enough for a
+    tensor delta's basis, which the server checks range by range; never for a link)."""
     out = []
     if st.link == "dir":
         out.append(("final", st.final_index))
     newest_first = sorted(st.releases, key=release_key, reverse=True)
     order = sorted(newest_first, key=lambda r: r != st.live)  # stable: live, then newest
-    out += [(f"releases/{r}", st.index.get(r, {})) for r in order]
+    for r in order:
+        known = {**st.claims.get(r, {}), **st.index.get(r, {})} if claims else st.index.get(r, {})
+        out.append((f"releases/{r}", known))
+    return out
+
+
+def _by_content(sources: list[tuple[str, dict[str, list]]]) -> dict[tuple[str, int], str]:
+    """{(sha256, size): path relative to remote_dir}; the first source that has it wins."""
+    out: dict[tuple[str, int], str] = {}
+    for prefix, index in reversed(sources):  # the live release wins (written last)
+        for rel, (sha, size) in index.items():
+            out[(sha, size)] = f"{prefix}/{rel}"
     return out
 
 
@@ -190,10 +205,8 @@ def make_plan(
         if release_tag(name) == model.sha8 and _same(st.index.get(name), model):
             return Plan("reuse", f"{name} on the server has this exact content", reuse=name)
     method, why = choose_method(cfg, st, local_conn)
-    by_content: dict[tuple[str, int], str] = {}
-    for prefix, index in reversed(_sources(st)):  # the live release wins (written last)
-        for rel, (sha, size) in index.items():
-            by_content[(sha, size)] = f"{prefix}/{rel}"
+    by_content = _by_content(_sources(st))
+    bases = _by_content(_sources(st, claims=True))
     basis_dir = "final" if st.link in ("dir", "link") and (st.live or st.link == "dir") else None
     plan = Plan(method, why)
     for rel in sorted(model.expected):
@@ -212,7 +225,7 @@ def make_plan(
                 step.action, step.source = "delta", f"{basis_dir}/{rel}"
                 step.expect = math.ceil((1 - step.similar) * size)
         if cfg.transfer in ("auto", TENSOR_DELTA) and rel.endswith(".safetensors"):
-            _tensor_delta(step, model, by_content, count, digests or td.Digests())
+            _tensor_delta(step, model, bases, count, digests or td.Digests())
         plan.steps.append(step)
     return plan
 
@@ -227,19 +240,19 @@ def prehash(cfg: DeployConfig, model: LocalModel) -> td.Digests:
     return digests
 
 
-def _tensor_delta(step: FileStep, model: LocalModel, by_content: dict, count: bool,
+def _tensor_delta(step: FileStep, model: LocalModel, bases: dict, count: bool,
                   digests: td.Digests) -> None:  # fmt: skip
     """Make ``step`` a tensor delta when this machine holds a copy (sha256 checked now) of a
     safetensors file on the server with the same tensor names, shapes and dtypes; else say
     why not in ``step.note`` (the file goes as planned: rsync, then SFTP)."""
-    server = {sha: size for (sha, size), src in by_content.items() if src.endswith(".safetensors")}
+    server = {sha: size for (sha, size), src in bases.items() if src.endswith(".safetensors")}
     basis = td.find_local_basis(model.path, server, rel=step.rel, digest=digests)
     method, why = td.choose(model.path / step.rel, basis)
     if method is None or basis is None:
         step.note = f"no tensor delta: {why}"
         return
     step.note = why
-    step.action, step.source = TENSOR_DELTA, by_content[(basis.sha256, server[basis.sha256])]
+    step.action, step.source = TENSOR_DELTA, bases[(basis.sha256, server[basis.sha256])]
     step.local_basis, step.basis_sha = str(basis.path), basis.sha256
     if count:
         sha = model.expected[step.rel]
