@@ -7,6 +7,13 @@ All the files go as one stream into one process on the server: through OpenSSH's
 when there is one (OpenSSH's ciphers run in C; paramiko's are Python and share our GIL with the
 encoder), else through the SSH session. ``bwlimit_kbps`` caps the stream as it caps rsync.
 
+**The link decides the compression.** zlib on the changed blocks' byte planes saves bytes at
+the price of CPU on both ends; that pays on a link slower than the CPUs, not on a faster one.
+So the stream measures how fast ssh takes it: bytes over the seconds spent waiting for ssh to
+accept them (and for ``bwlimit``), over the last ``WINDOW`` bytes. While that is under
+``FAST_LINK`` bytes/s (or not yet measured), blocks are compressed (zlib level 1); at or above
+it, the link is not what limits the upload and blocks go stored, as the CPU-cheapest way.
+
 A file the server cannot rebuild (its copy of the basis differs from what it indexed: a CRC-32
 mismatch; a disk error; our own copy of the basis changed while encoding) is returned as failed,
 with the reason, and so are the files after it in the stream: the caller sends them by rsync or
@@ -16,6 +23,7 @@ SFTP instead, and verifies every file by sha256 as always. A link that died is a
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +35,8 @@ from ftctl.errors import DeployError
 from ftctl.fsutil import sha256_file
 
 CHUNK = 256 << 10  # bytes handed to ssh at once
+WINDOW = 8 << 20  # bytes of stream over which the link is measured
+FAST_LINK = 40e6  # bytes/s (320 Mbit/s): a link at least this fast gets the planes stored
 
 
 @dataclass
@@ -38,18 +48,33 @@ class DeltaSent:
     hashed: dict[str, list] = field(default_factory=dict)  # rel -> [sha256, file identity]
     failed: dict[str, str] = field(default_factory=dict)  # rel -> why (goes by rsync/SFTP)
     encode_cpu_s: float = 0.0  # the encoder's CPU seconds (this process, all threads)
+    planes: dict[str, int] = field(default_factory=dict)  # byte planes sent "stored" / "zlib"
 
 
 class Sink:
     """What :func:`~ftctl.deploy.tensordelta.encode` writes into: buffered into chunks,
-    counted, and held to ``kbps`` KiB/s when that is not 0."""
+    counted, held to ``kbps`` KiB/s when that is not 0, and timed: :meth:`level` is the zlib
+    level the link's measured speed asks for (see the module docstring)."""
 
     def __init__(self, write: Callable[[bytes], None], kbps: int = 0) -> None:
         self._write = write
         self._rate = kbps * 1024
         self._buf = bytearray()
         self._t0 = time.monotonic()
+        self._window: deque[tuple[int, float]] = deque()  # (bytes, seconds waited) per chunk
+        self._window_bytes = 0
+        self._window_wait = 0.0
         self.bytes = 0
+
+    def link_rate(self) -> float | None:
+        """Bytes/s ssh took over the last WINDOW bytes (None: not that many bytes yet)."""
+        if self._window_bytes < WINDOW:
+            return None
+        return self._window_bytes / max(self._window_wait, 1e-6)
+
+    def level(self) -> int:
+        rate = self.link_rate()
+        return 0 if rate is not None and rate >= FAST_LINK else td.LEVEL
 
     def write(self, data: bytes) -> int:
         self._buf += data
@@ -60,13 +85,24 @@ class Sink:
     def flush(self) -> None:
         if not self._buf:
             return
+        t0 = time.monotonic()
         if self._rate:
-            ahead = (self.bytes + len(self._buf)) / self._rate - (time.monotonic() - self._t0)
+            ahead = (self.bytes + len(self._buf)) / self._rate - (t0 - self._t0)
             if ahead > 0:
                 time.sleep(ahead)
         self._write(bytes(self._buf))
+        self._measure(len(self._buf), time.monotonic() - t0)
         self.bytes += len(self._buf)
         self._buf.clear()
+
+    def _measure(self, n: int, waited: float) -> None:
+        self._window.append((n, waited))
+        self._window_bytes += n
+        self._window_wait += waited
+        while self._window_bytes - self._window[0][0] >= WINDOW:
+            old, old_wait = self._window.popleft()
+            self._window_bytes -= old
+            self._window_wait -= old_wait
 
 
 def send_deltas(
@@ -95,10 +131,12 @@ def send_deltas(
             # no hashing here: the server checks each basis range read (CRC-32) and the rebuilt
             # file against the manifest's sha256 (the end record)
             stats = td.encode(
-                model.path / s.rel, s.local_basis or "", sink,
+                model.path / s.rel, s.local_basis or "", sink, level=sink.level,
                 new_sha256=model.expected[s.rel], progress=advance,
             )  # fmt: skip
             out.encode_cpu_s += stats.cpu_seconds
+            for k, v in stats.planes.items():
+                out.planes[k] = out.planes.get(k, 0) + v
     except OSError as exc:  # the server stopped reading: its answer says why
         stopped = f"the server stopped reading ({type(exc).__name__})"
     except DeployError as exc:  # our copy of the basis changed while it was encoded

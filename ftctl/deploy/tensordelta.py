@@ -383,7 +383,7 @@ def encode(
     basis_path: str | os.PathLike,
     out: BinaryIO | CountingSink,
     *,
-    level: int = LEVEL,
+    level: int | Callable[[], int] = LEVEL,
     workers: int | None = None,
     block: int = BLOCK,
     basis_sha256: str | None = None,
@@ -391,7 +391,9 @@ def encode(
     progress: Callable[[int], None] | None = None,
 ) -> EncodeStats:
     """Write the tensor delta of ``new_path`` against ``basis_path`` to ``out`` (anything with
-    ``write(bytes)``) and return what it took. ``level`` is zlib's (0: every plane stored).
+    ``write(bytes)``) and return what it took. ``level`` is zlib's (0: every plane stored), or
+    a function asked for it as each block is handed to the encoder (the deploy's: by how fast
+    the link takes the stream, see :mod:`ftctl.deploy.tdsend`).
     With ``basis_sha256`` the basis is hashed while encoding and a mismatch raises before the
     end record is written, so the server applies nothing. :class:`DeployError` when the two
     files' layouts differ (:func:`usable` says so first). ``new_sha256``: the new file's
@@ -427,7 +429,8 @@ def encode(
         pending: deque[Future] = deque()
         try:
             for p in pieces(new, basis, size, block):
-                pending.append(pool.submit(_record, p, new_buf, basis_buf, level))
+                lvl = level() if callable(level) else level
+                pending.append(pool.submit(_record, p, new_buf, basis_buf, lvl))
                 while len(pending) > 2 * workers:
                     _write_next(pending, write, stats, progress)
             while pending:

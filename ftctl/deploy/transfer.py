@@ -373,7 +373,7 @@ def _send_deltas(session, model, plan, incoming, master, reporter, bar, out: Sen
     with reporter.task("tensor delta", total=total, unit="B") if bar else _no_bar() as advance:
         ds = send_deltas(session, model, steps, incoming.rsplit("/", 1)[-1], via, advance)
     out.add(Sent(TENSOR_DELTA, ds.files, ds.bytes, ds.bytes), time.monotonic() - t0)
-    out.by_method[TENSOR_DELTA]["encode_cpu_s"] = round(ds.encode_cpu_s, 2)
+    out.by_method[TENSOR_DELTA].update(encode_cpu_s=round(ds.encode_cpu_s, 2), planes=ds.planes)
     out.hashed = ds.hashed
     other = "rsync" if plan.method == "rsync" and master is not None else "sftp"
     for rel, why in ds.failed.items():

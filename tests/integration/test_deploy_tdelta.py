@@ -92,9 +92,7 @@ def test_a_fine_tune_goes_as_a_tensor_delta_and_arrives_byte_identical(server, b
     _ends_good(t, model_digest(tuned))
 
 
-def test_a_damaged_basis_on_the_server_is_caught_and_the_file_goes_by_rsync(
-    server, base, tmp_path
-):
+def test_a_damaged_basis_on_the_server_is_caught_and_the_file_goes_by_rsync(server, base, tmp_path):
     """The server's copy of the live weights rots after it was indexed: the apply's CRC-32
     check stops at the first range it reads, leaves no file, and the file goes by rsync
     instead (the new release is verified by sha256 as always, so nothing is lost by it and
@@ -116,8 +114,9 @@ def test_a_damaged_basis_on_the_server_is_caught_and_the_file_goes_by_rsync(
     res = _deploy(t, tuned, hooks=Hooks(after_upload=before_go_live))
     assert res.ok, res.error
     h = res.hosts[0]
-    assert "CRC-32 mismatch" in h.fallbacks[WEIGHTS] and "final/model.safetensors" in (
-        h.fallbacks[WEIGHTS]
+    assert (
+        "CRC-32 mismatch" in h.fallbacks[WEIGHTS]
+        and "final/model.safetensors" in (h.fallbacks[WEIGHTS])
     )
     assert any("tensor delta failed" in w for w in h.warnings)
     assert h.methods["tensor-delta"]["files"] == 0 and h.methods["rsync"]["files"] == 2

@@ -138,6 +138,49 @@ def test_the_stream_is_held_to_bwlimit(monkeypatch):
     assert all(len(c) >= tdsend.CHUNK for c in got[:-1])
 
 
+def _fed(monkeypatch, seconds_per_chunk: float, kbps: int = 0) -> tdsend.Sink:
+    """A Sink fed 16 MiB through a pipe that takes ``seconds_per_chunk`` to accept each chunk
+    (a fake clock: nothing sleeps)."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(tdsend.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(tdsend.time, "sleep", lambda s: clock.update(t=clock["t"] + s))
+
+    def write(_chunk):
+        clock["t"] += seconds_per_chunk
+
+    sink = tdsend.Sink(write, kbps)
+    assert sink.level() == td.LEVEL  # nothing measured yet: compress
+    for _ in range(64):
+        sink.write(b"x" * tdsend.CHUNK)
+    return sink
+
+
+def test_a_fast_link_gets_the_planes_stored_a_thin_one_compressed(monkeypatch):
+    fast = _fed(monkeypatch, tdsend.CHUNK / 100e6)  # ssh takes 100 MB/s
+    assert fast.link_rate() == pytest.approx(100e6) and fast.level() == 0
+    thin = _fed(monkeypatch, tdsend.CHUNK / 6.25e6)  # 50 Mbit/s
+    assert thin.link_rate() == pytest.approx(6.25e6) and thin.level() == td.LEVEL
+    capped = _fed(monkeypatch, 0.0, kbps=10_000)  # instant pipe, but --bwlimit 10000
+    assert capped.link_rate() == pytest.approx(10_240_000, rel=0.05)
+    assert capped.level() == td.LEVEL
+
+
+def test_the_encoder_asks_for_the_level_block_by_block(models):
+    base, tuned = models
+    asked = []
+
+    def level():  # the link's measure changing its mind every block
+        asked.append(1)
+        return len(asked) % 2
+
+    st = td.encode(tuned / "model.safetensors", base / "model.safetensors", td.CountingSink(),
+                   level=level, block=4096)  # fmt: skip
+    stored = td.encode(tuned / "model.safetensors", base / "model.safetensors",
+                       td.CountingSink(), level=0, block=4096)  # fmt: skip
+    assert len(asked) > 10 and st.planes["zlib"] > 0
+    assert st.delta_bytes < stored.delta_bytes
+
+
 def test_bytes_sent_add_up_per_method():
     out = Sent("rsync")
     out.add(Sent("tensor-delta", 1, 700, 700), 1.5)
