@@ -23,7 +23,7 @@ from ftctl.deploy.plan import Plan, RemoteState, make_plan, plan_lines, prehash,
 from ftctl.deploy.results import HostResult
 from ftctl.deploy.server.shared import FINAL_STATES, utc_stamp
 from ftctl.deploy.session import LinkDead, Lock, Session, lock_info, lock_owner, q
-from ftctl.deploy.transfer import Hooks, Master, send, verify
+from ftctl.deploy.transfer import Hooks, Master, Sent, send, verify
 from ftctl.errors import DeployError, FtctlError, RollbackFailed
 from ftctl.progress import NULL, Reporter
 
@@ -240,11 +240,21 @@ def _upload(session, model, plan, incoming, name, hr, reporter, hooks, master, b
         f"{session.host}: {n} files to send ({how}; ~{plan.expected_bytes / 1e6:.1f} MB),"
         f" {len(plan.links)} hard-linked"
     )
-    with timed(hr, "transfer"):
-        sent = send(
-            session, model, plan, remote_incoming, master=master, reporter=reporter,
-            hooks=hooks, bar=bar,
-        )  # fmt: skip
+    sent = Sent(plan.method)
+    try:
+        with timed(hr, "transfer"):
+            send(
+                session, model, plan, remote_incoming, master=master, reporter=reporter,
+                hooks=hooks, bar=bar, out=sent,
+            )  # fmt: skip
+    finally:  # also what a failed upload sent (deploys.log keeps it)
+        _record_sent(hr, sent)
+    reporter.stage(f"{session.host}: verify sha256 of {n} received files")
+    with timed(hr, "verify"):
+        verify(session, model, plan, remote_incoming, name, sent.hashed)
+
+
+def _record_sent(hr: HostResult, sent: Sent) -> None:
     hr.uploaded_files, hr.uploaded_bytes, hr.wire_bytes = (
         sent.files,
         sent.file_bytes,
@@ -255,9 +265,6 @@ def _upload(session, model, plan, incoming, name, hr, reporter, hooks, master, b
         hr.method = sent.method
     hr.warnings += [f"{rel}: tensor delta failed, sent otherwise: {why}"
                     for rel, why in sent.fallbacks.items()]  # fmt: skip
-    reporter.stage(f"{session.host}: verify sha256 of {n} received files")
-    with timed(hr, "verify"):
-        verify(session, model, plan, remote_incoming, name, sent.hashed)
 
 
 def _discard(session: Session, incoming: str) -> None:

@@ -326,12 +326,14 @@ def send(
     reporter: Reporter = NULL,
     hooks: Hooks | None = None,
     bar: bool = True,
+    out: Sent | None = None,
 ) -> Sent:
     """Send the plan's changed files into ``incoming`` (already holding the linked ones): the
     tensor deltas, and meanwhile the other files by rsync or SFTP; then, the same way, any
-    file whose tensor delta failed."""
+    file whose tensor delta failed. What was sent is added to ``out`` as it goes (so that a
+    caller knows it when this raises)."""
     hooks = hooks or Hooks()
-    out = Sent(plan.method)
+    out = out if out is not None else Sent(plan.method)
     rest = [r for r in plan.to_send if plan.step(r).action != TENSOR_DELTA]
 
     def others(files: list[str], with_bar: bool) -> tuple[Sent, float]:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,19 @@ def server(request, deploy_target, sshd_py36):
     return deploy_target.through(sshd_py36) if request.param == "py3.6" else deploy_target
 
 
-@pytest.fixture
-def base(server, deploy_models, tmp_path) -> Path:
-    """The live model (server's final/, a real directory) and this machine's copy of it, both
-    with the manifest `ftctl train` would have written (the same content as model A, which the
-    service already serves)."""
+def _local_base(deploy_models, tmp_path) -> Path:
+    """Model A with the manifest `ftctl train` would have written (the same content)."""
     base = tmp_path / "base" / "final"
     shutil.copytree(deploy_models["a"], base)
     write_manifest(base, {"kind": "test"})
+    return base
+
+
+@pytest.fixture
+def base(server, deploy_models, tmp_path) -> Path:
+    """The live model (server's final/, a real directory) and this machine's copy of it, both
+    with its manifest (the same content as model A, which the service already serves)."""
+    base = _local_base(deploy_models, tmp_path)
     final = server.remote_dir / "final"
     shutil.rmtree(final)
     shutil.copytree(base, final)
@@ -193,3 +199,37 @@ def test_a_deployer_killed_mid_stream_leaves_no_temp_file_and_the_live_model(
     assert res.hosts[0].methods["tensor-delta"]["files"] == 1
     assert not list(t.remote_dir.glob(".incoming-*")), os.listdir(t.remote_dir)
     _ends_good(t, model_digest(tuned))
+
+
+@pytest.fixture
+def small_disk(deploy_target, deploy_models, tmp_path):
+    """A 5 MiB tmpfs as remote_dir, holding the live model in a real final/ (3.7 MB): the new
+    weights (3.2 MB) do not fit. No service: the disk fills before any go-live. Through the
+    usual sshd only: the 3.6 one lives in a private mount namespace, which does not see a
+    mount made after it started."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "ftctl-tdelta-test", d], check=True)
+    try:
+        shutil.copytree(_local_base(deploy_models, tmp_path), d / "final")
+        yield deploy_target.with_(remote_dir=str(d), restart_cmd="true", reload_cmd=None,
+                           health_url=None, health_settle=0.0, min_free_factor=0.0)  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_a_full_disk_during_the_apply_fails_clearly_and_leaves_no_file(
+    deploy_target, small_disk, tmp_path
+):
+    t, cfg = deploy_target, small_disk
+    d = Path(cfg.remote_dir)
+    tuned, _ = fine_tune_of(tmp_path / "base" / "final", tmp_path / "ft" / "final", from_base=True)
+    live = sha256_file(d / "final" / WEIGHTS)
+    res = _deploy(t, tuned, cfg)
+    assert isinstance(res.error, DeployError) and res.error.exit_code == ExitCode.DEPLOY
+    h = res.hosts[0]
+    assert "No space left on device" in h.fallbacks[WEIGHTS]  # the apply's, then rsync's too
+    assert "the live model is untouched" in (res.error.hint or "")
+    assert sha256_file(d / "final" / WEIGHTS) == live
+    assert not list(d.rglob("*.tdelta-*.part")) and not list(d.glob(".incoming-*"))
+    wait_until(lambda: lock_free(d), 15, "the lock free")

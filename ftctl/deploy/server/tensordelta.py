@@ -317,7 +317,7 @@ class Writer:
         with contextlib.suppress(OSError):
             self.finish()
         self.flusher.stop()
-        if not self.fh.closed:
+        with contextlib.suppress(OSError):  # a full disk fails the flush; the file still closes
             self.fh.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
