@@ -13,11 +13,12 @@ manifest names the base, of which this machine holds the copy the tensor delta n
 Each run starts from the seed's state (final/ holding the base, the service restarted on it);
 --rounds N alternates their order. The runs: the seed's way; `ftctl deploy --transfer rsync`
 (ftctl before the tensor delta); `ftctl deploy` (auto: the tensor delta); with --reload also
-`ftctl deploy` with a reload instead of the restart. The clock runs until /health reports the
-fine-tune; bytes are the veth's counter towards the server (--loopback: the lo counter, which
-anything else on the machine adds to). For ftctl: its client CPU (this process and its
-ssh/rsync children), the peak RSS of the server's apply (remote_python is wrapped to report
-it), and each step of the deploy (client side, and the go-live's on the server).
+both ftctl ways with a reload instead of the restart (no service restart to add its noise).
+The clock runs until /health reports the fine-tune; bytes are the veth's counter towards
+the server (--loopback: the lo counter, which anything else on the machine adds to). For
+ftctl: its client CPU (this process and its ssh/rsync children), the peak RSS of the server's
+apply (remote_python is wrapped to report it), and each step of the deploy (client side, and
+the go-live's on the server).
 
 --loopback: the same against a real sshd on 127.0.0.1, no namespace (the CPU is the limit).
 
@@ -63,6 +64,7 @@ SEED = "seed scp -r + restart"
 RSYNC = "ftctl --transfer rsync"
 TDELTA = "ftctl (tensor delta)"
 TDELTA_RELOAD = "ftctl (tensor delta), reload"
+RSYNC_RELOAD = "ftctl --transfer rsync, reload"
 # remote_python for ftctl's runs: the server's python3, run as the only child of this wrapper,
 # which then writes that child's peak RSS and CPU to stderr (the client shows it as a server
 # line): `RUSAGE <subcommand> {json}`
@@ -240,6 +242,8 @@ def main() -> int:
             }
             if args.reload:
                 reload_cfg = dataclasses.replace(cfg, reload_cmd=sup.reload_cmd)
+                rsync_reload = dataclasses.replace(reload_cfg, transfer="rsync")
+                ways[RSYNC_RELOAD] = lambda: ftctl_run(tuned, rsync_reload, sshd.host)
                 ways[TDELTA_RELOAD] = lambda: ftctl_run(tuned, reload_cfg, sshd.host)
             runs: dict[str, list[dict]] = {name: [] for name in ways}
             for r in range(args.rounds):
