@@ -19,7 +19,8 @@ Measured, in one run:
      child); and the seed's `scp -r` of the model directory once, for the byte ratio;
   4. what these bytes predict for a 50 Mbit/s link (--rate-mbit): the transfer alone, and the
      whole deploy given --fixed-s, the seconds a deploy spends besides the transfer (lock,
-     probe, go-live, restart, health; 9.6 s in bench/README.md's WAN figure).
+     probe, go-live, restart, health; 4.5 s in bench/README.md's WAN figure, measured by
+     bench/bench_deploy_wan.py, which deploys for real).
 
     .venv/bin/python bench/bench_tensor_delta.py [--cache DIR] [--rounds 2] [--levels 0,1,6,9]
         [--lzma] [--json]
@@ -217,7 +218,7 @@ def main() -> int:
     ap.add_argument("--lzma", action="store_true", help="also lzma preset 1 on the planes")
     ap.add_argument("--server-python", action="append", help="server interpreters (repeatable)")
     ap.add_argument("--rate-mbit", type=float, default=50.0, help="link of the prediction")
-    ap.add_argument("--fixed-s", type=float, default=9.6, help="a deploy's non-transfer seconds")
+    ap.add_argument("--fixed-s", type=float, default=4.5, help="a deploy's non-transfer seconds")
     args = ap.parse_args()
     pythons = args.server_python or ["/usr/bin/python3", PY36]
     base = build_base_size_model(args.cache / "base-old" / "final", seed=0)
