@@ -125,7 +125,7 @@ def send_deltas(
     out = DeltaSent()
     pipe = session.pipe("tdelta", req, via)
     sink = Sink(pipe.send_bytes, cfg.bwlimit_kbps)
-    stopped = None  # why we stopped writing before the end
+    ours = None  # why we stopped writing early, when the cause is on this side
     try:
         for s in steps:
             # no hashing here: the server checks each basis range read (CRC-32) and the rebuilt
@@ -137,10 +137,10 @@ def send_deltas(
             out.encode_cpu_s += stats.cpu_seconds
             for k, v in stats.planes.items():
                 out.planes[k] = out.planes.get(k, 0) + v
-    except OSError as exc:  # the server stopped reading: its answer says why
-        stopped = f"the server stopped reading ({type(exc).__name__})"
-    except DeployError as exc:  # our copy of the basis changed while it was encoded
-        stopped = exc.message
+    except OSError:  # the server stopped reading: its answer says why
+        pass
+    except DeployError as exc:  # a file here changed while it was encoded
+        ours = exc.message
     except BaseException:
         pipe.close()
         raise
@@ -155,7 +155,7 @@ def send_deltas(
             out.hashed[s.rel] = [done[s.rel]["sha256"], done[s.rel]["identity"]]
             out.files += 1
         elif not out.failed:
-            out.failed[s.rel] = _why(ans, stopped, rc, stderr) + _basis_changed(s)
+            out.failed[s.rel] = _why(ans, ours, rc, stderr) + _basis_changed(s)
         else:
             out.failed[s.rel] = f"not sent: the stream stopped at {next(iter(out.failed))}"
     return out
@@ -191,9 +191,9 @@ def _basis_changed(s: FileStep) -> str:
     return f"; this machine's copy {s.local_basis} changed since the plan" if changed else ""
 
 
-def _why(ans: dict | None, stopped: str | None, rc: int | None, stderr: str) -> str:
-    if stopped and not stopped.startswith("the server stopped"):
-        return stopped  # ours: the server only saw the stream end early
+def _why(ans: dict | None, ours: str | None, rc: int | None, stderr: str) -> str:
+    if ours:
+        return ours  # the server only saw the stream end early
     if ans and ans.get("error"):
         return f"the server: {ans['error']}"
     tail = stderr.strip()[-300:] or "nothing on stderr"

@@ -181,6 +181,22 @@ def test_the_encoder_asks_for_the_level_block_by_block(models):
     assert st.delta_bytes < stored.delta_bytes
 
 
+def test_a_failed_delta_says_whether_this_machine_s_copy_of_the_basis_changed(models):
+    base, tuned = models
+    step = make_plan(load_local_model(tuned), _live_is(base), DeployConfig(), False).tensor_deltas[
+        0
+    ]
+    assert tdsend._basis_changed(step) == ""  # the server's copy, then, is the one that differs
+    step.basis_sha = "0" * 64
+    assert "this machine's copy" in tdsend._basis_changed(step)
+    why = tdsend._why({"error": "basis x: bytes 8..16 differ (CRC-32 mismatch)"}, None, 1, "")
+    assert why == "the server: basis x: bytes 8..16 differ (CRC-32 mismatch)"
+    assert (
+        tdsend._why(None, None, 137, "Killed") == "the server's tdelta exited 137 without an "
+        "answer: Killed"
+    )
+
+
 def test_bytes_sent_add_up_per_method():
     out = Sent("rsync")
     out.add(Sent("tensor-delta", 1, 700, 700), 1.5)
