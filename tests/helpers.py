@@ -114,3 +114,54 @@ def child_rusage(stderr: str) -> dict:
     import json
 
     return json.loads(stderr.rsplit("RUSAGE ", 1)[1].splitlines()[0])
+
+
+def damage_keeping_crc32(path: Path, tensor: str) -> tuple[int, int]:
+    """Change bytes of ``tensor`` in the safetensors file ``path`` (one bit, plus 4 bytes
+    computed to compensate) so that the CRC-32 of the tensor's bytes stays the same: damage
+    that a tensor delta's per-range CRC-32 cannot see, only the sha256 of the whole file.
+    Returns the tensor's (start, end) byte range in the file."""
+    import zlib
+
+    from ftctl.deploy.tensordelta import read_layout
+
+    layout = read_layout(path)
+    t = layout.tensors[tensor]
+    start, end = layout.data_start + t.begin, layout.data_start + t.end
+    n = end - start
+    zero = zlib.crc32(bytes(n))
+
+    def linear(flips: list[tuple[int, int]]) -> int:  # CRC-32 is affine: crc(x^d) = crc(x)^this
+        d = bytearray(n)
+        for pos, mask in flips:
+            d[pos] ^= mask
+        return zlib.crc32(d) ^ zero
+
+    q, p = n // 3, n // 2  # the damaged bit, the 4 compensating bytes (offsets in the tensor)
+    cols = [linear([(p + i // 8, 1 << (i % 8))]) for i in range(32)]
+    want = linear([(q, 0x01)])
+    rows = [(cols[i], 1 << i) for i in range(32)]  # Gaussian elimination over GF(2)
+    basis: dict[int, tuple[int, int]] = {}
+    for value, combo in rows:
+        for bit in range(31, -1, -1):
+            if not value >> bit & 1:
+                continue
+            if bit in basis:
+                value, combo = value ^ basis[bit][0], combo ^ basis[bit][1]
+            else:
+                basis[bit] = (value, combo)
+                break
+    combo = 0
+    for bit in range(31, -1, -1):
+        if want >> bit & 1:
+            want, combo = want ^ basis[bit][0], combo ^ basis[bit][1]
+    assert want == 0, "no compensation found"
+    raw = bytearray(path.read_bytes())
+    before = zlib.crc32(raw[start:end])
+    raw[start + q] ^= 0x01
+    for i in range(32):
+        if combo >> i & 1:
+            raw[start + p + i // 8] ^= 1 << (i % 8)
+    assert zlib.crc32(raw[start:end]) == before and raw[start:end] != path.read_bytes()[start:end]
+    path.write_bytes(bytes(raw))
+    return start, end

@@ -24,7 +24,7 @@ from ftctl.deploy import Hooks, deploy
 from ftctl.errors import DeployError, ExitCode, RollbackFailed
 from ftctl.fsutil import sha256_file
 from ftctl.manifest import model_digest, write_manifest
-from tests.helpers import INTENTS, fine_tune_of, make_tiny_model
+from tests.helpers import INTENTS, damage_keeping_crc32, fine_tune_of, make_tiny_model
 from tests.integration.ssh_fixtures import lock_free, wait_until
 
 pytestmark = pytest.mark.integration
@@ -98,17 +98,25 @@ def test_a_fine_tune_goes_as_a_tensor_delta_and_arrives_byte_identical(server, b
     _ends_good(t, model_digest(tuned))
 
 
-def test_a_damaged_basis_on_the_server_is_caught_and_the_file_goes_by_rsync(server, base, tmp_path):
-    """The server's copy of the live weights rots after it was indexed: the apply's CRC-32
-    check stops at the first range it reads, leaves no file, and the file goes by rsync
-    instead (the new release is verified by sha256 as always, so nothing is lost by it and
-    the fine-tune still goes live). The damage is named in the warning and in deploys.log."""
+@pytest.mark.parametrize("damage", ["crc32", "sha256"])
+def test_a_damaged_basis_on_the_server_is_caught_and_the_file_goes_by_rsync(
+    server, base, tmp_path, damage
+):
+    """The server's copy of the live weights rots after it was indexed. A flipped bit is
+    caught by the apply's CRC-32 of the first range it reads; one that keeps that range's
+    CRC-32 (crafted) by the sha256 of the rebuilt file, before anything is renamed. Either way
+    no file is left, and the file goes by rsync instead (the new release is verified by
+    sha256 as always, so nothing is lost by it and the fine-tune still goes live). The damage
+    is named in the warning and in deploys.log."""
     t = server
     tuned, _ = fine_tune_of(base, tmp_path / "ft" / "final", from_base=True)
     live = t.remote_dir / "final" / WEIGHTS
-    raw = bytearray(live.read_bytes())
-    raw[len(raw) // 2] ^= 0x20
-    live.write_bytes(bytes(raw))
+    if damage == "crc32":
+        raw = bytearray(live.read_bytes())
+        raw[len(raw) // 2] ^= 0x20
+        live.write_bytes(bytes(raw))
+    else:
+        damage_keeping_crc32(live, "bert.embeddings.word_embeddings.weight")
     damaged = sha256_file(live)
     seen = {}
 
@@ -120,10 +128,9 @@ def test_a_damaged_basis_on_the_server_is_caught_and_the_file_goes_by_rsync(serv
     res = _deploy(t, tuned, hooks=Hooks(after_upload=before_go_live))
     assert res.ok, res.error
     h = res.hosts[0]
-    assert (
-        "CRC-32 mismatch" in h.fallbacks[WEIGHTS]
-        and "final/model.safetensors" in (h.fallbacks[WEIGHTS])
-    )
+    caught = "CRC-32 mismatch" if damage == "crc32" else "the rebuilt file's sha256"
+    assert caught in h.fallbacks[WEIGHTS], h.fallbacks
+    assert damage == "sha256" or "final/model.safetensors" in h.fallbacks[WEIGHTS]
     assert any("tensor delta failed" in w for w in h.warnings)
     assert h.methods["tensor-delta"]["files"] == 0 and h.methods["rsync"]["files"] == 2
     assert seen == {"parts": [], "live": damaged, "new": sha256_file(tuned / WEIGHTS)}
