@@ -252,15 +252,20 @@ class Writer:
         self.out_path = out_path
         self.new_size = new_size
         self.tmp = f"{out_path}.tdelta-{os.getpid()}-{os.urandom(4).hex()}.part"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        self.fh = os.fdopen(os.open(self.tmp, flags, 0o666), "wb")
         self.sha = hashlib.sha256()
         self.size = 0  # bytes handed to write()
         self.error = None  # what the disk thread met (a full disk)
-        self.flusher = Flusher(self.fh.fileno())
         self.queue = queue.Queue(self.QUEUED)
         self.thread = threading.Thread(target=self._disk, daemon=True)
-        self.thread.start()
+        self.flusher = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        self.fh = os.fdopen(os.open(self.tmp, flags, 0o666), "wb")
+        try:  # a signal while the threads start (SIGTERM: SystemExit) must not leave the file
+            self.flusher = Flusher(self.fh.fileno())
+            self.thread.start()
+        except BaseException:
+            self.discard()
+            raise
 
     def room(self, length, what):
         if self.size + length > self.new_size:
@@ -293,7 +298,7 @@ class Writer:
 
     def finish(self):
         """Wait until everything is written; the sha256 digest of it."""
-        if self.thread.is_alive():
+        if self.thread.ident is not None and self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
         if self.error is not None:
@@ -316,7 +321,8 @@ class Writer:
     def discard(self):
         with contextlib.suppress(OSError):
             self.finish()
-        self.flusher.stop()
+        if self.flusher is not None:
+            self.flusher.stop()
         with contextlib.suppress(OSError):  # a full disk fails the flush; the file still closes
             self.fh.close()
         with contextlib.suppress(FileNotFoundError):
@@ -392,7 +398,8 @@ def apply(delta_stream, basis_path, out_path, progress=None):
             if out.finish() != digest:
                 raise DeltaError(
                     f"the rebuilt file's sha256 {out.sha.hexdigest()} is not the client's "
-                    f"{digest.hex()}"
+                    f"{digest.hex()}: the basis {basis_path} differs from the client's copy "
+                    "where its CRC-32 cannot see it, or the stream was damaged"
                 )
             out.commit()
         except BaseException:
