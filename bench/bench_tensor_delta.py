@@ -19,7 +19,8 @@ Measured, in one run:
      child); and the seed's `scp -r` of the model directory once, for the byte ratio;
   4. what these bytes predict for a 50 Mbit/s link (--rate-mbit): the transfer alone, and the
      whole deploy given --fixed-s, the seconds a deploy spends besides the transfer (lock,
-     probe, go-live, restart, health; 9.6 s in bench/README.md's WAN figure).
+     probe, go-live, restart, health; 4.5 s in bench/README.md's WAN figure, measured by
+     bench/bench_deploy_wan.py, which deploys for real).
 
     .venv/bin/python bench/bench_tensor_delta.py [--cache DIR] [--rounds 2] [--levels 0,1,6,9]
         [--lzma] [--json]
@@ -41,7 +42,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from deploykit import REPO, build_base_size_model, cache_arg, emit, identical_share, lo_bytes
+from deploykit import (
+    build_base_size_model,
+    build_train8_finetune,
+    cache_arg,
+    emit,
+    identical_share,
+    lo_bytes,
+)
 
 from ftctl.deploy import tensordelta as td
 from ftctl.deploy.server import tensordelta as wire
@@ -58,29 +66,6 @@ VERIFY = (
     "for b in iter(lambda:f.read(1<<20),b''):h.update(b)\n"
     "os.fsync(f.fileno());print(h.hexdigest())"
 )
-
-
-def finetune(base: Path, cache: Path) -> Path:
-    """`ftctl train` of ``base`` with the seed's settings (once per cache)."""
-    out = cache / "base-old-train8"
-    if (out / "final" / "manifest.json").is_file():
-        return out / "final"
-    from ftctl.data import load_examples, write_examples
-    from ftctl.train import stratified_sample
-
-    data = {}
-    for name, src, n in (("new200", "incremental_training_data", 200),
-                         ("old400", "original_training_data", 400)):  # fmt: skip
-        rows = stratified_sample(load_examples(REPO / "data" / f"{src}.jsonl"), n, 42)
-        data[name] = write_examples(cache / f"{name}.jsonl", rows)
-    ftctl = str(Path(sys.executable).parent / "ftctl")
-    cmd = [ftctl, "train", "--new-data", str(data["new200"]), "--old-data", str(data["old400"]),
-           "--model-path", str(base), "--output-path", str(out), "--epochs", "2",
-           "--batch-size", "8", "--lr", "5e-6", "--replay-ratio", "0.6667",
-           "--freeze-layers", "8", "--device", "cpu"]  # fmt: skip
-    print("fine-tuning with ftctl train (once) ...", flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return out / "final"
 
 
 def largest_tensor(path: Path) -> int:
@@ -233,11 +218,11 @@ def main() -> int:
     ap.add_argument("--lzma", action="store_true", help="also lzma preset 1 on the planes")
     ap.add_argument("--server-python", action="append", help="server interpreters (repeatable)")
     ap.add_argument("--rate-mbit", type=float, default=50.0, help="link of the prediction")
-    ap.add_argument("--fixed-s", type=float, default=9.6, help="a deploy's non-transfer seconds")
+    ap.add_argument("--fixed-s", type=float, default=4.5, help="a deploy's non-transfer seconds")
     args = ap.parse_args()
     pythons = args.server_python or ["/usr/bin/python3", PY36]
     base = build_base_size_model(args.cache / "base-old" / "final", seed=0)
-    tuned = finetune(base, args.cache)
+    tuned = build_train8_finetune(base, args.cache)
     new, basis = tuned / WEIGHTS, base / WEIGHTS
     found = td.find_local_basis(tuned, {sha256_file(basis): basis.stat().st_size})
     assert found and found.path == basis, "the manifest's base model is the basis"

@@ -68,37 +68,30 @@ def build_base_size_model(out: Path, seed: int) -> Path:
     return out
 
 
-# A fine-tune with embeddings + 8 of 12 layers frozen changes these tensors only.
-FREEZE8_CHANGED = ("bert.encoder.layer.8.", "bert.encoder.layer.9.", "bert.encoder.layer.10.",
-                   "bert.encoder.layer.11.", "bert.pooler.", "classifier.")  # fmt: skip
+def build_train8_finetune(base: Path, cache: Path) -> Path:
+    """A real freeze-8 fine-tune of ``base``: `ftctl train` with the seed's settings (lr 5e-6,
+    2 epochs, batch 8, embeddings + 8 layers frozen) on 200 stratified rows of
+    data/incremental_training_data.jsonl and 400 of data/original_training_data.jsonl, all
+    replayed. Its manifest names ``base`` as its base model. Once per cache (~90 s here)."""
+    out = cache / "base-old-train8"
+    if (out / "final" / "manifest.json").is_file():
+        return out / "final"
+    from ftctl.data import load_examples, write_examples
+    from ftctl.train import stratified_sample
 
-
-def build_freeze8_finetune(base: Path, out: Path, seed: int = 8) -> Path:
-    """What a freeze-8 fine-tune of ``base`` looks like on disk, made the cheap way: a copy
-    whose layers 8-11, pooler and classifier get a small random change, in place, in the same
-    safetensors layout (same header, same offsets); every other byte (embeddings, layers 0-7)
-    and the tokenizer files stay identical. Training it for real on CPU would take hours and
-    give the same byte picture. Once per cache."""
-    import numpy as np
-
-    from ftctl.manifest import write_manifest
-    from tests.helpers import patch_safetensors
-
-    if (out / "manifest.json").is_file():
-        return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp)
-    (tmp / "manifest.json").unlink()
-    rng = np.random.default_rng(seed)
-    patch_safetensors(
-        tmp / "model.safetensors",
-        lambda name: name.startswith(FREEZE8_CHANGED),
-        lambda arr: arr + rng.normal(0, 1e-3, arr.shape).astype(arr.dtype),
-    )
-    write_manifest(tmp, {"kind": "bench", "base": str(base), "freeze_layers": 8})
-    os.replace(tmp, out)
-    return out
+    data = {}
+    for name, src, n in (("new200", "incremental_training_data", 200),
+                         ("old400", "original_training_data", 400)):  # fmt: skip
+        rows = stratified_sample(load_examples(REPO / "data" / f"{src}.jsonl"), n, 42)
+        data[name] = write_examples(cache / f"{name}.jsonl", rows)
+    ftctl = str(Path(sys.executable).parent / "ftctl")
+    cmd = [ftctl, "train", "--new-data", str(data["new200"]), "--old-data", str(data["old400"]),
+           "--model-path", str(base), "--output-path", str(out), "--epochs", "2",
+           "--batch-size", "8", "--lr", "5e-6", "--replay-ratio", "0.6667",
+           "--freeze-layers", "8", "--device", "cpu"]  # fmt: skip
+    print("fine-tuning with ftctl train (once) ...", flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out / "final"
 
 
 def identical_share(a: Path, b: Path, block: int = 1 << 16) -> float:

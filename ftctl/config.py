@@ -257,8 +257,10 @@ class DeployConfig:
     connect_timeout: float = 10.0  # SSH connect timeout, seconds
     command_timeout: float = 600.0  # one remote command, seconds
     min_free_factor: float = 2.0  # preflight: free space >= factor x the bytes to send
-    transfer: str = "auto"  # auto (rsync where both ends have it, else SFTP) | rsync | sftp
-    bwlimit_kbps: int = 0  # cap rsync's upload rate in KiB/s (0: no cap)
+    # auto: safetensors files as a tensor delta where one applies, the rest by rsync where both
+    # ends have it, else SFTP | tensor-delta (the same, whatever the link) | rsync | sftp
+    transfer: str = "auto"
+    bwlimit_kbps: int = 0  # cap the upload rate (rsync, tensor delta) in KiB/s (0: no cap)
     link_timeout: float = 20.0  # seconds without an answer after which the SSH link is dead
     require_health: bool = False  # refuse a deploy whose new model nothing would check
     canary: int = 0  # the first N hosts go live (health + smoke) before the rest
@@ -283,8 +285,10 @@ class DeployConfig:
                 out.append(Problem("must be > 0 (seconds)", field=f"{where}.{name}"))
         if self.min_free_factor < 0:
             out.append(Problem("must be >= 0", field=f"{where}.min_free_factor"))
-        if self.transfer not in ("auto", "rsync", "sftp"):
-            out.append(Problem("must be auto, rsync or sftp", field=f"{where}.transfer"))
+        if self.transfer not in ("auto", "tensor-delta", "rsync", "sftp"):
+            out.append(
+                Problem("must be auto, tensor-delta, rsync or sftp", field=f"{where}.transfer")
+            )
         if self.on_failure not in ("revert", "stop"):
             out.append(Problem("must be revert or stop", field=f"{where}.on_failure"))
         if self.health_settle < 0:

@@ -64,6 +64,40 @@ def patch_safetensors(path: Path, select, change) -> int:
     return changed
 
 
+FINE_TUNED = ("bert.encoder.layer.11.", "classifier.", "bert.pooler.")  # what fine_tune_of changes
+
+
+def fine_tune_of(
+    src: Path, out: Path, seed: int = 7, *, from_base: bool = False, changed=FINE_TUNED
+) -> tuple[Path, int]:
+    """A copy of ``src`` whose top layer, pooler and head (the tensors named with a prefix in
+    ``changed``) changed a little, in place (same header, same offsets), the way a fine-tune
+    with frozen embeddings and lower layers changes a model; with its manifest.
+    ``from_base``: the manifest names ``src`` as its base model, as `ftctl train` writes it
+    (path + sha256 of its weights), so a deploy can send a tensor delta against it.
+    Returns (the directory, bytes of the tensors changed)."""
+    import shutil
+
+    import numpy as np
+
+    from ftctl.manifest import model_sha256, write_manifest
+
+    shutil.copytree(src, out)
+    (out / "manifest.json").unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
+    prefixes = tuple(changed)
+    changed = patch_safetensors(
+        out / "model.safetensors",
+        lambda name: name.startswith(prefixes),
+        lambda arr: arr + rng.normal(0, 1e-3, arr.shape).astype(arr.dtype),
+    )
+    payload: dict = {"kind": "test"}
+    if from_base:
+        payload["base_model"] = {"path": str(src), "sha256": model_sha256(src)}
+    write_manifest(out, payload)
+    return out, changed
+
+
 # `python -c CHILD_RUSAGE CMD...` runs CMD as its only child, then writes the child's peak RSS,
 # CPU and wall time on stderr as one line `RUSAGE {json}` (stdlib only: runs on a server's old
 # python3 too). Read it back with child_rusage(stderr).
@@ -80,3 +114,54 @@ def child_rusage(stderr: str) -> dict:
     import json
 
     return json.loads(stderr.rsplit("RUSAGE ", 1)[1].splitlines()[0])
+
+
+def damage_keeping_crc32(path: Path, tensor: str) -> tuple[int, int]:
+    """Change bytes of ``tensor`` in the safetensors file ``path`` (one bit, plus 4 bytes
+    computed to compensate) so that the CRC-32 of the tensor's bytes stays the same: damage
+    that a tensor delta's per-range CRC-32 cannot see, only the sha256 of the whole file.
+    Returns the tensor's (start, end) byte range in the file."""
+    import zlib
+
+    from ftctl.deploy.tensordelta import read_layout
+
+    layout = read_layout(path)
+    t = layout.tensors[tensor]
+    start, end = layout.data_start + t.begin, layout.data_start + t.end
+    n = end - start
+    zero = zlib.crc32(bytes(n))
+
+    def linear(flips: list[tuple[int, int]]) -> int:  # CRC-32 is affine: crc(x^d) = crc(x)^this
+        d = bytearray(n)
+        for pos, mask in flips:
+            d[pos] ^= mask
+        return zlib.crc32(d) ^ zero
+
+    q, p = n // 3, n // 2  # the damaged bit, the 4 compensating bytes (offsets in the tensor)
+    cols = [linear([(p + i // 8, 1 << (i % 8))]) for i in range(32)]
+    want = linear([(q, 0x01)])
+    rows = [(cols[i], 1 << i) for i in range(32)]  # Gaussian elimination over GF(2)
+    basis: dict[int, tuple[int, int]] = {}
+    for value, combo in rows:
+        for bit in range(31, -1, -1):
+            if not value >> bit & 1:
+                continue
+            if bit in basis:
+                value, combo = value ^ basis[bit][0], combo ^ basis[bit][1]
+            else:
+                basis[bit] = (value, combo)
+                break
+    combo = 0
+    for bit in range(31, -1, -1):
+        if want >> bit & 1:
+            want, combo = want ^ basis[bit][0], combo ^ basis[bit][1]
+    assert want == 0, "no compensation found"
+    raw = bytearray(path.read_bytes())
+    before = zlib.crc32(raw[start:end])
+    raw[start + q] ^= 0x01
+    for i in range(32):
+        if combo >> i & 1:
+            raw[start + p + i // 8] ^= 1 << (i % 8)
+    assert zlib.crc32(raw[start:end]) == before and raw[start:end] != path.read_bytes()[start:end]
+    path.write_bytes(bytes(raw))
+    return start, end

@@ -46,12 +46,14 @@ TransferOpt = Annotated[
     str | None,
     typer.Option(
         "--transfer",
-        help="auto (rsync over OpenSSH where both ends have it, else SFTP) | rsync | sftp.",
+        help="auto (safetensors files as a tensor delta where one applies, the rest by rsync "
+        "over OpenSSH where both ends have it, else SFTP) | tensor-delta | rsync | sftp.",
         show_default=common.default_text(DeployConfig, "transfer"),
     ),
 ]
 BwlimitOpt = Annotated[
-    int | None, typer.Option("--bwlimit", help="Cap rsync's upload rate, KiB/s (0: no cap).")
+    int | None,
+    typer.Option("--bwlimit", help="Cap the upload rate (rsync, tensor delta), KiB/s (0: no cap)."),
 ]
 RequireHealthOpt = Annotated[
     bool | None,
@@ -136,9 +138,11 @@ def _host_line(h) -> str:
     if h.reused or h.action != "deploy":
         extra = " (nothing uploaded)"
     else:
+        per = ", ".join(f"{m} {x['bytes']} bytes in {x['files']}" for m, x in h.methods.items())
         extra = (
             f" ({h.method}: sent {h.uploaded_bytes} bytes of file data in {h.uploaded_files} "
-            f"files, {h.linked_files} files hard-linked)"
+            f"files{f' ({per})' if len(h.methods) > 1 else ''}, {h.linked_files} files "
+            "hard-linked)"
         )
     return what + extra + f" in {h.seconds:.1f}s; health: {h.health or 'n/a'}"
 
@@ -238,10 +242,12 @@ def deploy_cmd(
 ) -> None:
     """Ship a model: send what changed, then go live in one transaction on the server.
 
-    Upload (rsync delta against the live release, or SFTP; unchanged files hard-linked),
-    verify sha256, then the server swaps the link, restarts or reloads, checks health and
-    smoke cases, swaps back on failure (exit 5; 6 if that fails too) and unlocks, even if this
-    command dies. The first deploy keeps a real final/ directory as releases/TS-original/.
+    Upload (unchanged files hard-linked; model.safetensors as a tensor delta against a
+    release this machine also holds, e.g. the base model it was fine-tuned from; the rest as
+    an rsync delta against the live release, or by SFTP), verify sha256, then the server swaps
+    the link, restarts or reloads, checks health and smoke cases, swaps back on failure (exit
+    5; 6 if that fails too) and unlocks, even if this command dies. The first deploy keeps a
+    real final/ directory as releases/TS-original/.
 
     Example: `ftctl deploy --model-path models/incremental/final --host root@47.100.235.168
     --health-url http://127.0.0.1:8000/health --smoke 帮我打卡=CLOCK_IN --require-health`

@@ -19,11 +19,11 @@ from typing import Any
 from ftctl import __version__
 from ftctl.deploy.history import probe, retention
 from ftctl.deploy.local import LocalModel
-from ftctl.deploy.plan import Plan, RemoteState, make_plan, plan_lines, python_text
+from ftctl.deploy.plan import Plan, RemoteState, make_plan, plan_lines, prehash, python_text
 from ftctl.deploy.results import HostResult
 from ftctl.deploy.server.shared import FINAL_STATES, utc_stamp
 from ftctl.deploy.session import LinkDead, Lock, Session, lock_info, lock_owner, q
-from ftctl.deploy.transfer import Hooks, Master, send, verify
+from ftctl.deploy.transfer import Hooks, Master, Sent, send, verify
 from ftctl.errors import DeployError, FtctlError, RollbackFailed
 from ftctl.progress import NULL, Reporter
 
@@ -87,7 +87,7 @@ def _check_space(session: Session, st: RemoteState, plan: Plan) -> None:
 def dry_run_host(conn, cfg, model: LocalModel, hr: HostResult, reporter: Reporter = NULL) -> None:
     session = Session(conn, cfg, reporter)
     st = probe(session, model)
-    plan = make_plan(model, st, cfg, session.local)
+    plan = make_plan(model, st, cfg, session.local, count=True)
     _record_plan(hr, cfg, st, model, plan)
     hr.ok = True
 
@@ -103,6 +103,16 @@ def note_recovery(session: Session, hr: HostResult, rec: dict | None, reporter: 
         what = "a first deploy's backup that was killed"
     hr.warnings.append(f"finished {what}: {rec.get('did')}")
     reporter.warn(f"{session.host}: {hr.warnings[-1]}")
+
+
+@contextlib.contextmanager
+def timed(hr: HostResult, step: str):
+    """Seconds spent in ``step``, into ``hr.timings``."""
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        hr.timings[step] = round(time.monotonic() - t0, 3)
 
 
 def _record_plan(hr: HostResult, cfg, st: RemoteState, model: LocalModel, plan: Plan) -> None:
@@ -130,16 +140,25 @@ def stage(
     session = Session(conn, cfg, reporter)
     hr.host = f"{conn.user}@{conn.host}:{conn.port}"
     reporter.stage(f"{session.host}: lock and look")
-    lock = Lock(session, "deploy", lock_info("deploy", deploy_id)).acquire()
-    master = _maybe_master(session)
+    digests = prehash(cfg, model)  # the likely tensor delta basis, hashed while we connect
+    master = _maybe_master(session)  # OpenSSH connects meanwhile too
+    try:
+        with timed(hr, "connect+lock"):
+            lock = Lock(session, "deploy", lock_info("deploy", deploy_id)).acquire()
+    except BaseException:
+        if master is not None:
+            master.close()
+        raise
     incoming = None
     try:
         note_recovery(session, hr, lock.recovered, reporter)
-        st = probe(session, model)
+        with timed(hr, "probe"):
+            st = probe(session, model)
         check_state(session, st)
-        plan = make_plan(model, st, cfg, session.local)
+        with timed(hr, "plan"):
+            plan = make_plan(model, st, cfg, session.local, digests=digests)
         _record_plan(hr, cfg, st, model, plan)
-        if plan.method != "rsync" and master is not None:
+        if plan.method != "rsync" and not plan.tensor_deltas and master is not None:
             master.close()
             master = None
         hr.previous = st.live
@@ -150,7 +169,8 @@ def stage(
         _check_space(session, st, plan)
         name = plan.reuse or release or f"{utc_stamp()}-{model.sha8}"
         incoming = None if plan.reuse else f".incoming-{os.urandom(6).hex()}"
-        prep = _prepare(session, plan, incoming)
+        with timed(hr, "prepare"):
+            prep = _prepare(session, plan, incoming)
         hr.backup = prep.get("backup")
         hr.previous = prep.get("live") or st.live
         if plan.reuse:
@@ -174,10 +194,9 @@ def stage(
 
 
 def _maybe_master(session: Session) -> Master | None:
-    """Start OpenSSH's connection early (it connects while the probe runs)."""
-    if session.local or session.cfg.transfer == "sftp":
-        return None
-    if not (shutil.which("rsync") and shutil.which("ssh")):
+    """Start OpenSSH's connection early (it connects while the probe runs): rsync and the
+    tensor delta go through it."""
+    if session.local or session.cfg.transfer == "sftp" or not shutil.which("ssh"):
         return None
     return Master(session)
 
@@ -218,22 +237,37 @@ def server_knobs() -> dict:
 
 def _upload(session, model, plan, incoming, name, hr, reporter, hooks, master, bar) -> None:
     remote_incoming = f"{session.cfg.remote_dir}/{incoming}"
-    n = len(plan.to_send)
+    n, deltas = len(plan.to_send), len(plan.tensor_deltas)
+    how = f"{deltas} as a tensor delta, the rest by {plan.method}" if deltas else plan.method
     reporter.stage(
-        f"{session.host}: {plan.method}: {n} files to send (~{plan.expected_bytes / 1e6:.1f} MB),"
+        f"{session.host}: {n} files to send ({how}; ~{plan.expected_bytes / 1e6:.1f} MB),"
         f" {len(plan.links)} hard-linked"
     )
-    sent = send(
-        session, model, plan, remote_incoming, master=master, reporter=reporter, hooks=hooks,
-        bar=bar,
-    )  # fmt: skip
+    sent = Sent(plan.method)
+    try:
+        with timed(hr, "transfer"):
+            send(
+                session, model, plan, remote_incoming, master=master, reporter=reporter,
+                hooks=hooks, bar=bar, out=sent,
+            )  # fmt: skip
+    finally:  # also what a failed upload sent (deploys.log keeps it)
+        _record_sent(hr, sent)
+    reporter.stage(f"{session.host}: verify sha256 of {n} received files")
+    with timed(hr, "verify"):
+        verify(session, model, plan, remote_incoming, name, sent.hashed)
+
+
+def _record_sent(hr: HostResult, sent: Sent) -> None:
     hr.uploaded_files, hr.uploaded_bytes, hr.wire_bytes = (
         sent.files,
         sent.file_bytes,
         sent.wire_bytes,
     )
-    reporter.stage(f"{session.host}: verify sha256 of {n} received files")
-    verify(session, model, plan, remote_incoming, name)
+    hr.methods, hr.fallbacks = sent.by_method, sent.fallbacks
+    if sent.by_method:
+        hr.method = sent.method
+    hr.warnings += [f"{rel}: tensor delta failed, sent otherwise: {why}"
+                    for rel, why in sent.fallbacks.items()]  # fmt: skip
 
 
 def _discard(session: Session, incoming: str) -> None:
@@ -276,6 +310,8 @@ def job_for(s: Staged, action: str, deploy_id: str, release: str, previous: str 
             "method": hr.method,
             "uploaded_bytes": hr.uploaded_bytes,
             "wire_bytes": hr.wire_bytes,
+            "methods": hr.methods,
+            "fallbacks": hr.fallbacks,
             "linked_files": hr.linked_files,
             "backup": hr.backup,
             "seconds": round(time.monotonic() - s.started, 2),
@@ -325,7 +361,8 @@ def publish(s: Staged, action: str, deploy_id: str, reporter: Reporter = NULL) -
     reporter.stage(f"{session.host}: go live on the server ({s.release})")
     pipe = s.lock.hand_over(job)  # the go-live owns the lock now
     s.lock = None
-    doc = follow(session, pipe, reporter)
+    with timed(hr, "go-live"):
+        doc = follow(session, pipe, reporter)
     if doc.get("died"):
         doc = _finish_dead(session, hr, doc, reporter)
     _record_outcome(hr, doc)
@@ -384,6 +421,7 @@ def _record_outcome(hr: HostResult, doc: dict) -> None:
     hr.smoke = checks.get("smoke", [])
     hr.checks = {k: v for k, v in checks.items() if k != "smoke"}
     hr.pruned = doc.get("pruned", [])
+    hr.golive_steps = [{"step": x.get("step"), "t": x.get("t")} for x in doc.get("steps") or []]
 
 
 def follow(session: Session, pipe, reporter: Reporter = NULL) -> dict:
@@ -498,6 +536,8 @@ def log_failure(
         "sha256": digest,
         "method": hr.method,
         "uploaded_bytes": hr.uploaded_bytes,
+        "methods": hr.methods,
+        "fallbacks": hr.fallbacks,
         "rolled_back": False,
         "error": error or (hr.error or {}).get("message", ""),
         "ftctl": __version__,

@@ -2,9 +2,11 @@
 
 The server answers one probe (link, releases with the sha256 and size of each file, lock,
 tools, sampled blocks of the files a new model would replace). From it: reuse a release that
-has this exact content; else, per file, hard-link it from a release that has it, send the
-difference against the live file (rsync, when sampled blocks match at the same offsets), or
-send it whole; and how many bytes that should put on the wire.
+has this exact content; else, per file, hard-link it from a release that has it, send a
+safetensors file as a **tensor delta** against a server copy this machine also holds
+(:mod:`ftctl.deploy.tensordelta`), send the difference against the live file (rsync, when
+sampled blocks match at the same offsets), or send it whole; and how many bytes that should
+put on the wire (``--dry-run`` counts a tensor delta's exactly, by encoding it into a counter).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ftctl.deploy import tensordelta as td
 from ftctl.deploy.local import LocalModel
 from ftctl.deploy.server.shared import release_key, release_tag, sample_hashes
 from ftctl.errors import DeployError
@@ -40,6 +43,8 @@ class RemoteState:
     has_rsync: bool = False
     index: dict[str, dict[str, list]] = field(default_factory=dict)  # release -> rel -> [sha, size]
     final_index: dict[str, list] = field(default_factory=dict)  # a real final/ dir's manifest
+    # release -> rel -> [sha, size] as its manifest.json says (unverified: tensor delta bases)
+    claims: dict[str, dict[str, list]] = field(default_factory=dict)
     previous: str | None = None  # the release live before the live one (from ``log``)
     log: list[dict] = field(default_factory=list)  # deploys.log, newest last (compact)
     samples: dict[str, dict] = field(default_factory=dict)
@@ -69,15 +74,23 @@ def local_samples(model: LocalModel, rel: str) -> list[str]:
     return sample_hashes(str(model.path / rel), model.sizes[rel], SAMPLES)
 
 
+TENSOR_DELTA = td.TENSOR_DELTA
+TRANSFERS = ("auto", TENSOR_DELTA, "rsync", "sftp")  # DeployConfig.transfer
+
+
 @dataclass
 class FileStep:
     rel: str
     size: int
-    action: str  # "link" (hard link, nothing sent) | "delta" | "send"
+    action: str  # "link" (hard link, nothing sent) | "tensor-delta" | "delta" (rsync) | "send"
     source: str | None = None  # link source / delta basis, relative to remote_dir
     expect: int = 0  # bytes of file data expected on the wire
     similar: float | None = None  # share of sampled blocks equal to the basis
     sha: str = ""  # what the file must hash to
+    local_basis: str | None = None  # tensor delta: this machine's copy of ``source``
+    basis_sha: str | None = None  # ... and its sha256 (checked again while encoding)
+    exact: bool = False  # ``expect`` was counted by encoding (--dry-run), not estimated
+    note: str = ""  # why the tensor delta was (or was not) chosen for this file
 
 
 @dataclass
@@ -101,11 +114,21 @@ class Plan:
 
     @property
     def bases(self) -> dict[str, str]:
-        return {s.rel: s.source for s in self.steps if s.action == "delta" and s.source}
+        """What the server links into the upload as rsync's basis: a delta's, and a tensor
+        delta's (so that a file whose tensor delta fails goes as an rsync delta)."""
+        kinds = ("delta", TENSOR_DELTA)
+        return {s.rel: s.source for s in self.steps if s.action in kinds and s.source}
 
     @property
     def to_send(self) -> list[str]:
-        return [s.rel for s in self.steps if s.action in ("delta", "send")]
+        return [s.rel for s in self.steps if s.action in ("delta", "send", TENSOR_DELTA)]
+
+    @property
+    def tensor_deltas(self) -> list[FileStep]:
+        return [s for s in self.steps if s.action == TENSOR_DELTA]
+
+    def step(self, rel: str) -> FileStep:
+        return next(s for s in self.steps if s.rel == rel)
 
     def to_dict(self) -> dict:
         return {
@@ -118,7 +141,8 @@ class Plan:
 
 
 def choose_method(cfg: DeployConfig, st: RemoteState, local_conn: bool) -> tuple[str, str]:
-    """("rsync" | "sftp", why)."""
+    """("rsync" | "sftp", why): how the files that go neither as a link nor as a tensor delta
+    travel."""
     missing = []
     if local_conn:
         missing.append("a local target (no SSH)")
@@ -139,28 +163,50 @@ def choose_method(cfg: DeployConfig, st: RemoteState, local_conn: bool) -> tuple
     return "sftp", f"SFTP fallback ({', '.join(missing)})"
 
 
-def _sources(st: RemoteState) -> list[tuple[str, dict[str, list]]]:
-    """Where unchanged files can be linked from: the live release first, then newest first."""
+def _sources(st: RemoteState, claims: bool = False) -> list[tuple[str, dict[str, list]]]:
+    """Where unchanged files can be linked from: the live release first, then newest first.
+    ``claims``: also the files of which only a manifest names the sha256 (good enough for a
+    tensor delta's basis, which the server checks range by range; never for a link)."""
     out = []
     if st.link == "dir":
         out.append(("final", st.final_index))
     newest_first = sorted(st.releases, key=release_key, reverse=True)
     order = sorted(newest_first, key=lambda r: r != st.live)  # stable: live, then newest
-    out += [(f"releases/{r}", st.index.get(r, {})) for r in order]
+    for r in order:
+        known = {**st.claims.get(r, {}), **st.index.get(r, {})} if claims else st.index.get(r, {})
+        out.append((f"releases/{r}", known))
     return out
 
 
-def make_plan(model: LocalModel, st: RemoteState, cfg: DeployConfig, local_conn: bool) -> Plan:
+def _by_content(sources: list[tuple[str, dict[str, list]]]) -> dict[tuple[str, int], str]:
+    """{(sha256, size): path relative to remote_dir}; the first source that has it wins."""
+    out: dict[tuple[str, int], str] = {}
+    for prefix, index in reversed(sources):  # the live release wins (written last)
+        for rel, (sha, size) in index.items():
+            out[(sha, size)] = f"{prefix}/{rel}"
+    return out
+
+
+def make_plan(
+    model: LocalModel,
+    st: RemoteState,
+    cfg: DeployConfig,
+    local_conn: bool,
+    *,
+    count: bool = False,
+    digests: td.Digests | None = None,
+) -> Plan:
+    """The plan for ``model`` on a server in state ``st``. ``count``: encode each tensor delta
+    into a counter for its exact size (--dry-run; ~1 CPU-s per 400 MB), instead of estimating.
+    ``digests``: local files' sha256 (some begun ahead, see :func:`prehash`)."""
     if st.live and release_tag(st.live) == model.sha8 and _same(st.index.get(st.live), model):
         return Plan("live", f"{st.live} is already live")
     for name in sorted(st.releases, reverse=True):
         if release_tag(name) == model.sha8 and _same(st.index.get(name), model):
             return Plan("reuse", f"{name} on the server has this exact content", reuse=name)
     method, why = choose_method(cfg, st, local_conn)
-    by_content: dict[tuple[str, int], str] = {}
-    for prefix, index in reversed(_sources(st)):  # the live release wins (written last)
-        for rel, (sha, size) in index.items():
-            by_content[(sha, size)] = f"{prefix}/{rel}"
+    by_content = _by_content(_sources(st))
+    bases = _by_content(_sources(st, claims=True))
     basis_dir = "final" if st.link in ("dir", "link") and (st.live or st.link == "dir") else None
     plan = Plan(method, why)
     for rel in sorted(model.expected):
@@ -178,8 +224,40 @@ def make_plan(model: LocalModel, st: RemoteState, cfg: DeployConfig, local_conn:
             if step.similar >= MIN_SIMILAR:
                 step.action, step.source = "delta", f"{basis_dir}/{rel}"
                 step.expect = math.ceil((1 - step.similar) * size)
+        if cfg.transfer in ("auto", TENSOR_DELTA) and rel.endswith(".safetensors"):
+            _tensor_delta(step, model, bases, count, digests or td.Digests())
         plan.steps.append(step)
     return plan
+
+
+def prehash(cfg: DeployConfig, model: LocalModel) -> td.Digests:
+    """Begin hashing, in a thread, the local file a tensor delta would most likely use (the
+    weights of the base model the manifest names), while the deploy connects and probes."""
+    digests = td.Digests()
+    base = td.base_weights(model.path)
+    if cfg.transfer in ("auto", TENSOR_DELTA) and base is not None and base.is_file():
+        digests.start(base)
+    return digests
+
+
+def _tensor_delta(step: FileStep, model: LocalModel, bases: dict, count: bool,
+                  digests: td.Digests) -> None:  # fmt: skip
+    """Make ``step`` a tensor delta when this machine holds a copy (sha256 checked now) of a
+    safetensors file on the server with the same tensor names, shapes and dtypes; else say
+    why not in ``step.note`` (the file goes as planned: rsync, then SFTP)."""
+    server = {sha: size for (sha, size), src in bases.items() if src.endswith(".safetensors")}
+    basis = td.find_local_basis(model.path, server, rel=step.rel, digest=digests)
+    method, why = td.choose(model.path / step.rel, basis)
+    if method is None or basis is None:
+        step.note = f"no tensor delta: {why}"
+        return
+    step.note = why
+    step.action, step.source = TENSOR_DELTA, bases[(basis.sha256, server[basis.sha256])]
+    step.local_basis, step.basis_sha = str(basis.path), basis.sha256
+    if count:
+        sha = model.expected[step.rel]
+        stats = td.encode(model.path / step.rel, basis.path, td.CountingSink(), new_sha256=sha)
+        step.expect, step.exact = stats.delta_bytes, True
 
 
 def _same(index: dict | None, model: LocalModel) -> bool:
@@ -193,6 +271,27 @@ def _same(index: dict | None, model: LocalModel) -> bool:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def _tensor_delta_rule(cfg: DeployConfig) -> str:
+    if cfg.transfer in ("auto", TENSOR_DELTA):
+        return "; safetensors files as a tensor delta where one applies"
+    return f"; no tensor delta (transfer = {cfg.transfer})"
+
+
+def file_line(plan: Plan, s: FileStep) -> str:
+    """One sent file: how it goes, and the bytes expected (--dry-run prints one per file)."""
+    of = f"of {_mb(s.size)}"
+    if s.action == TENSOR_DELTA:
+        size = f"{_mb(s.expect)} {of} (counted)" if s.exact else f"at most ~{_mb(s.expect)} {of}"
+        return f"{s.rel}: tensor delta against {s.source}, {s.note}: {size}"
+    why_not = f" [{s.note}]" if s.note else ""
+    if s.action == "delta":
+        return (
+            f"{s.rel}: rsync delta against {s.source}, {s.similar:.0%} of sampled blocks equal: "
+            f"~{_mb(s.expect)} {of}{why_not}"
+        )
+    return f"{s.rel}: {plan.method}, whole: {_mb(s.size)}{why_not}"
 
 
 def python_text(cfg: DeployConfig, python: dict | None) -> str:
@@ -219,21 +318,13 @@ def plan_lines(cfg: DeployConfig, st: RemoteState, model: LocalModel, plan: Plan
         lines.append(f"reuse release {plan.reuse} ({plan.why}); send nothing")
     else:
         linked = [s for s in plan.steps if s.action == "link"]
-        delta = [s for s in plan.steps if s.action == "delta"]
-        send = [s for s in plan.steps if s.action == "send"]
-        lines.append(f"transfer: {plan.method} ({plan.why})")
+        lines.append(f"transfer: {plan.method} ({plan.why})" + _tensor_delta_rule(cfg))
         if linked:
             lines.append(
                 f"hard-link {len(linked)} unchanged files ({_mb(sum(s.size for s in linked))}) "
-                "from the releases on the server"
+                f"from the releases on the server: {', '.join(s.rel for s in linked)}"
             )
-        for s in delta:
-            lines.append(
-                f"delta {s.rel} against {s.source}: {s.similar:.0%} of sampled blocks equal, "
-                f"~{_mb(s.expect)} of {_mb(s.size)} to send"
-            )
-        if send:
-            lines.append(f"send {len(send)} files whole ({_mb(sum(s.size for s in send))})")
+        lines += [file_line(plan, s) for s in plan.steps if s.action != "link"]
         lines.append(
             f"expect ~{_mb(plan.expected_bytes)} of file data on the wire "
             f"(the model is {_mb(model.total_bytes)}); the server hashes each received file once"

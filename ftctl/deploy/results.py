@@ -31,12 +31,19 @@ class HostResult:
     release: str | None = None
     previous: str | None = None
     backup: str | None = None
-    method: str | None = None  # rsync | sftp | reuse | live
+    method: str | None = None  # rsync | sftp | reuse | live; what was used, joined by "+"
+    # (e.g. tensor-delta+rsync) once files were sent
     expected_bytes: int = 0  # the plan's estimate of file data on the wire
     uploaded_files: int = 0
     uploaded_bytes: int = 0  # file data sent (rsync: literal data)
     wire_bytes: int = 0  # everything the transfer sent
     linked_files: int = 0  # unchanged files hard-linked on the server
+    # per method used: {"tensor-delta": {"files", "bytes", "seconds", "encode_cpu_s"},
+    # "rsync": {"files", "bytes", "seconds"}, ...}; bytes as in uploaded_bytes
+    methods: dict[str, dict] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # file -> why its delta failed
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per client-side step
+    golive_steps: list[dict] = field(default_factory=list)  # the server's: {"step", "t"}
     reused: bool = False
     rolled_back: bool = False
     canary: bool = False

@@ -45,18 +45,34 @@ class LinkDead(DeployError):
     """The SSH link stopped answering."""
 
 
-class Pipe:
-    """A remote process that speaks frames on stdin/stdout (a paramiko channel, or a local
-    process for the demo). Its stderr, line by line, goes to ``on_stderr`` and is kept."""
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Children (ssh, rsync) get SIGTERM when this process dies, kill -9 included."""
+    import ctypes
+    import signal
 
-    def __init__(self, conn: Any, cmd: str, on_stderr=None) -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Pipe:
+    """A remote process that speaks frames on stdin/stdout (a paramiko channel; or, with
+    ``argv``, a local process such as OpenSSH's ``ssh`` running ``cmd`` on the server; or the
+    demo's local ``cmd``). Its stderr, line by line, goes to ``on_stderr`` and is kept."""
+
+    def __init__(self, conn: Any, cmd: str, on_stderr=None, argv: list[str] | None = None) -> None:
         self._frames = Frames()
         self._msgs: queue.Queue[dict | None] = queue.Queue()
         self.stderr: collections.deque[str] = collections.deque(maxlen=40)
         self._on_stderr = on_stderr or (lambda line: None)
         self._proc: subprocess.Popen | None = None
         self._chan = None
-        if getattr(conn, "ftctl_local", False):
+        if argv is not None:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
+            out, err = self._proc.stdout.read1, self._proc.stderr.read1  # type: ignore[union-attr]
+        elif getattr(conn, "ftctl_local", False):
             self._proc = subprocess.Popen(
                 cmd, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -107,6 +123,15 @@ class Pipe:
             self._proc.stdin.flush()
         else:
             self._chan.sendall(data)
+
+    def end_input(self) -> None:
+        """EOF on the process's stdin (it goes on answering)."""
+        with contextlib.suppress(Exception):
+            if self._proc is not None:
+                if self._proc.stdin:
+                    self._proc.stdin.close()
+            else:
+                self._chan.shutdown_write()
 
     def recv(self, timeout: float) -> dict | None:
         """The next message (None at EOF); TimeoutError when nothing came in ``timeout``."""
@@ -254,10 +279,14 @@ class Session:
             raise program_error(self, what, rc, "\n".join(lines))
         return {"rc": rc, **decode(payloads[-1])}
 
-    def pipe(self, sub: str, req: dict) -> Pipe:
-        """The server program's ``sub`` as a process that speaks frames, request sent."""
+    def pipe(self, sub: str, req: dict, via: list[str] | None = None) -> Pipe:
+        """The server program's ``sub`` as a process that speaks frames, request sent; over
+        this session's SSH connection, or run by the local command line ``via`` (OpenSSH
+        through its ControlMaster: ``via + [command]``)."""
+        cmd = self.program_command(sub)
         try:
-            pipe = Pipe(self.conn, self.program_command(sub), self.server_said)
+            argv = None if via is None else [*via, cmd]
+            pipe = Pipe(self.conn, cmd, self.server_said, argv)
             pipe.send_bytes(program().stdin(req))
             return pipe
         except Exception as exc:

@@ -29,10 +29,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -169,18 +170,60 @@ class LocalBasis:
     how: str  # where it was found: "base model (manifest)" or "candidate"
 
 
+class Digests:
+    """sha256 of local files, each computed once; :meth:`start` begins one in a thread ahead
+    of need (the deploy hashes the manifest's base model while it connects and probes)."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, tuple[threading.Thread, dict]] = {}
+
+    def start(self, path: str | os.PathLike) -> None:
+        key = os.fspath(path)
+        if key in self._jobs:
+            return
+        box: dict = {}
+
+        def work() -> None:
+            try:
+                box["sha"] = sha256_file(key)
+            except OSError as exc:
+                box["error"] = exc
+
+        thread = threading.Thread(target=work, name="ftctl-sha256", daemon=True)
+        self._jobs[key] = (thread, box)
+        thread.start()
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        """The file's sha256 (OSError if it cannot be read)."""
+        self.start(path)
+        thread, box = self._jobs[os.fspath(path)]
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["sha"]
+
+
+def base_weights(model_dir: str | os.PathLike, rel: str = WEIGHTS) -> Path | None:
+    """``rel`` of the base model ``model_dir``'s manifest names (what :func:`find_local_basis`
+    tries first), or None."""
+    base = _manifest_base(Path(model_dir))
+    return base[0] / rel if base is not None else None
+
+
 def find_local_basis(
     model_dir: str | os.PathLike,
     server_files: Mapping[str, int],
     candidates: Iterable[str | os.PathLike] = (),
     rel: str = WEIGHTS,
+    digest: Callable[[Path], str] = sha256_file,
 ) -> LocalBasis | None:
     """The local copy of one of ``server_files`` ({sha256: size} of the server's copies of
     ``rel``: the live release's first, then any other release's) to encode ``rel`` of
     ``model_dir`` against. Looked for, in order: the base model the manifest names
     (``base_model.path``/``rel``, the model this one was fine-tuned from: usually the live
     one), then ``candidates`` (e.g. a cache of what was deployed). A file qualifies only when
-    its size is one of the server's and its sha256, computed now, is that file's."""
+    its size is one of the server's and its sha256, computed now (by ``digest``: a
+    :class:`Digests` may have begun it already), is that file's."""
     found = []
     base = _manifest_base(Path(model_dir))
     if base is not None:
@@ -194,11 +237,11 @@ def find_local_basis(
         try:
             if path.stat().st_size not in sizes:
                 continue
-            digest = sha256_file(path)
+            sha = digest(path)
         except OSError:
             continue
-        if digest in server_files:
-            return LocalBasis(path, digest, how)
+        if sha in server_files:
+            return LocalBasis(path, sha, how)
     return None
 
 
@@ -340,16 +383,23 @@ def encode(
     basis_path: str | os.PathLike,
     out: BinaryIO | CountingSink,
     *,
-    level: int = LEVEL,
+    level: int | Callable[[], int] = LEVEL,
     workers: int | None = None,
     block: int = BLOCK,
     basis_sha256: str | None = None,
+    new_sha256: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> EncodeStats:
     """Write the tensor delta of ``new_path`` against ``basis_path`` to ``out`` (anything with
-    ``write(bytes)``) and return what it took. ``level`` is zlib's (0: every plane stored).
+    ``write(bytes)``) and return what it took. ``level`` is zlib's (0: every plane stored), or
+    a function asked for it as each block is handed to the encoder (the deploy's: by how fast
+    the link takes the stream, see :mod:`ftctl.deploy.tdsend`).
     With ``basis_sha256`` the basis is hashed while encoding and a mismatch raises before the
     end record is written, so the server applies nothing. :class:`DeployError` when the two
-    files' layouts differ (:func:`usable` says so first)."""
+    files' layouts differ (:func:`usable` says so first). ``new_sha256``: the new file's
+    sha256 when it is known (its manifest's): it goes into the end record unhashed, so the
+    server keeps the rebuilt file only if it hashes to exactly that. ``progress(n)``: ``n``
+    more bytes of the new file are encoded and written."""
     import numpy as np
 
     t0, c0 = time.monotonic(), time.process_time()
@@ -374,22 +424,24 @@ def encode(
     head = json.dumps({"basis_size": basis_size, "new_size": size}).encode()
     write([wire.MAGIC, wire.HEAD_LEN.pack(len(head)), head])
     with ThreadPoolExecutor(2) as hashers, ThreadPoolExecutor(workers) as pool:
-        new_sha = hashers.submit(sha256_file, new_path)
+        new_sha = hashers.submit(sha256_file, new_path) if new_sha256 is None else None
         basis_sha = hashers.submit(sha256_file, basis_path) if basis_sha256 else None
         pending: deque[Future] = deque()
         try:
             for p in pieces(new, basis, size, block):
-                pending.append(pool.submit(_record, p, new_buf, basis_buf, level))
+                lvl = level() if callable(level) else level
+                pending.append(pool.submit(_record, p, new_buf, basis_buf, lvl))
                 while len(pending) > 2 * workers:
-                    _write_next(pending, write, stats)
+                    _write_next(pending, write, stats, progress)
             while pending:
-                _write_next(pending, write, stats)
+                _write_next(pending, write, stats, progress)
             if basis_sha is not None and basis_sha.result() != basis_sha256:
                 raise DeployError(
                     f"tensor delta: {basis_path} changed: its sha256 is no longer "
                     f"{basis_sha256[:12]}… (nothing was applied on the server)"
                 )
-            write([b"E", wire.END.pack(size, bytes.fromhex(new_sha.result()))])
+            digest = new_sha256 or new_sha.result()  # type: ignore[union-attr]
+            write([b"E", wire.END.pack(size, bytes.fromhex(digest))])
         finally:
             for f in pending:
                 f.cancel()
@@ -400,10 +452,12 @@ def encode(
     return stats
 
 
-def _write_next(pending: deque[Future], write, stats: EncodeStats) -> None:
+def _write_next(pending: deque[Future], write, stats: EncodeStats, progress=None) -> None:
     chunks, part = pending.popleft().result()
     write(chunks)
     _merge(stats, part)
+    if progress is not None:
+        progress(part.copied_bytes + part.xor_bytes + part.literal_bytes)
 
 
 # ------------------------------------------------------------------------ choosing

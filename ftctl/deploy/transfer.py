@@ -1,8 +1,10 @@
 """Bytes to the server: only what the plan says changed, into ``.incoming-<id>/``.
 
 The server first makes the upload directory with hard links of every unchanged file (and of the
-live file a delta is computed against). Then either
+live file a delta is computed against). Then
 
+* the **tensor deltas** (:mod:`ftctl.deploy.tdsend`): safetensors files the plan sends as
+  their difference from a server copy; one that fails goes on with the others below; then
 * **rsync** over OpenSSH (same known_hosts with strict checking, identity, port and timeouts as
   the Fabric connection; one ControlMaster connection that every rsync step goes through),
   sending only the listed files: a file with a basis in place goes as a delta, the others
@@ -20,19 +22,20 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftctl.deploy.local import LocalModel
-from ftctl.deploy.plan import Plan
-from ftctl.deploy.session import Session
+from ftctl.deploy.plan import TENSOR_DELTA, Plan
+from ftctl.deploy.session import Session, die_with_parent
+from ftctl.deploy.tdsend import send_deltas
 from ftctl.errors import DeployError, FtctlError
 from ftctl.progress import NULL, Reporter
 
@@ -55,16 +58,22 @@ class Hooks:
 class Sent:
     method: str
     files: int = 0
-    file_bytes: int = 0  # file data sent (rsync: literal data)
+    file_bytes: int = 0  # file data sent (rsync: literal data; tensor delta: the stream)
     wire_bytes: int = 0  # everything the transfer sent (rsync: "Total bytes sent")
+    # per method used ("tensor-delta", "rsync", "sftp"): {"files", "bytes", "seconds"}
+    by_method: dict[str, dict] = field(default_factory=dict)
+    hashed: dict[str, list] = field(default_factory=dict)  # rel -> [sha256, identity] (apply)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # rel -> why its delta failed
 
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Children (ssh, rsync) get SIGTERM when this process dies, kill -9 included."""
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    def add(self, part: Sent, seconds: float) -> None:
+        self.files += part.files
+        self.file_bytes += part.file_bytes
+        self.wire_bytes += part.wire_bytes
+        mine = self.by_method.setdefault(part.method, {"files": 0, "bytes": 0, "seconds": 0.0})
+        mine["files"] += part.files
+        mine["bytes"] += part.file_bytes
+        mine["seconds"] = round(mine["seconds"] + seconds, 2)
+        self.method = "+".join(self.by_method)
 
 
 def ssh_args(session: Session) -> list[str]:
@@ -107,7 +116,7 @@ class Master:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def wait(self) -> None:
@@ -125,12 +134,20 @@ class Master:
             time.sleep(0.02)
         raise DeployError(f"{self.session.host}: OpenSSH (for rsync) did not connect in time")
 
+    def client_argv(self) -> list[str]:
+        """ssh through this master, options only (the target and command follow)."""
+        return ["ssh", "-S", self.path, "-o", "ControlMaster=no", *ssh_args(self.session)]
+
     def ssh_e(self) -> str:
         import shlex
 
-        return shlex.join(
-            ["ssh", "-S", self.path, "-o", "ControlMaster=no", *ssh_args(self.session)]
-        )
+        return shlex.join(self.client_argv())
+
+    def via(self) -> list[str]:
+        """The command line that runs a command on the server through this master (append
+        the command)."""
+        self.wait()
+        return [*self.client_argv(), "--", self.target]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -171,7 +188,7 @@ def rsync_send(
     output = bytearray()
     try:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
         try:
             with reporter.task("rsync", total=total, unit="B") if bar else _no_bar() as advance:
@@ -309,28 +326,78 @@ def send(
     reporter: Reporter = NULL,
     hooks: Hooks | None = None,
     bar: bool = True,
+    out: Sent | None = None,
 ) -> Sent:
-    """Send the plan's changed files into ``incoming`` (already holding the linked ones)."""
+    """Send the plan's changed files into ``incoming`` (already holding the linked ones): the
+    tensor deltas, and meanwhile the other files by rsync or SFTP; then, the same way, any
+    file whose tensor delta failed. What was sent is added to ``out`` as it goes (so that a
+    caller knows it when this raises)."""
     hooks = hooks or Hooks()
-    files = plan.to_send
-    if not files:
-        out = Sent(plan.method)
-    elif plan.method == "rsync" and master is not None:
-        big = [r for r in files if model.sizes[r] >= 1 << 20]
-        if big and session.agent is not None:  # the server hashes them as they arrive
-            req = {"remote_dir": session.cfg.remote_dir, "incoming": incoming.rsplit("/", 1)[-1]}
-            session.call("watch", {**req, "files": big}, what="watch the upload")
-        master.wait()
-        out = rsync_send(session, model, files, incoming, master, reporter, bar)
-    else:
-        out = sftp_send(session, model, files, incoming, reporter, hooks, bar)
+    out = out if out is not None else Sent(plan.method)
+    rest = [r for r in plan.to_send if plan.step(r).action != TENSOR_DELTA]
+
+    def others(files: list[str], with_bar: bool) -> tuple[Sent, float]:
+        t0 = time.monotonic()
+        if plan.method == "rsync" and master is not None:
+            part = _rsync(session, model, files, incoming, master, reporter, with_bar)
+        else:
+            part = sftp_send(session, model, files, incoming, reporter, hooks, with_bar)
+        return part, time.monotonic() - t0
+
+    if plan.tensor_deltas:
+        with ThreadPoolExecutor(1) as pool:  # one progress bar at a time: the delta's
+            beside = pool.submit(others, rest, False) if rest else None
+            rest = _send_deltas(session, model, plan, incoming, master, reporter, bar, out)
+            if beside is not None:
+                out.add(*beside.result())
+    if rest:
+        out.add(*others(rest, bar))
     if hooks.after_upload:
         hooks.after_upload(session.conn, incoming)
     return out
 
 
-def verify(session: Session, model: LocalModel, plan: Plan, incoming: str, release: str) -> None:
-    """The server hashes what it received (once), then renames the upload into releases/."""
+def _rsync(session, model, files, incoming, master, reporter, bar) -> Sent:
+    big = [r for r in files if model.sizes[r] >= 1 << 20]
+    if big and session.agent is not None:  # the server hashes them as they arrive
+        req = {"remote_dir": session.cfg.remote_dir, "incoming": incoming.rsplit("/", 1)[-1]}
+        session.call("watch", {**req, "files": big}, what="watch the upload")
+    master.wait()
+    return rsync_send(session, model, files, incoming, master, reporter, bar)
+
+
+def _send_deltas(session, model, plan, incoming, master, reporter, bar, out: Sent) -> list[str]:
+    """The plan's tensor deltas, into ``out``; the files whose delta failed (warned)."""
+    steps = plan.tensor_deltas
+    total = sum(model.sizes[s.rel] for s in steps)
+    t0 = time.monotonic()
+    via = master.via() if master is not None else None
+    with reporter.task("tensor delta", total=total, unit="B") if bar else _no_bar() as advance:
+        ds = send_deltas(session, model, steps, incoming.rsplit("/", 1)[-1], via, advance)
+    out.add(Sent(TENSOR_DELTA, ds.files, ds.bytes, ds.bytes), time.monotonic() - t0)
+    out.by_method[TENSOR_DELTA].update(encode_cpu_s=round(ds.encode_cpu_s, 2), planes=ds.planes)
+    out.hashed = ds.hashed
+    other = "rsync" if plan.method == "rsync" and master is not None else "sftp"
+    for rel, why in ds.failed.items():
+        out.fallbacks[rel] = why
+        reporter.warn(
+            f"{session.host}: {rel}: the tensor delta failed ({why}); sending it by {other} "
+            "instead (every file is checked by sha256 before go-live, as always)"
+        )
+    return list(ds.failed)
+
+
+def verify(
+    session: Session,
+    model: LocalModel,
+    plan: Plan,
+    incoming: str,
+    release: str,
+    hashed: dict[str, list] | None = None,
+) -> None:
+    """The server hashes what it received (once: a tensor delta's apply did it while writing,
+    ``hashed``, used if the file is the very one it wrote), then renames the upload into
+    releases/. A file whose sha256 differs from the manifest's fails the deploy."""
     cfg: DeployConfig = session.cfg
     req = {
         "remote_dir": cfg.remote_dir,
@@ -338,6 +405,7 @@ def verify(session: Session, model: LocalModel, plan: Plan, incoming: str, relea
         "release": release,
         "expected": {r: [model.expected[r], model.sizes[r]] for r in model.expected},
         "received": plan.to_send,
+        "hashed": hashed or {},
     }
     ans = session.call("verify", req, what="verify sha256", ok_codes=(0, 1))
     if ans.get("bad"):

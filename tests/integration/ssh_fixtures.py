@@ -122,6 +122,12 @@ class DeployTarget:
     def with_(self, **changes) -> DeployConfig:
         return dataclasses.replace(self.cfg, **changes)
 
+    def through(self, sshd: LocalSSHD) -> DeployTarget:
+        """This target reached through another sshd of the same machine (``sshd_py36``: the
+        same remote_dir and service, but its sessions' python3 is 3.6.15)."""
+        cfg = self.with_(hosts=(sshd.host,), identity=sshd.client_key, known_hosts=sshd.known_hosts)
+        return dataclasses.replace(self, sshd=sshd, cfg=cfg)
+
     def link_target(self) -> str:
         return str((self.remote_dir / "final").readlink())
 

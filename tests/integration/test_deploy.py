@@ -20,6 +20,7 @@ from ftctl.deploy import Hooks, deploy, rollback
 from ftctl.errors import DeployError, ExitCode, HostKeyError, RollbackFailed
 from ftctl.fsutil import atomic_write_text, sha256_tree
 from ftctl.manifest import model_digest
+from tests.helpers import fine_tune_of
 from tests.integration.ssh_fixtures import lock_free
 
 pytestmark = pytest.mark.integration
@@ -286,37 +287,17 @@ def test_rollback_after_redeploying_an_older_release_returns_to_the_one_that_was
     t.wait_serving(model_digest(deploy_models["c"]))
 
 
-def _fine_tune_of(src, out, seed: int = 7):
-    """A copy of ``src`` whose top layers and head changed (same header, same offsets), the
-    way a fine-tune with frozen embeddings and lower layers changes a model."""
-    import numpy as np
-
-    from ftctl.manifest import write_manifest
-    from tests.helpers import patch_safetensors
-
-    shutil.copytree(src, out)
-    (out / "manifest.json").unlink(missing_ok=True)
-    rng = np.random.default_rng(seed)
-    changed = patch_safetensors(
-        out / "model.safetensors",
-        lambda name: name.startswith(("bert.encoder.layer.11.", "classifier.", "bert.pooler.")),
-        lambda arr: arr + rng.normal(0, 1e-3, arr.shape).astype(arr.dtype),
-    )
-    write_manifest(out, {"kind": "test"})
-    return out, changed
-
-
 def test_a_delta_upload_sends_only_the_changed_bytes(deploy_target, deploy_models, tmp_path):
     t = deploy_target
     first = _deploy(t, deploy_models["b"]).hosts[0]
     assert first.ok and first.method == "rsync"
-    model, changed = _fine_tune_of(deploy_models["b"], tmp_path / "ft" / "final")
+    model, changed = fine_tune_of(deploy_models["b"], tmp_path / "ft" / "final")
     size = (model / "model.safetensors").stat().st_size
     res = _deploy(t, model)
     assert res.ok, res.error
     h = res.hosts[0]
     assert h.method == "rsync" and h.linked_files >= 3  # tokenizer, vocab, ... hard-linked
-    assert any("delta model.safetensors" in line for line in h.plan)
+    assert any("model.safetensors: rsync delta" in line for line in h.plan)
     assert h.uploaded_bytes < changed + 0.05 * size  # rsync's literal data
     assert h.wire_bytes < changed + 0.10 * size + 50_000  # everything rsync sent
     new = t.remote_dir / "releases" / h.release

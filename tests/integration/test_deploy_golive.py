@@ -8,7 +8,6 @@ checked model and the lock free."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -41,17 +40,12 @@ def server(request, deploy_target, sshd_py36):
     """The deploy target reached through an sshd whose python3 is 3.6.15, or the usual one."""
     if request.param == "default":
         return deploy_target
-    return _through(deploy_target, sshd_py36)
+    return deploy_target.through(sshd_py36)
 
 
 @pytest.fixture
 def server36(deploy_target, sshd_py36):
-    return _through(deploy_target, sshd_py36)
-
-
-def _through(t, sshd):
-    cfg = t.with_(hosts=(sshd.host,), identity=sshd.client_key, known_hosts=sshd.known_hosts)
-    return dataclasses.replace(t, sshd=sshd, cfg=cfg)
+    return deploy_target.through(sshd_py36)
 
 
 def _deploy(t, model, cfg=None):

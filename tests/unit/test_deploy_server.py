@@ -23,7 +23,7 @@ from ftctl.deploy.server.shared import Frames, decode, frame, frame_bytes
 SERVER = Path(__file__).resolve().parents[2] / "ftctl" / "deploy" / "server"
 # the client modules that drive a deploy (the lead's list, and what ships the program)
 CLIENT = [SERVER.parent / f"{m}.py" for m in ("plan", "history", "host", "fleet", "session",
-          "program", "transfer", "results", "local", "__init__")] + list(
+          "program", "transfer", "tdsend", "results", "local", "__init__")] + list(
     (SERVER.parents[1] / "cli").glob("*.py"))  # fmt: skip
 
 

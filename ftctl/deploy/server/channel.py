@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from .shared import Frames, decode, frame
+from .shared import HEADER_SIZE, MAGIC, Frames, decode, frame, frame_length
 
 TIMEOUT = object()  # what ``recv`` returns when nothing came in time
 
@@ -50,3 +50,25 @@ class Channel:
                 sys.stderr.write("ftctl: ignored %d bytes that were not a message\n" % len(noise))
             self.pending.extend(payloads)
         return decode(self.pending.pop(0))
+
+    def recv_exact(self):
+        """The next message, read from stdin up to its last byte and not one byte further:
+        what follows it (a tensor delta stream) stays unread for the command. None at EOF."""
+        head = self._read(HEADER_SIZE)
+        if head is None:
+            return None
+        if head[: len(MAGIC)] != MAGIC:
+            sys.stderr.write("ftctl: stdin does not start with a message\n")
+            return None
+        payload = self._read(frame_length(head))
+        return None if payload is None else decode(payload)
+
+    def _read(self, n):
+        out = bytearray()
+        while len(out) < n:
+            chunk = os.read(self.rfd, n - len(out))
+            if not chunk:
+                self.eof = True
+                return None
+            out.extend(chunk)
+        return bytes(out)

@@ -3,11 +3,13 @@ request as the frame after the program) or through the lock holder (``call``). E
 request (a dict) and returns (exit status, answer dict).
 
 A new server-side step is a module here (stdlib only, Python 3.6+) and one line below.
+Those in ``ONE_SHOT`` read more than the request from stdin (a tensor delta stream): they run
+as their own process only, never through the lock holder, whose stdin is the client's messages.
 """
 
 from .golive import cmd_health
 from .probe import cmd_log, cmd_probe, cmd_status
-from .upload import cmd_prepare, cmd_verify, cmd_watch
+from .upload import cmd_prepare, cmd_tdelta, cmd_verify, cmd_watch
 
 COMMANDS = {
     "probe": cmd_probe,
@@ -17,4 +19,6 @@ COMMANDS = {
     "watch": cmd_watch,
     "verify": cmd_verify,
     "health": cmd_health,
+    "tdelta": cmd_tdelta,
 }
+ONE_SHOT = ("tdelta",)

@@ -25,7 +25,7 @@ import time
 import zipfile
 
 from .channel import TIMEOUT
-from .commands import COMMANDS
+from .commands import COMMANDS, ONE_SHOT
 from .fsops import read_log, state_dir
 from .lock import Lock, holder, proc_start
 from .probe import python_info
@@ -102,7 +102,7 @@ def hold(chan, program, req):
 def serve_call(chan, sub, req):
     """Run a subcommand for the client; tick while it works (the link is alive)."""
     fn = COMMANDS.get(sub)
-    if fn is None:
+    if fn is None or sub in ONE_SHOT:
         chan.send({"reply": {"error": "unknown command %s" % sub}, "rc": 2})
         return
     result, err = with_ticks(chan, lambda: fn(req))

@@ -18,7 +18,7 @@ def entry(argv, program):
         from .golive import run_detached
 
         return run_detached(chan, int(argv[1]))
-    req = chan.recv()
+    req = chan.recv_exact()  # what follows the request is the command's (a delta stream)
     if not isinstance(req, dict):
         sys.stderr.write("ftctl: no request came after the program\n")
         return 2

@@ -33,6 +33,9 @@ def cmd_probe(req):
     fs = os.statvfs(probe_dir)
     st["free_bytes"] = fs.f_bavail * fs.f_frsize
     st["index"] = {r: release_index(d, r) for r in st["releases"]}
+    # what each release's manifest says (the index of a first deploy's backup holds only the
+    # files it hashed): a tensor delta may use these as its basis, checked as it reads them
+    st["claims"] = {r: manifest_index(os.path.join(d, "releases", r)) for r in st["releases"]}
     if st["link"] == "dir":
         st["final_index"] = manifest_index(os.path.join(d, link))
     keys = ("action", "ok", "release", "previous", "rolled_back")

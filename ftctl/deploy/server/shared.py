@@ -77,6 +77,11 @@ def sample_hashes(path, size, count):
     return out
 
 
+def frame_length(header):
+    """The payload length a frame's ``HEADER_SIZE`` bytes announce."""
+    return _LEN.unpack(bytes(header[len(MAGIC) : HEADER_SIZE]))[0]
+
+
 def frame_bytes(payload):
     """One frame holding ``payload`` (bytes)."""
     return MAGIC + _LEN.pack(len(payload)) + payload
@@ -108,7 +113,7 @@ class Frames:
             del self.buf[:start]
             if len(self.buf) < HEADER_SIZE:
                 break
-            (size,) = _LEN.unpack(bytes(self.buf[len(MAGIC) : HEADER_SIZE]))
+            size = frame_length(self.buf)
             if len(self.buf) < HEADER_SIZE + size:
                 break
             payloads.append(bytes(self.buf[HEADER_SIZE : HEADER_SIZE + size]))

@@ -37,9 +37,11 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import signal
 import struct
 import sys
+import threading
 import zlib
 
 MAGIC = b"FTTD\x01\r\n\x00"
@@ -47,6 +49,7 @@ HEAD_MAX = 1 << 20  # bytes of the stream's JSON head
 MAX_RECORD = 64 << 20  # bytes an L or X record may produce (the client uses 4 MiB blocks)
 HEADER_MAX = 100 << 20  # a safetensors header larger than this is refused (as safetensors does)
 COPY_CHUNK = 1 << 20
+WRITEBACK = 64 << 20  # bytes written after which they go to disk in the background
 STORED, ZLIB = 0, 1
 CODECS = (STORED, ZLIB)
 
@@ -207,29 +210,105 @@ class Basis:
         return b"".join(self.ranges(offset, length, crc, length or 1))
 
 
+class Flusher(threading.Thread):
+    """``fdatasync`` of a file being written, in the background each time it is kicked, so the
+    final fsync has little left to write (rsync's watcher does the same for its uploads)."""
+
+    def __init__(self, fd):
+        threading.Thread.__init__(self, daemon=True)
+        self.fd = fd
+        self.wake = threading.Event()
+        self.done = False
+        self.start()
+
+    def run(self):
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.done:
+                return
+            with contextlib.suppress(OSError):  # the final fsync reports what matters
+                os.fdatasync(self.fd)
+
+    def kick(self):
+        self.wake.set()
+
+    def stop(self):
+        self.done = True
+        self.wake.set()
+        self.join()
+
+
 class Writer:
-    """The new file: a temp file beside ``out_path``, hashed while written, renamed at the end."""
+    """The new file: a temp file beside ``out_path``, hashed while written, renamed at the end.
+
+    The writing and hashing run on a thread of their own, a few blocks behind the records
+    (``QUEUED``): with OpenSSL's sha256 and the file's write both outside the GIL, they overlap
+    the reading, inflating and XOR of the next records."""
+
+    QUEUED = 4  # blocks (at most MAX_RECORD bytes each, 4 MiB from ftctl) waiting to be written
 
     def __init__(self, out_path, new_size):
         self.out_path = out_path
         self.new_size = new_size
         self.tmp = f"{out_path}.tdelta-{os.getpid()}-{os.urandom(4).hex()}.part"
+        self.sha = hashlib.sha256()
+        self.size = 0  # bytes handed to write()
+        self.error = None  # what the disk thread met (a full disk)
+        self.queue = queue.Queue(self.QUEUED)
+        self.thread = threading.Thread(target=self._disk, daemon=True)
+        self.flusher = None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         self.fh = os.fdopen(os.open(self.tmp, flags, 0o666), "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
+        try:  # a signal while the threads start (SIGTERM: SystemExit) must not leave the file
+            self.flusher = Flusher(self.fh.fileno())
+            self.thread.start()
+        except BaseException:
+            self.discard()
+            raise
 
     def room(self, length, what):
         if self.size + length > self.new_size:
             raise DeltaError(f"{what} writes past the announced size of {self.new_size} bytes")
 
     def write(self, data):
-        self.fh.write(data)
-        self.sha.update(data)
+        if self.error is not None:
+            raise self.error
+        self.queue.put(data)
         self.size += len(data)
 
+    def _disk(self):
+        flushed = written = 0
+        while True:
+            data = self.queue.get()
+            if data is None:
+                return
+            if self.error is not None:
+                continue  # drain, so that write() never blocks on a dead thread
+            try:
+                self.fh.write(data)
+                self.sha.update(data)
+                written += len(data)
+                if written - flushed >= WRITEBACK:
+                    self.fh.flush()
+                    self.flusher.kick()
+                    flushed = written
+            except OSError as exc:
+                self.error = exc
+
+    def finish(self):
+        """Wait until everything is written; the sha256 digest of it."""
+        if self.thread.ident is not None and self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.sha.digest()
+
     def commit(self):
+        self.finish()
         self.fh.flush()
+        self.flusher.stop()
         os.fsync(self.fh.fileno())
         self.fh.close()
         os.replace(self.tmp, self.out_path)
@@ -240,7 +319,11 @@ class Writer:
             os.close(fd)
 
     def discard(self):
-        if not self.fh.closed:
+        with contextlib.suppress(OSError):
+            self.finish()
+        if self.flusher is not None:
+            self.flusher.stop()
+        with contextlib.suppress(OSError):  # a full disk fails the flush; the file still closes
             self.fh.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
@@ -312,10 +395,11 @@ def apply(delta_stream, basis_path, out_path, progress=None):
             size, digest = apply_records(rd, basis, out, progress)
             if size != new_size or out.size != new_size:
                 raise DeltaError(f"delta wrote {out.size} bytes, announced {new_size} and {size}")
-            if out.sha.digest() != digest:
+            if out.finish() != digest:
                 raise DeltaError(
                     f"the rebuilt file's sha256 {out.sha.hexdigest()} is not the client's "
-                    f"{digest.hex()}"
+                    f"{digest.hex()}: the basis {basis_path} differs from the client's copy "
+                    "where its CRC-32 cannot see it, or the stream was damaged"
                 )
             out.commit()
         except BaseException:
@@ -327,14 +411,14 @@ def apply(delta_stream, basis_path, out_path, progress=None):
 # ------------------------------------------------------------------------ command line
 
 
-def _exit_on_signal(signum, frame):
+def exit_on_signal(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through apply, which removes its temp file
 
 
 def main(argv):
     if len(argv) == 3 and argv[0] == "apply":
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _exit_on_signal)
+            signal.signal(sig, exit_on_signal)
         try:
             sha = apply(sys.stdin.buffer, argv[1], argv[2])
         except (DeltaError, OSError) as exc:

@@ -11,11 +11,13 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 
-from . import journal
+from . import journal, tensordelta
 from .fsops import atomic_write, fsync_path, hash_file, state_dir, write_json
 from .layout import exchange, index_path, link_state, new_link, release_index
 from .shared import utc_stamp
@@ -219,8 +221,42 @@ def cmd_watch(req):
     return 0, {"watching": len(req["files"])}
 
 
-def _received_sha(path):
-    """The sha256 of a received file: the watcher's, if it saw this very file, else now."""
+def cmd_tdelta(req):
+    """Rebuild files of the upload from tensor deltas that follow the request on stdin, one
+    after the other in ``req["files"]`` order ([{"rel", "basis"}], the basis relative to
+    ``remote_dir``). Each is written beside its name, hashed while written, fsynced and renamed
+    into place only when its sha256 matches the stream's (see :mod:`.tensordelta`). Answers
+    {rel: {sha256, identity}} of the files rebuilt, and on the first that fails (exit 1) its
+    name and why: the rest of the stream is not read. Runs as its own process only (its input
+    is stdin): never through the lock holder."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwinds through apply: no temp file left
+        signal.signal(sig, tensordelta.exit_on_signal)
+    incoming = os.path.join(req["remote_dir"], req["incoming"])
+    done = {}
+    for f in req["files"]:
+        out = os.path.join(incoming, f["rel"])
+        t0 = time.monotonic()
+        try:
+            sha = tensordelta.apply(
+                sys.stdin.buffer, os.path.join(req["remote_dir"], f["basis"]), out
+            )
+        except (tensordelta.DeltaError, OSError) as exc:
+            return 1, {"files": done, "failed": f["rel"], "error": str(exc)}
+        st = os.stat(out)
+        done[f["rel"]] = {
+            "sha256": sha,
+            "identity": list(_identity(st)),
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+    return 0, {"files": done}
+
+
+def _received_sha(path, hashed=None):
+    """The sha256 of a received file: the one taken while it was written (a tensor delta's
+    apply: ``hashed`` = [sha256, identity]; or the watcher's), if it is this very file
+    unchanged since, else hashed now."""
+    if hashed and list(_identity(os.stat(path))) == list(hashed[1]):
+        return hashed[0]
     w = WATCHES.pop(path, None)
     if w is not None:
         w.stop.set()
@@ -241,13 +277,14 @@ def cmd_verify(req):
     incoming = os.path.join(d, req["incoming"])
     bad, index = [], {}
     received = set(req["received"])
+    hashed = req.get("hashed") or {}  # a tensor delta's apply hashed these as it wrote them
     for rel, (sha, size) in sorted(req["expected"].items()):
         path = os.path.join(incoming, rel)
         try:
             if os.path.islink(path):
                 raise OSError("a symlink")
             got_size = os.path.getsize(path)
-            got = _received_sha(path) if rel in received else sha
+            got = _received_sha(path, hashed.get(rel)) if rel in received else sha
         except OSError:
             bad.append(rel)
             continue
