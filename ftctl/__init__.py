@@ -1,3 +1,3 @@
 """ftctl: generate data, fine-tune incrementally, gate and deploy a Chinese intent classifier."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
