@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ftctl.config import ConfigError, DeployConfig, check
+from ftctl.config import DeployConfig, check
 from ftctl.deploy import load_local_model, tdsend
 from ftctl.deploy import tensordelta as td
 from ftctl.deploy.plan import RemoteState, make_plan, plan_lines
@@ -21,6 +21,7 @@ from ftctl.deploy.program import program
 from ftctl.deploy.server import channel, holder, upload
 from ftctl.deploy.server.shared import Frames, decode, frame
 from ftctl.deploy.transfer import Sent
+from ftctl.errors import ConfigError
 from ftctl.fsutil import sha256_file
 from ftctl.manifest import write_manifest
 from tests.helpers import fine_tune_of, make_tiny_model
