@@ -65,7 +65,7 @@ def main() -> int:
     import torch
     from transformers import pipeline
 
-    from ftctl.data import load_examples
+    from ftctl.data.examples import load_examples
     from ftctl.evaluate import draw_cases, predict
 
     examples = load_examples(args.test_data, what="test")

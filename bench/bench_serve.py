@@ -134,7 +134,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
-    from ftctl.data import load_examples
+    from ftctl.data.examples import load_examples
 
     texts = [ex.text for ex in load_examples(args.test_data, what="test")]
     t = time.monotonic()

@@ -120,7 +120,7 @@ def hf_side(args) -> None:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from ftctl import model as M
-    from ftctl.data import load_examples
+    from ftctl.data.examples import load_examples
     from ftctl.train import mix_data
 
     mix = mix_data(
@@ -258,7 +258,7 @@ def real_shape_model() -> Path:
 
 def random_model(args) -> Path:
     """A random-weight 12-layer char BERT of hidden ``args.random_hidden`` (cached)."""
-    from ftctl.data import load_examples
+    from ftctl.data.examples import load_examples
     from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
 
     h = args.random_hidden
@@ -280,7 +280,7 @@ def random_model(args) -> Path:
 
 def subset(path: Path, n: int, seed: int, out: Path) -> Path:
     """``n`` rows of ``path``, stratified by intent (the same file for both sides)."""
-    from ftctl.data import load_examples, write_examples
+    from ftctl.data.examples import load_examples, write_examples
     from ftctl.train import stratified_sample
 
     return write_examples(out, stratified_sample(load_examples(path), n, seed))

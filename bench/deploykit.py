@@ -76,7 +76,7 @@ def build_train8_finetune(base: Path, cache: Path) -> Path:
     out = cache / "base-old-train8"
     if (out / "final" / "manifest.json").is_file():
         return out / "final"
-    from ftctl.data import load_examples, write_examples
+    from ftctl.data.examples import load_examples, write_examples
     from ftctl.train import stratified_sample
 
     data = {}

@@ -87,7 +87,7 @@ GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 "$PY" - "$WORK" "$NEW_ROWS" "$RESUME_ROWS" <<'EOF'
 import sys
 from pathlib import Path
-from ftctl.data import load_examples, write_examples
+from ftctl.data.examples import load_examples, write_examples
 from ftctl.train import stratified_sample
 work, n_bench, n_resume = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 new = load_examples("data/incremental_training_data.jsonl")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ftctl import model as M
 from ftctl.config import TrainConfig
-from ftctl.data import load_examples
+from ftctl.data.examples import load_examples
 from ftctl.errors import ConfigError, Problem
 from ftctl.features import encode
 from ftctl.fit import Setup, fit, numerics

@@ -169,7 +169,7 @@ def live_predictions(url: str, cases: Sequence[Any]) -> list[dict[str, Any]]:
 
 def showcase_cases(test_data: Path, pairs: Sequence[tuple[str, str]], per_intent: int):
     """The first ``per_intent`` test cases of each intent of the confused pairs (stable)."""
-    from ftctl.data import load_examples
+    from ftctl.data.examples import load_examples
 
     wanted = list(dict.fromkeys(lab for pair in pairs for lab in pair))
     picked: dict[str, list] = {lab: [] for lab in wanted}
@@ -221,7 +221,7 @@ def intent_recall(result: dict[str, Any], label: str) -> float | None:
 
 def _generate(cfg: DemoConfig, out_dir: Path, reporter: Reporter) -> Path:
     from ftctl.config import DataConfig
-    from ftctl.generate import write_generated
+    from ftctl.data.generate import write_generated
 
     templates = cfg.data_dir / DataConfig().templates.name
     dc = DataConfig(
@@ -404,8 +404,9 @@ def _harvest(cfg: DemoConfig, server: LocalServer, known: Sequence[Path], out: P
     """`ftctl harvest` of the live service's log over the deploy's SSH: the doubtful answers
     not already in ``known`` (the training data, the test pool) -> the review file ``out``."""
     from ftctl.config import HarvestConfig
-    from ftctl.data import read_examples, text_keys
-    from ftctl.harvest import LocalFiles, SFTPFiles, harvest, write_review
+    from ftctl.data.examples import read_examples
+    from ftctl.data.harvest import LocalFiles, SFTPFiles, harvest, write_review
+    from ftctl.data.textkey import text_keys
 
     log = f"{server.remote_dir}/logs/predictions.jsonl"
     texts = [ex.text for p in known if p.is_file() for ex in read_examples(p).examples]
@@ -453,15 +454,15 @@ def reviewer_file(cfg: DemoConfig) -> Path:
 
 def users_questions(cfg: DemoConfig) -> list[str]:
     """What the users asked production (the texts of the reviewer's file)."""
-    from ftctl.review import read_review
+    from ftctl.data.review import read_review
 
     return [r.text for r in read_review(reviewer_file(cfg))[0]]
 
 
 def reviewer_answers(path: Path) -> dict:
     """The reviewer's answers: text key -> label."""
-    from ftctl.data import text_key
-    from ftctl.review import read_review
+    from ftctl.data.review import read_review
+    from ftctl.data.textkey import text_key
 
     rows, _n, _encoding = read_review(path)
     return {text_key(r.text): r.label for r in rows}
@@ -473,9 +474,9 @@ def fill_review(review: Path, answers: dict, out: Path) -> int:
     import csv
     import io
 
-    from ftctl.data import text_key
+    from ftctl.data.harvest import from_cell
+    from ftctl.data.textkey import text_key
     from ftctl.fsutil import atomic_write_bytes
-    from ftctl.harvest import from_cell
 
     rows = list(csv.reader(io.StringIO(review.read_text(encoding="utf-8-sig"), newline="")))
     header, filled = rows[0], 0
@@ -493,8 +494,8 @@ def fill_review(review: Path, answers: dict, out: Path) -> int:
 def _review(cfg: DemoConfig, harvested: Path, filled: Path, reviewed: Path, base: Path):
     """The reviewer fills in the harvest's review file; `ftctl data import-review` brings the
     labelled rows into the reviewed data."""
+    from ftctl.data.review import import_review
     from ftctl.model import load_tokenizer, resolve_labels
-    from ftctl.review import import_review
 
     n = fill_review(harvested, reviewer_answers(reviewer_file(cfg)), filled)
     res = import_review(

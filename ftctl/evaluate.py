@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ftctl.config import EvalConfig
-from ftctl.data import DEFAULT_MAX_CHARS, Example, load_examples, read_examples, text_keys
+from ftctl.data.examples import DEFAULT_MAX_CHARS, Example, load_examples, read_examples
+from ftctl.data.textkey import text_keys
 from ftctl.errors import ConfigError, DataError, EvalError, FtctlError, GateFailed, Problem
 from ftctl.model import resolve_device
 from ftctl.progress import NULL, Reporter
@@ -476,7 +477,7 @@ def check_pairs(
 def leakage(cases: Sequence[Case], model_dir: Path) -> dict[str, Any]:
     """Test cases whose text is in the training data recorded in ``model_dir``'s manifest
     (``data``: new, new_2..., old, train), "the same text" as the model sees it
-    (:func:`ftctl.data.text_key` with its tokenizer); each file's status: checked, changed
+    (:func:`ftctl.data.textkey.text_key` with its tokenizer); each file's status: checked, changed
     (sha256 differs from the manifest's; still checked), missing or unreadable."""
     from ftctl.fsutil import sha256_file
     from ftctl.manifest import MANIFEST, read_manifest

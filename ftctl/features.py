@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftctl import model as M
-from ftctl.data import Example
+from ftctl.data.examples import Example
 from ftctl.errors import TrainError
 from ftctl.progress import NULL, Reporter
 

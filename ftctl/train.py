@@ -36,7 +36,8 @@ from typing import Any
 from ftctl import distributed
 from ftctl import model as M
 from ftctl.config import TrainConfig, size_bytes
-from ftctl.data import Example, Reconciliation, combine, load_examples, reconcile
+from ftctl.data.examples import Example, load_examples
+from ftctl.data.reconcile import Reconciliation, combine, reconcile
 from ftctl.errors import ConfigError, DataError, Problem, TrainError
 from ftctl.features import (
     CachePlan,

@@ -12,9 +12,10 @@ from rich.text import Text
 from ftctl import config as cfgmod
 from ftctl.cli import common
 from ftctl.config import DataConfig
-from ftctl.data import cross_file_problems, file_format, read_examples, write_examples
+from ftctl.data.examples import file_format, read_examples, write_examples
+from ftctl.data.generate import counts, write_generated
+from ftctl.data.reconcile import cross_file_problems
 from ftctl.errors import DataError, ExitCode, FtctlError, Problem
-from ftctl.generate import counts, write_generated
 
 app = typer.Typer(
     help="Generate, validate and convert training/test data (JSONL and CSV).",

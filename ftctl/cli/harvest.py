@@ -22,7 +22,8 @@ def _training_data(conf: Config) -> list[Path]:
 
 
 def _known_texts(paths: list[Path]):
-    from ftctl.data import read_examples, text_keys
+    from ftctl.data.examples import read_examples
+    from ftctl.data.textkey import text_keys
 
     texts = [
         ex.text for p in paths if p.is_file() for ex in read_examples(p, max_chars=10**6).examples
@@ -131,7 +132,7 @@ def harvest_cmd(
 
     Example: `ftctl harvest --profile prod --since 7d --out data/review.csv`
     """
-    from ftctl import harvest as core
+    from ftctl.data import harvest as core
 
     conf = common.config(ctx)
     hcfg = override(conf.harvest, limit=limit, max_score=max_score, min_margin=min_margin)
@@ -219,7 +220,7 @@ def import_review_cmd(
     Example: `ftctl data import-review data/review-20261130-081500.csv --labels models/live/final`
     """
     from ftctl.cli.data import model_tokenizer, read_label_list
-    from ftctl.review import import_review
+    from ftctl.data.review import import_review
 
     conf = common.config(ctx)
     dcfg = override(conf.data, max_chars=max_chars)

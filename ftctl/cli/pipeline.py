@@ -18,7 +18,7 @@ from ftctl.config import (
     check,
     override,
 )
-from ftctl.data import with_reviewed
+from ftctl.data.reconcile import with_reviewed
 from ftctl.errors import StageFailed
 from ftctl.pipeline import PipelineResult, Stage, run_stages
 
@@ -83,13 +83,13 @@ class _Pipeline:
         if self.docker:
             args = ["--templates", str(self.data.templates), "--out-dir", str(self.data.out_dir)]
             return _in_image(self.ctx, ["data", "generate"], args, self.gpus, self.image)
-        from ftctl.generate import write_generated
+        from ftctl.data.generate import write_generated
 
         made = write_generated(self.data, reporter=self.rep)
         return {"examples": len(made.examples), "paths": [str(p) for p in made.paths]}
 
     def plan_generate(self) -> dict[str, Any]:
-        from ftctl.generate import load_templates
+        from ftctl.data.generate import load_templates
 
         templates = load_templates(self.data.templates)  # read and checked, nothing written
         stem = Path(self.data.out_dir) / self.data.name

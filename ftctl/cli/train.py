@@ -18,7 +18,7 @@ from ftctl import config as cfgmod
 from ftctl.base import BaseConfig
 from ftctl.cli import common
 from ftctl.config import TrainConfig
-from ftctl.data import with_reviewed
+from ftctl.data.reconcile import with_reviewed
 from ftctl.errors import OutOfMemory
 from ftctl.terms import seed_term
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import read_examples
+from ftctl.data.examples import read_examples
 from ftctl.manifest import model_digest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

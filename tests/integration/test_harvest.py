@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import read_examples
+from ftctl.data.examples import read_examples
 from ftctl.errors import ExitCode
 from tests.helpers import INTENTS, write_jsonl
 from tests.integration.serve_kit import ServeProcess, copy_model, http

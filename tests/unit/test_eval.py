@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import Example
+from ftctl.data.examples import Example
 from ftctl.errors import ExitCode
 from ftctl.evaluate import draw_cases, model_metrics, predict
 from ftctl.model import load_classifier

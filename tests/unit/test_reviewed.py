@@ -16,10 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import Example, append_examples, read_examples
+from ftctl.data.examples import Example, append_examples, read_examples
+from ftctl.data.harvest import REVIEW_COLUMNS
+from ftctl.data.review import import_review
 from ftctl.errors import ExitCode
-from ftctl.harvest import REVIEW_COLUMNS
-from ftctl.review import import_review
 from tests.helpers import write_jsonl
 
 runner = CliRunner()
@@ -107,7 +107,7 @@ def test_a_jsonl_target_with_ids_gets_ids(tmp_path):
 _IMPORTER = """
 import sys
 from pathlib import Path
-from ftctl.review import import_review
+from ftctl.data.review import import_review
 labels = {"CLOCK_IN", "ATTENDANCE_TODAY"}
 for review in sys.argv[2:]:
     import_review(Path(review), Path(sys.argv[1]), labels=labels)

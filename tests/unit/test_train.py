@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import TrainConfig
-from ftctl.data import Example
+from ftctl.data.examples import Example
 from ftctl.errors import DataError, ExitCode
 from ftctl.manifest import read_manifest, verify_manifest
 from ftctl.progress import NullReporter
@@ -312,7 +312,7 @@ def test_the_plan_says_when_patience_cannot_fire(work, tiny_model_dir, tmp_path)
 
 
 def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
-    from ftctl.data import load_examples
+    from ftctl.data.examples import load_examples
     from ftctl.features import encode, evaluate
     from ftctl.model import load_classifier
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from ftctl import model as M
 from ftctl.cli.main import app
 from ftctl.config import TrainConfig
-from ftctl.data import Example
+from ftctl.data.examples import Example
 from ftctl.errors import DataError, ExitCode, ModelError
 from ftctl.evaluate import predict
 from ftctl.manifest import read_manifest, verify_manifest
@@ -310,7 +310,7 @@ def test_validate_labels_says_the_same(tmp_path, work):
 
 
 def test_reconciled_data_never_puts_one_text_in_train_and_validation():
-    from ftctl.data import reconcile
+    from ftctl.data.reconcile import reconcile
 
     new = [Example(f"文本{i}", INTENTS[i % 2]) for i in range(20)]
     old = [Example(f"文本{i}", INTENTS[i % 2]) for i in range(10)]  # the same rows again

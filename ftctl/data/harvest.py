@@ -9,7 +9,7 @@ names ``[harvest]`` gives). A logged answer is worth a look when
   (``pair_margin``), or
 - the same text got different labels (from two model versions, say).
 
-Candidates are deduplicated by text (:func:`ftctl.data.text_key`; keeping the most doubtful
+Candidates are deduplicated by text (:func:`ftctl.data.textkey.text_key`; keeping the most doubtful
 answer and counting how often it was seen), texts already in the training data are left out,
 and at most ``limit`` are kept, shared out round-robin across the predicted intents so that
 one noisy intent cannot fill the file.
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from ftctl.data import TextKey, text_key
+from ftctl.data.textkey import TextKey, text_key
 from ftctl.errors import DataError, EnvironmentProblem
 from ftctl.fsutil import atomic_write_bytes
 
