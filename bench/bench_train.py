@@ -5,11 +5,11 @@ Each side is timed from process start to exit: imports, loading the model, the d
 evaluation, checkpoints and saving the result. ftctl runs as a user runs it (`python -m ftctl
 train ... --json`, default checkpointing: OUTPUT/checkpoints/last.pt after every epoch); the
 Trainer side is the script a user would write (`--hf-side`, below: the same split from
-ftctl.train.mix_data, the same hyperparameters, the same frozen parameters, dynamic padding,
-a checkpoint after every epoch, `save_model` at the end). The sides alternate (HF first in the
-first round), ``--repeat`` rounds (3); the median wall time of each side is the figure, with
-every pair's ratio beside it, the peak RSS of each process and the validation accuracy of both
-on the same validation rows, side by side.
+ftctl.train.finetune.mix_data, the same hyperparameters, the same frozen parameters, dynamic
+padding, a checkpoint after every epoch, `save_model` at the end). The sides alternate (HF
+first in the first round), ``--repeat`` rounds (3); the median wall time of each side is the
+figure, with every pair's ratio beside it, the peak RSS of each process and the validation
+accuracy of both on the same validation rows, side by side.
 
     .venv/bin/python bench/bench_train.py --real-shape --new-rows 200    # 768x12, 400 rows, CPU
     .venv/bin/python bench/bench_train.py --model-path models/demo/base/final
@@ -121,7 +121,7 @@ def hf_side(args) -> None:
 
     from ftctl import model as M
     from ftctl.data.examples import load_examples
-    from ftctl.train import mix_data
+    from ftctl.train.finetune import mix_data
 
     mix = mix_data(
         load_examples(args.new_data),
@@ -190,12 +190,12 @@ def hf_side(args) -> None:
 
 def sync_check(args, model_path: Path, new: Path, old: Path | None, out: Path) -> dict:
     """One ftctl epoch in this process with torch.cuda.set_sync_debug_mode("warn"): every
-    host sync raises a warning, counted inside the step (ftctl.fit._step) and in all."""
+    host sync raises a warning, counted inside the step (ftctl.train.fit._step) and in all."""
     import torch
 
-    from ftctl import fit as fit_mod
     from ftctl.config import TrainConfig
-    from ftctl.train import train
+    from ftctl.train import fit as fit_mod
+    from ftctl.train.finetune import train
 
     cuda = args.device.startswith("cuda")
     counts = {"steps": 0, "in_step": 0, "all": 0}
@@ -281,7 +281,7 @@ def random_model(args) -> Path:
 def subset(path: Path, n: int, seed: int, out: Path) -> Path:
     """``n`` rows of ``path``, stratified by intent (the same file for both sides)."""
     from ftctl.data.examples import load_examples, write_examples
-    from ftctl.train import stratified_sample
+    from ftctl.train.finetune import stratified_sample
 
     return write_examples(out, stratified_sample(load_examples(path), n, seed))
 
@@ -352,7 +352,7 @@ def main() -> None:
         elif args.random_hidden:
             model_path = random_model(args)
         elif model_path is None:
-            from ftctl.base import BaseConfig, build_base
+            from ftctl.train.base import BaseConfig, build_base
 
             model_path = build_base(
                 BaseConfig(data=args.old_data, output_path=work / "base", device=args.device)

@@ -233,7 +233,7 @@ def _generate(cfg: DemoConfig, out_dir: Path, reporter: Reporter) -> Path:
 
 
 def _base(cfg: DemoConfig, out: Path, reporter: Reporter) -> Path:
-    from ftctl.base import BaseConfig, build_base
+    from ftctl.train.base import BaseConfig, build_base
 
     res = build_base(
         BaseConfig(
@@ -264,7 +264,7 @@ def _eval(cfg: DemoConfig, model: Path, baseline: Path | None, report_dir: Path,
 def _train(
     cfg: DemoConfig, new: tuple[Path, ...], base: Path, out: Path, reporter: Reporter
 ) -> Path:
-    from ftctl.train import train
+    from ftctl.train.finetune import train
 
     tc = TrainConfig(
         new_data=new,

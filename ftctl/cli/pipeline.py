@@ -117,7 +117,7 @@ class _Pipeline:
             if cfg.old_data:
                 args += ["--old-data", str(cfg.old_data)]
             return _in_image(self.ctx, ["train"], args, self.gpus, self.image)
-        from ftctl.train import train as run_train
+        from ftctl.train.finetune import train as run_train
 
         return run_train(cfg, reporter=self.rep).summary()
 

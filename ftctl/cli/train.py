@@ -1,4 +1,4 @@
-"""ftctl train / ftctl base: the thin CLI over ftctl.train and ftctl.base."""
+"""ftctl train / ftctl base: the thin CLI over ftctl.train.finetune and ftctl.train.base."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import typer
 from rich.table import Table
 
 from ftctl import config as cfgmod
-from ftctl.base import BaseConfig
 from ftctl.cli import common
 from ftctl.config import TrainConfig
 from ftctl.data.reconcile import with_reviewed
 from ftctl.errors import OutOfMemory
 from ftctl.terms import seed_term
+from ftctl.train.base import BaseConfig
 
 PathOpt = Annotated[Path | None, typer.Option()]
 
@@ -87,7 +87,7 @@ class StopOnSignal:
 
 def _interrupted(exc, output_path: Path) -> None:
     """Rank 0 says what was kept; every process then leaves with 130 (interrupted)."""
-    from ftctl import distributed
+    from ftctl.train import distributed
 
     if distributed.env_world()[0] != 0:
         raise typer.Exit(130)
@@ -141,8 +141,8 @@ def _out_of_memory(ctx: typer.Context, exc: OutOfMemory) -> OutOfMemory:
 def _launch(ctx: typer.Context, cfg) -> None:
     """--nproc/--nnodes: check the inputs once here, then run this same command in every
     process through torchrun; leave with the processes' exit code."""
-    from ftctl import distributed
-    from ftctl.train import prepare_inputs
+    from ftctl.train import distributed
+    from ftctl.train.finetune import prepare_inputs
 
     distributed.check_launch(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, cfg.device)
     prepare_inputs(cfg, lambda _message: None)  # an input error is reported once, here
@@ -410,11 +410,11 @@ def train(
     if reviewed:
         cfg = cfgmod.override(cfg, new_data=with_reviewed(cfg.new_data, conf.data.reviewed))
     cfgmod.check(cfg)
-    from ftctl import distributed
+    from ftctl.train import distributed
 
     if (cfg.nproc > 1 or cfg.nnodes > 1) and not distributed.in_worker():
         _launch(ctx, cfg)
-    from ftctl.train import train as run_train
+    from ftctl.train.finetune import train as run_train
 
     stop = StopOnSignal()
     try:
@@ -483,7 +483,7 @@ def base(
             hint="e.g. ftctl base --data data/original_training_data.jsonl "
             "--output-path models/chinese-roberta-wwm-ext-classifier",
         )
-    from ftctl.base import BaseConfig, build_base
+    from ftctl.train.base import BaseConfig, build_base
 
     bcfg = cfgmod.override(
         BaseConfig(data=data, output_path=output_path),

@@ -419,7 +419,7 @@ def test_torchrun_gives_its_processes_the_containers_grace(monkeypatch):
     from torch.distributed.elastic.multiprocessing import api
     from torch.distributed.run import get_args_parser
 
-    from ftctl import distributed
+    from ftctl.train import distributed
 
     assert distributed.stop_grace({}) == distributed.DEFAULT_GRACE == 60
     assert distributed.stop_grace({"FTCTL_STOP_GRACE": "90"}) == 90

@@ -19,13 +19,7 @@ from ftctl.data.examples import Example
 from ftctl.errors import DataError, ExitCode
 from ftctl.manifest import read_manifest, verify_manifest
 from ftctl.progress import NullReporter
-from ftctl.train import (
-    mix_data,
-    replay_count,
-    stratified_sample,
-    stratified_split,
-    train,
-)
+from ftctl.train.finetune import mix_data, replay_count, stratified_sample, stratified_split, train
 from tests.helpers import INTENTS, make_tiny_model, write_jsonl
 
 runner = CliRunner()
@@ -313,8 +307,8 @@ def test_the_plan_says_when_patience_cannot_fire(work, tiny_model_dir, tmp_path)
 
 def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
     from ftctl.data.examples import load_examples
-    from ftctl.features import encode, evaluate
     from ftctl.model import load_classifier
+    from ftctl.train.features import encode, evaluate
 
     out = work / "best"
     c = cfg(work, tiny_model_dir, out, epochs=4, lr=0.05)

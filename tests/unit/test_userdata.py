@@ -22,7 +22,7 @@ from ftctl.data.examples import Example
 from ftctl.errors import DataError, ExitCode, ModelError
 from ftctl.evaluate import predict
 from ftctl.manifest import read_manifest, verify_manifest
-from ftctl.train import mix_data, train
+from ftctl.train.finetune import mix_data, train
 from tests.helpers import INTENTS, write_jsonl
 from tests.unit.legacykit import (
     LEGACY_TOKENIZER_FILES,
@@ -153,7 +153,7 @@ def test_fp16_weights_are_saved_back_in_fp16_and_frozen_ones_bit_for_bit(legacy_
 def test_fp16_weights_are_trained_in_fp32_so_a_tiny_lr_still_moves_them(work, tmp_path):
     """A random model does not beat itself (epoch 0) at lr 5e-6, so final/ keeps the base
     weights; the weights the loop trained are the checkpoint's, taken after epoch 1."""
-    from ftctl.fit import Interrupted
+    from ftctl.train.fit import Interrupted
 
     epochs_done: list[dict] = []
     with pytest.raises(Interrupted):

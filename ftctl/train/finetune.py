@@ -7,7 +7,7 @@
    the first N layers;
 3. ``mix_data`` + ``prepare_features``: replay mix, stratified validation split, tokenize, this
    process's share of the rows, the frozen prefix's output cached once per text;
-4. ``fit`` (ftctl.fit): train the top layers with early stopping and checkpoints;
+4. ``fit`` (ftctl.train.fit): train the top layers with early stopping and checkpoints;
 5. ``write_final``: OUTPUT/final/ (a plain HF directory + manifest.json), only when complete.
 
 With several processes (``ftctl train --nproc N``: torchrun), every process runs the same
@@ -33,13 +33,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ftctl import distributed
 from ftctl import model as M
 from ftctl.config import TrainConfig, size_bytes
 from ftctl.data.examples import Example, load_examples
 from ftctl.data.reconcile import Reconciliation, combine, reconcile
 from ftctl.errors import ConfigError, DataError, Problem, TrainError
-from ftctl.features import (
+from ftctl.fsutil import atomic_dir, sha256_file
+from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
+from ftctl.progress import NULL, Reporter
+from ftctl.terms import seed_term
+from ftctl.train import distributed
+from ftctl.train.features import (
     CachePlan,
     Features,
     cache_prefix,
@@ -50,11 +54,15 @@ from ftctl.features import (
     place_cache,
     shard,
 )
-from ftctl.fit import EpochHook, FitResult, Setup, explain_oom, fit, numerics, resolve_precision
-from ftctl.fsutil import atomic_dir, sha256_file
-from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
-from ftctl.progress import NULL, Reporter
-from ftctl.terms import seed_term
+from ftctl.train.fit import (
+    EpochHook,
+    FitResult,
+    Setup,
+    explain_oom,
+    fit,
+    numerics,
+    resolve_precision,
+)
 
 # ============================================================================ data mixing
 
@@ -522,7 +530,7 @@ def train(
     """Fine-tune ``cfg.model_path`` on ``cfg.new_data`` (+ replay of ``cfg.old_data``) and write
     ``cfg.output_path``/final/. Every input is checked before anything is written. ``stop`` is
     polled between steps: when it returns True, the loop checkpoints and raises
-    :class:`ftctl.fit.Interrupted` (a KeyboardInterrupt)."""
+    :class:`ftctl.train.fit.Interrupted` (a KeyboardInterrupt)."""
     started = time.perf_counter()
     warnings: list[str] = []
     if resume and cfg.checkpoint == "none":

@@ -10,7 +10,7 @@
 4. the best weights (epoch 0, the base, included) are left loaded.
 
 No host sync per step: labels, lengths and inputs are on the device before the epoch starts
-(:class:`ftctl.features.Staged`), the batch widths are known on the host, and the running loss
+(:class:`ftctl.train.features.Staged`), the batch widths are known on the host, and the running loss
 is summed on the device and read at most once a second (for the progress line) and at the end
 of an epoch. ``--grad-accum N`` sums the gradients of N micro-batches of ``--batch-size`` rows
 per optimizer step: the steps, the schedule and the loss (a mean over the step's rows) are
@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftctl import checkpoint as ckpt
 from ftctl.config import TrainConfig
-from ftctl.distributed import SINGLE, World, wrap_ddp
 from ftctl.errors import EnvironmentProblem, OutOfMemory
-from ftctl.features import Features, Staged, batches, epoch_seed, evaluate_sums, trainable_top
 from ftctl.fsutil import atomic_write_text
 from ftctl.progress import NULL, Reporter
 from ftctl.terms import seed_term
+from ftctl.train import checkpoint as ckpt
+from ftctl.train.distributed import SINGLE, World, wrap_ddp
+from ftctl.train.features import Features, Staged, batches, epoch_seed, evaluate_sums, trainable_top
 
 METRICS = "metrics.jsonl"
 MAX_GRAD_NORM = 1.0  # as the HF Trainer default

@@ -19,12 +19,12 @@ from ftctl import model as M
 from ftctl.config import TrainConfig
 from ftctl.data.examples import load_examples
 from ftctl.errors import ConfigError, Problem
-from ftctl.features import encode
-from ftctl.fit import Setup, fit, numerics
 from ftctl.fsutil import sha256_file
 from ftctl.manifest import git_commit, package_versions
 from ftctl.progress import NULL, Reporter
-from ftctl.train import TrainResult, hyperparameters, mix_data, write_final
+from ftctl.train.features import encode
+from ftctl.train.finetune import TrainResult, hyperparameters, mix_data, write_final
+from ftctl.train.fit import Setup, fit, numerics
 
 LAYERS = 12
 
@@ -66,7 +66,7 @@ def build_base(
     cfg: BaseConfig, *, reporter: Reporter = NULL, stop: Callable[[], bool] | None = None
 ) -> TrainResult:
     """Train the stand-in base classifier on ``cfg.data``; write ``cfg.output_path``/final/.
-    ``stop``: as for :func:`ftctl.train.train`."""
+    ``stop``: as for :func:`ftctl.train.finetune.train`."""
     started = time.perf_counter()
     reporter.stage("checking inputs")
     if cfg.data is None or cfg.output_path is None:
