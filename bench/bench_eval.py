@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(hidden: int, layers: int, labels: list[str]):
-    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab
+    from ftctl.train.base import build_char_tokenizer, build_classifier, cjk_vocab
 
     vocab = cjk_vocab()
     tok = build_char_tokenizer(vocab)

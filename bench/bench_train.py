@@ -119,9 +119,10 @@ def hf_side(args) -> None:
     import numpy as np
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from ftctl import model as M
     from ftctl.data.examples import load_examples
+    from ftctl.model.files import load_classifier
     from ftctl.train.finetune import mix_data
+    from ftctl.train.layers import freeze
 
     mix = mix_data(
         load_examples(args.new_data),
@@ -130,8 +131,8 @@ def hf_side(args) -> None:
         val_ratio=0.1,
         seed=args.seed,
     )  # the same split ftctl makes
-    model, tok = M.load_classifier(args.model_path, device="cpu")
-    M.freeze(model, args.freeze_layers)  # requires_grad off; Trainer puts it back in train mode
+    model, tok = load_classifier(args.model_path, device="cpu")
+    freeze(model, args.freeze_layers)  # requires_grad off; Trainer puts it back in train mode
     label2id = {lab: int(i) for i, lab in model.config.id2label.items()}
 
     def encode(examples):
@@ -259,7 +260,8 @@ def real_shape_model() -> Path:
 def random_model(args) -> Path:
     """A random-weight 12-layer char BERT of hidden ``args.random_hidden`` (cached)."""
     from ftctl.data.examples import load_examples
-    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
+    from ftctl.model.files import save_classifier
+    from ftctl.train.base import build_char_tokenizer, build_classifier, cjk_vocab
 
     h = args.random_hidden
     out = CACHE / f"random-h{h}-seed{args.seed}" / "final"

@@ -47,7 +47,8 @@ def build_base_size_model(out: Path, seed: int) -> Path:
             write_manifest(out, {"kind": "bench", "seed": seed})
         return out
     from ftctl.manifest import write_manifest
-    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
+    from ftctl.model.files import save_classifier
+    from ftctl.train.base import build_char_tokenizer, build_classifier, cjk_vocab
 
     vocab = cjk_vocab()[:21128]
     model = build_classifier(

@@ -495,7 +495,8 @@ def _review(cfg: DemoConfig, harvested: Path, filled: Path, reviewed: Path, base
     """The reviewer fills in the harvest's review file; `ftctl data import-review` brings the
     labelled rows into the reviewed data."""
     from ftctl.data.review import import_review
-    from ftctl.model import load_tokenizer, resolve_labels
+    from ftctl.model.files import load_tokenizer
+    from ftctl.model.labels import resolve_labels
 
     n = fill_review(harvested, reviewer_answers(reviewer_file(cfg)), filled)
     res = import_review(

@@ -26,7 +26,7 @@ from ftctl.config import EvalConfig
 from ftctl.data.examples import DEFAULT_MAX_CHARS, Example, load_examples, read_examples
 from ftctl.data.textkey import text_keys
 from ftctl.errors import ConfigError, DataError, EvalError, FtctlError, GateFailed, Problem
-from ftctl.model import resolve_device
+from ftctl.model.inference import resolve_device
 from ftctl.progress import NULL, Reporter
 from ftctl.terms import seed_term
 
@@ -407,7 +407,7 @@ def _run_model(
     what: str,
     reporter: Reporter,
 ) -> tuple[list[str], list[float], float]:
-    from ftctl.model import TRAIN_DTYPE, load_classifier
+    from ftctl.model.files import TRAIN_DTYPE, load_classifier
 
     reporter.stage(f"{what}: {model_dir}")
     # fp16/bf16 weights run in fp32 on a CPU (half-precision matmuls are far slower there)
@@ -481,7 +481,7 @@ def leakage(cases: Sequence[Case], model_dir: Path) -> dict[str, Any]:
     (sha256 differs from the manifest's; still checked), missing or unreadable."""
     from ftctl.fsutil import sha256_file
     from ftctl.manifest import MANIFEST, read_manifest
-    from ftctl.model import load_tokenizer
+    from ftctl.model.files import load_tokenizer
 
     out: dict[str, Any] = {"checked": False, "sources": [], "n": 0, "of": len(cases), "cases": []}
     if not (model_dir / MANIFEST).is_file():
@@ -608,7 +608,7 @@ def run_eval(
     warning, or with ``strict`` a DataError before any model runs."""
     from ftctl import __version__
     from ftctl.fsutil import sha256_file
-    from ftctl.model import read_labels
+    from ftctl.model.files import read_labels
 
     model_dir = Path(model_dir)
     base_dir = Path(baseline_dir) if baseline_dir is not None else None

@@ -20,7 +20,8 @@ def make_tiny_model(
     out_dir: Path, labels=INTENTS, *, hidden: int = 32, layers: int = 12, seed: int = 0
 ) -> Path:
     """A tiny random-weight char-level BertForSequenceClassification saved as a HF directory."""
-    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
+    from ftctl.model.files import save_classifier
+    from ftctl.train.base import build_char_tokenizer, build_classifier, cjk_vocab
 
     vocab = cjk_vocab()
     tok = build_char_tokenizer(vocab)

@@ -152,7 +152,7 @@ def read_label_list(path: Path | None, label_map: Path | None = None) -> list[st
     """--labels: a model directory (config.json id2label; generic LABEL_i names need
     --label-map, as for train) or a text file, one label per line; --label-map alone: its
     names. None when neither is given."""
-    from ftctl.model import read_label_map, resolve_labels
+    from ftctl.model.labels import read_label_map, resolve_labels
 
     if path is None:
         return read_label_map(label_map) if label_map is not None else None
@@ -178,7 +178,7 @@ def model_tokenizer(path: Path | None):
     ids), else None."""
     if path is None or not path.is_dir():
         return None
-    from ftctl.model import load_tokenizer
+    from ftctl.model.files import load_tokenizer
 
     return load_tokenizer(path)
 

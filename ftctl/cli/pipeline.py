@@ -122,15 +122,15 @@ class _Pipeline:
         return run_train(cfg, reporter=self.rep).summary()
 
     def plan_train(self) -> dict[str, Any]:
-        from ftctl import model as M
         from ftctl.errors import ConfigError
+        from ftctl.model.files import check_supported
 
         cfg = self.train_cfg
         if cfg.model_path is None:
             raise ConfigError(
                 "--model-path is required", hint="pass the live model's directory (.../final)"
             )
-        M.check_supported(cfg.model_path)  # config.json, model type, tokenizer: read only
+        check_supported(cfg.model_path)  # config.json, model type, tokenizer: read only
         return {
             "model_path": str(cfg.model_path),
             "new_data": [str(f) for f in cfg.new_data],

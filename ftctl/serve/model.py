@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftctl.manifest import model_digest
-from ftctl.model import check_supported, read_labels
+from ftctl.model.files import check_supported, read_labels
 
 WARMUP_TEXT = "预热"
 
@@ -90,7 +90,8 @@ def load_predictor(
     """Resolve the link now and load what it points at (cheap checks first, then the weights),
     then run warm-up passes so that the first request does not pay for lazy set-up (the
     second one is timed: ``warm_seconds``)."""
-    from ftctl.model import load_classifier, resolve_device
+    from ftctl.model.files import load_classifier
+    from ftctl.model.inference import resolve_device
 
     real = os.path.realpath(model_dir)
     check_supported(real)

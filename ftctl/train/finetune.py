@@ -33,13 +33,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ftctl import model as M
 from ftctl.config import TrainConfig, size_bytes
 from ftctl.data.examples import Example, load_examples
 from ftctl.data.reconcile import Reconciliation, combine, reconcile
 from ftctl.errors import ConfigError, DataError, Problem, TrainError
 from ftctl.fsutil import atomic_dir, sha256_file
 from ftctl.manifest import git_commit, model_sha256, package_versions, write_manifest
+from ftctl.model.files import (
+    TRAIN_DTYPE,
+    check_supported,
+    load_classifier,
+    load_tokenizer,
+    save_classifier,
+)
+from ftctl.model.inference import resolve_device
+from ftctl.model.labels import resolve_labels
 from ftctl.progress import NULL, Reporter
 from ftctl.terms import seed_term
 from ftctl.train import distributed
@@ -63,6 +71,7 @@ from ftctl.train.fit import (
     numerics,
     resolve_precision,
 )
+from ftctl.train.layers import freeze, grow_head
 
 # ============================================================================ data mixing
 
@@ -290,14 +299,14 @@ def prepare_inputs(cfg: TrainConfig, warn: Callable[[str], None]) -> Inputs:
     out_dir = Path(cfg.output_path)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output-path {out_dir}: exists and is not a directory")
-    config = M.check_supported(model_path)
+    config = check_supported(model_path)
     if (out_dir / "final").resolve() == model_path.resolve():
         raise ConfigError(
             f"--output-path {out_dir} would replace the base model {model_path} itself",
             hint="write the fine-tuned model elsewhere, e.g. --output-path models/incremental",
         )
-    labels = M.resolve_labels(model_path, cfg.label_map)
-    tokenizer = M.load_tokenizer(model_path)  # "the same text" is what this model sees
+    labels = resolve_labels(model_path, cfg.label_map)
+    tokenizer = load_tokenizer(model_path)  # "the same text" is what this model sees
     new, merged = combine(
         [load_examples(p, what="new data", tokenizer=tokenizer) for p in new_paths], tokenizer
     )  # on the same text the later file wins: the reviewed data over the generated
@@ -382,16 +391,16 @@ def build_model(
     and freeze the embeddings + the first ``cfg.freeze_layers`` layers."""
     import torch
 
-    model, _ = M.load_classifier(
-        inputs.model_path, device="cpu", dtype=M.TRAIN_DTYPE, labels=inputs.labels
+    model, _ = load_classifier(
+        inputs.model_path, device="cpu", dtype=TRAIN_DTYPE, labels=inputs.labels
     )
     torch.manual_seed(cfg.seed)
     added: list[str] = []
     if inputs.unknown:
-        added = M.grow_head(model, list(inputs.unknown))
+        added = grow_head(model, list(inputs.unknown))
         warn(f"--add-labels: classifier head grown by {len(added)}: {', '.join(added)}")
     model.to(device)
-    names = M.freeze(model, cfg.freeze_layers)
+    names = freeze(model, cfg.freeze_layers)
     return Built(model, added, names, frozen_digest(model, names))
 
 
@@ -482,7 +491,7 @@ def write_final(out_dir: Path, model, tokenizer, payload: dict[str, Any], **save
     like/save_format/dtype; what it wrote is the manifest's ``weights``. (final, manifest)."""
     final = out_dir / "final"
     with atomic_dir(final, overwrite=True) as tmp:
-        weights = M.save_classifier(model, tokenizer, tmp, **save)
+        weights = save_classifier(model, tokenizer, tmp, **save)
         manifest = write_manifest(tmp, {**payload, "weights": weights})
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return final, manifest
@@ -539,7 +548,7 @@ def train(
             hint="drop --resume, or train with --checkpoint epoch",
         )
 
-    with distributed.session(M.resolve_device(cfg.device)) as (world, device):
+    with distributed.session(resolve_device(cfg.device)) as (world, device):
         if not world.is_main:
             reporter = NULL  # rank 0 speaks for every process
 

@@ -13,7 +13,7 @@ from ftctl.cli.main import app
 from ftctl.data.examples import Example
 from ftctl.errors import ExitCode
 from ftctl.evaluate import draw_cases, model_metrics, predict
-from ftctl.model import load_classifier
+from ftctl.model.files import load_classifier
 from tests.helpers import INTENTS
 from tests.unit.evalkit import pool_rows, write_pool
 

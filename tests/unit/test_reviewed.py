@@ -220,7 +220,7 @@ def test_generate_runs_after_import_review_and_the_reviewed_label_is_learned(
     the model answers the reviewed texts it trained on as reviewed."""
     from ftctl.config import TrainConfig
     from ftctl.evaluate import predict
-    from ftctl.model import load_classifier
+    from ftctl.model.files import load_classifier
     from ftctl.train.finetune import mix_data, prepare_inputs
 
     assert _generate().exit_code == 0

@@ -21,7 +21,7 @@ from ftctl.data.review import import_review
 from ftctl.data.textkey import text_key, text_keys
 from ftctl.errors import DataError, ExitCode
 from ftctl.manifest import write_manifest
-from ftctl.model import load_tokenizer
+from ftctl.model.files import load_tokenizer
 from tests.helpers import write_jsonl
 from tests.unit.test_reviewed import review_file
 

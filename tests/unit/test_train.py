@@ -307,7 +307,7 @@ def test_the_plan_says_when_patience_cannot_fire(work, tiny_model_dir, tmp_path)
 
 def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
     from ftctl.data.examples import load_examples
-    from ftctl.model import load_classifier
+    from ftctl.model.files import load_classifier
     from ftctl.train.features import encode, evaluate
 
     out = work / "best"
@@ -373,7 +373,8 @@ def test_add_labels_grows_head_keeping_old_rows(work, tiny_model_dir, tmp_path):
 
 
 def test_grow_head_keeps_old_rows_exactly(tiny_model_dir):
-    from ftctl.model import grow_head, load_classifier
+    from ftctl.model.files import load_classifier
+    from ftctl.train.layers import grow_head
 
     model, _ = load_classifier(tiny_model_dir)
     w = model.classifier.weight.detach().clone()

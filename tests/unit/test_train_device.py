@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ftctl import model as M
 from ftctl.cli.main import app
 from ftctl.errors import ExitCode, TrainError
 from ftctl.manifest import read_manifest
@@ -24,6 +23,7 @@ from ftctl.progress import NullReporter
 from ftctl.train import features
 from ftctl.train import finetune as train_mod
 from ftctl.train import fit as fit_mod
+from ftctl.train import layers as M
 from ftctl.train.features import CachePlan, place_cache, to_device
 from ftctl.train.finetune import train
 from ftctl.train.fit import Interrupted, is_cuda_oom

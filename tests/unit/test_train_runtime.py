@@ -25,7 +25,7 @@ from ftctl.cli.main import app
 from ftctl.config import TrainConfig
 from ftctl.errors import ExitCode
 from ftctl.manifest import read_manifest
-from ftctl.model import load_classifier
+from ftctl.model.files import load_classifier
 from ftctl.train import checkpoint as ckpt
 from ftctl.train.finetune import train
 from ftctl.train.fit import Interrupted
