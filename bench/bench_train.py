@@ -5,7 +5,7 @@ Each side is timed from process start to exit: imports, loading the model, the d
 evaluation, checkpoints and saving the result. ftctl runs as a user runs it (`python -m ftctl
 train ... --json`, default checkpointing: OUTPUT/checkpoints/last.pt after every epoch); the
 Trainer side is the script a user would write (`--hf-side`, below: the same split from
-ftctl.train.finetune.mix_data, the same hyperparameters, the same frozen parameters, dynamic
+ftctl.train.mix.mix_data, the same hyperparameters, the same frozen parameters, dynamic
 padding, a checkpoint after every epoch, `save_model` at the end). The sides alternate (HF
 first in the first round), ``--repeat`` rounds (3); the median wall time of each side is the
 figure, with every pair's ratio beside it, the peak RSS of each process and the validation
@@ -121,8 +121,8 @@ def hf_side(args) -> None:
 
     from ftctl.data.examples import load_examples
     from ftctl.model.files import load_classifier
-    from ftctl.train.finetune import mix_data
     from ftctl.train.layers import freeze
+    from ftctl.train.mix import mix_data
 
     mix = mix_data(
         load_examples(args.new_data),
@@ -283,7 +283,7 @@ def random_model(args) -> Path:
 def subset(path: Path, n: int, seed: int, out: Path) -> Path:
     """``n`` rows of ``path``, stratified by intent (the same file for both sides)."""
     from ftctl.data.examples import load_examples, write_examples
-    from ftctl.train.finetune import stratified_sample
+    from ftctl.train.mix import stratified_sample
 
     return write_examples(out, stratified_sample(load_examples(path), n, seed))
 

@@ -78,7 +78,7 @@ def build_train8_finetune(base: Path, cache: Path) -> Path:
     if (out / "final" / "manifest.json").is_file():
         return out / "final"
     from ftctl.data.examples import load_examples, write_examples
-    from ftctl.train.finetune import stratified_sample
+    from ftctl.train.mix import stratified_sample
 
     data = {}
     for name, src, n in (("new200", "incremental_training_data", 200),

@@ -142,7 +142,7 @@ def _launch(ctx: typer.Context, cfg) -> None:
     """--nproc/--nnodes: check the inputs once here, then run this same command in every
     process through torchrun; leave with the processes' exit code."""
     from ftctl.train import distributed
-    from ftctl.train.finetune import prepare_inputs
+    from ftctl.train.inputs import prepare_inputs
 
     distributed.check_launch(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, cfg.device)
     prepare_inputs(cfg, lambda _message: None)  # an input error is reported once, here

@@ -23,8 +23,10 @@ from ftctl.manifest import git_commit, package_versions
 from ftctl.model.inference import resolve_device
 from ftctl.progress import NULL, Reporter
 from ftctl.train.features import encode
-from ftctl.train.finetune import TrainResult, hyperparameters, mix_data, write_final
-from ftctl.train.fit import Setup, fit, numerics
+from ftctl.train.fit import Setup, fit
+from ftctl.train.mix import mix_data
+from ftctl.train.numerics import numerics
+from ftctl.train.output import TrainResult, hyperparameters, write_final
 
 LAYERS = 12
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

@@ -1,13 +1,22 @@
-"""The pieces of a BERT-family classifier that training works on: the encoder's layers,
-the frozen prefix (embeddings + the first N layers), the head grown for new labels, and the
-forward pass split in two (the frozen prefix once per text, the trainable top every step).
+"""The classifier as training holds it: the encoder's layers, the frozen prefix (embeddings +
+the first N layers), the head grown for new labels, and the forward pass split in two (the
+frozen prefix once per text, the trainable top every step). :func:`build_model` is step 2 of
+a fine-tune: the model loaded in fp32, its head grown, its prefix frozen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from ftctl.config import TrainConfig
 from ftctl.errors import ConfigError, ModelError
+from ftctl.model.files import TRAIN_DTYPE, load_classifier
+
+if TYPE_CHECKING:  # build_model's argument (inputs.py reads the data with features.py)
+    from ftctl.train.inputs import Inputs
 
 # --------------------------------------------------------------------------- structure
 
@@ -192,3 +201,49 @@ def head_forward(model, hidden, attention_mask, start: int, cls_only: bool = Fal
     base = base_module(model)
     pooled = base.pooler(hidden) if base.pooler is not None else hidden[:, 0]
     return model.classifier(model.dropout(pooled))
+
+
+# --------------------------------------------------------------------------- step 2 of a fine-tune
+
+
+@dataclass
+class Built:
+    """The model on its device, head grown, prefix frozen (and the frozen part's digest)."""
+
+    model: Any
+    added: list[str]
+    frozen_names: list[str]
+    frozen_sha256: str
+
+
+def _tensor_sha(tensors: list[Any]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def frozen_digest(model, names: list[str]) -> str:
+    params = dict(model.named_parameters())
+    return _tensor_sha([params[n] for n in names])
+
+
+def build_model(
+    cfg: TrainConfig, inputs: Inputs, device: str, warn: Callable[[str], None]
+) -> Built:
+    """Load the classifier in fp32 (whatever dtype it was stored in: lr 5e-6 updates would
+    round away in fp16), grow the head for ``inputs.unknown`` (seeded), move it to ``device``
+    and freeze the embeddings + the first ``cfg.freeze_layers`` layers."""
+    import torch
+
+    model, _ = load_classifier(
+        inputs.model_path, device="cpu", dtype=TRAIN_DTYPE, labels=inputs.labels
+    )
+    torch.manual_seed(cfg.seed)
+    added: list[str] = []
+    if inputs.unknown:
+        added = grow_head(model, list(inputs.unknown))
+        warn(f"--add-labels: classifier head grown by {len(added)}: {', '.join(added)}")
+    model.to(device)
+    names = freeze(model, cfg.freeze_layers)
+    return Built(model, added, names, frozen_digest(model, names))

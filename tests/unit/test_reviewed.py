@@ -221,7 +221,8 @@ def test_generate_runs_after_import_review_and_the_reviewed_label_is_learned(
     from ftctl.config import TrainConfig
     from ftctl.evaluate import predict
     from ftctl.model.files import load_classifier
-    from ftctl.train.finetune import mix_data, prepare_inputs
+    from ftctl.train.inputs import prepare_inputs
+    from ftctl.train.mix import mix_data
 
     assert _generate().exit_code == 0
     reviewed_rows = [("出勤人数", "CLOCK_IN"), ("发货汇总", "CLOCK_IN"), ("钉钉签到", "CLOCK_IN")]

@@ -19,7 +19,8 @@ from ftctl.data.examples import Example
 from ftctl.errors import DataError, ExitCode
 from ftctl.manifest import read_manifest, verify_manifest
 from ftctl.progress import NullReporter
-from ftctl.train.finetune import mix_data, replay_count, stratified_sample, stratified_split, train
+from ftctl.train.finetune import train
+from ftctl.train.mix import mix_data, replay_count, stratified_sample, stratified_split
 from tests.helpers import INTENTS, make_tiny_model, write_jsonl
 
 runner = CliRunner()

@@ -26,7 +26,8 @@ from ftctl.train import fit as fit_mod
 from ftctl.train import layers as M
 from ftctl.train.features import CachePlan, place_cache, to_device
 from ftctl.train.finetune import train
-from ftctl.train.fit import Interrupted, is_cuda_oom
+from ftctl.train.fit import Interrupted
+from ftctl.train.numerics import is_cuda_oom
 from tests.unit.test_train import cfg as train_cfg
 from tests.unit.test_train import one_thread, wide_console, write_job  # noqa: F401 (autouse)
 

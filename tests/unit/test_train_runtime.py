@@ -202,7 +202,7 @@ def test_bf16_on_cpu_trains_keeps_fp32_weights_and_is_deterministic(job, tiny_mo
 
 
 def test_precision_auto_is_fp32_on_cpu_and_bad_values_are_refused(job, tiny_model_dir):
-    from ftctl.train.fit import resolve_precision
+    from ftctl.train.numerics import resolve_precision
 
     assert resolve_precision("auto", "cpu").name == "fp32"
     assert resolve_precision("bf16", "cpu").name == "bf16"

@@ -29,7 +29,8 @@ from ftctl.model.files import (
     weight_formats,
 )
 from ftctl.model.labels import read_label_map, resolve_labels
-from ftctl.train.finetune import mix_data, train
+from ftctl.train.finetune import train
+from ftctl.train.mix import mix_data
 from tests.helpers import INTENTS, write_jsonl
 from tests.unit.legacykit import (
     LEGACY_TOKENIZER_FILES,
