@@ -66,7 +66,8 @@ def main() -> int:
     from transformers import pipeline
 
     from ftctl.data.examples import load_examples
-    from ftctl.evaluate import draw_cases, predict
+    from ftctl.eval.cases import draw_cases
+    from ftctl.model.inference import predict
 
     examples = load_examples(args.test_data, what="test")
     cases = draw_cases(examples, args.samples, args.seed).cases

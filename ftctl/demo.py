@@ -20,7 +20,7 @@ from typing import Any
 
 from ftctl.config import DeployConfig, EvalConfig, TrainConfig
 from ftctl.errors import ConfigError, Problem
-from ftctl.evaluate import check_gate
+from ftctl.eval.gate import check_gate
 from ftctl.localserver import http_json
 from ftctl.pipeline import StageResult, Stages
 from ftctl.progress import NULL, Reporter
@@ -245,8 +245,8 @@ def _base(cfg: DemoConfig, out: Path, reporter: Reporter) -> Path:
 
 
 def _eval(cfg: DemoConfig, model: Path, baseline: Path | None, report_dir: Path, reporter):
-    from ftctl.evaluate import run_eval
-    from ftctl.report import write_report, write_verdict
+    from ftctl.eval.evaluate import run_eval
+    from ftctl.eval.report import write_report, write_verdict
 
     settings = EvalConfig(
         test_data=cfg.data_dir / "test_cases.jsonl",

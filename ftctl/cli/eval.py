@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ftctl.cli import common
 from ftctl.config import EvalConfig, check, override
-from ftctl.evaluate import check_gate
+from ftctl.eval.gate import check_gate
 
 
 def _summary(report: dict[str, Any]) -> None:
@@ -138,8 +138,8 @@ def eval_cmd(
 
         ftctl eval --model-path models/incremental/final --baseline live/final --report-dir rep
     """
-    from ftctl.evaluate import run_eval
-    from ftctl.report import write_report, write_verdict
+    from ftctl.eval.evaluate import run_eval
+    from ftctl.eval.report import write_report, write_verdict
 
     settings = override(
         common.config(ctx).eval,

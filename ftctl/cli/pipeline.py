@@ -146,8 +146,9 @@ class _Pipeline:
 
     # ------------------------------------------------------------------ gate
     def gate(self) -> dict[str, Any]:
-        from ftctl.evaluate import check_gate, run_eval
-        from ftctl.report import write_report, write_verdict
+        from ftctl.eval.evaluate import run_eval
+        from ftctl.eval.gate import check_gate
+        from ftctl.eval.report import write_report, write_verdict
 
         report = run_eval(
             self.candidate, self.eval, baseline_dir=self.train_cfg.model_path, reporter=self.rep

@@ -29,8 +29,8 @@ runner = CliRunner()
 def gated(src: Path, dest: Path, repo: Path, *, verdict: str = "PASS") -> Path:
     """A copy of ``src`` with the gate's record in it, from a real eval (against itself: an
     identical model passes); ``verdict="FAIL"`` records a failed gate instead."""
-    from ftctl.evaluate import run_eval
-    from ftctl.report import write_report, write_verdict
+    from ftctl.eval.evaluate import run_eval
+    from ftctl.eval.report import write_report, write_verdict
 
     shutil.copytree(src, dest)
     write_manifest(dest, {"kind": "test"})  # what ftctl train writes beside the weights

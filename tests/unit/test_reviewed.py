@@ -219,8 +219,8 @@ def test_generate_runs_after_import_review_and_the_reviewed_label_is_learned(
     generate again (the reviewed rows stay), train (the reviewed data goes last and wins), and
     the model answers the reviewed texts it trained on as reviewed."""
     from ftctl.config import TrainConfig
-    from ftctl.evaluate import predict
     from ftctl.model.files import load_classifier
+    from ftctl.model.inference import predict
     from ftctl.train.inputs import prepare_inputs
     from ftctl.train.mix import mix_data
 

@@ -108,7 +108,8 @@ def test_import_review_makes_them_one_text(tmp_path, lowercasing_model):
 
 
 def test_the_leakage_check_finds_them_as_one_text(tmp_path, lowercasing_model):
-    from ftctl.evaluate import Case, leakage
+    from ftctl.eval.cases import Case
+    from ftctl.eval.leakage import leakage
 
     model = tmp_path / "final"
     shutil.copytree(lowercasing_model, model)

@@ -19,7 +19,6 @@ from ftctl.cli.main import app
 from ftctl.config import TrainConfig
 from ftctl.data.examples import Example
 from ftctl.errors import DataError, ExitCode, ModelError
-from ftctl.evaluate import predict
 from ftctl.manifest import read_manifest, verify_manifest
 from ftctl.model.files import (
     load_classifier,
@@ -28,6 +27,7 @@ from ftctl.model.files import (
     stored_dtype,
     weight_formats,
 )
+from ftctl.model.inference import predict
 from ftctl.model.labels import read_label_map, resolve_labels
 from ftctl.train.finetune import train
 from ftctl.train.mix import mix_data
