@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ftctl.manifest import model_digest
 from ftctl.model.files import check_supported, read_labels
+from ftctl.model.inference import batch_probabilities
 
 WARMUP_TEXT = "预热"
 
@@ -55,32 +56,24 @@ class Predictor:
         ``batch_size`` texts under ``torch.inference_mode()`` (little padding per pass).
 
         Not thread-safe (a fast tokenizer is not): the service calls it from one thread."""
-        import torch
-
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[Prediction | None] = [None] * len(texts)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
+
+        def top_two(idx: list[int], probs) -> None:
+            top = probs.topk(min(2, probs.shape[-1]), dim=-1)
+            best = zip(idx, top.values.tolist(), top.indices.tolist(), strict=True)
+            for i, vals, ids in best:
+                second = len(ids) > 1
+                out[i] = Prediction(
+                    self.labels[ids[0]],
+                    vals[0],
+                    self.labels[ids[1]] if second else None,
+                    vals[1] if second else None,
                 )
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                probs = self.model(**enc).logits.float().softmax(-1)
-                top = probs.topk(min(2, probs.shape[-1]), dim=-1)
-                best = zip(idx, top.values.tolist(), top.indices.tolist(), strict=True)
-                for i, vals, ids in best:
-                    second = len(ids) > 1
-                    out[i] = Prediction(
-                        self.labels[ids[0]],
-                        vals[0],
-                        self.labels[ids[1]] if second else None,
-                        vals[1] if second else None,
-                    )
+
+        batch_probabilities(
+            self.model, self.tokenizer, texts, batch_size=self.batch_size,
+            max_length=self.max_length, device=self.device, each=top_two,
+        )  # fmt: skip
         return out  # type: ignore[return-value]
 
 
