@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from ftctl.config import gpus_problem, size_bytes
 from ftctl.errors import ConfigError, ContainerKilled, EnvironmentProblem, ImageError
-from ftctl.image import engine, resolve_image
+from ftctl.image.build import engine, resolve_image
 from ftctl.progress import NULL, Reporter
 from ftctl.train.distributed import GRACE_ENV
 
