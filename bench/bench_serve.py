@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.deploykit import build_base_size_model  # noqa: E402
-from ftctl.localserver import free_port, wait_http  # noqa: E402
+from ftctl.demo.localserver import free_port, wait_http  # noqa: E402
 from ftctl.quiet import silence_libraries  # noqa: E402
 
 silence_libraries()

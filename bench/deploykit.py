@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ftctl.config import DeployConfig  # noqa: E402
-from ftctl.demo import DEMO_INTENTS as INTENTS  # noqa: E402
+from ftctl.demo.localserver import LocalSSHD, Supervisor, free_port, wait_http  # noqa: E402
+from ftctl.demo.run import DEMO_INTENTS as INTENTS  # noqa: E402
 from ftctl.deploy import deploy  # noqa: E402
-from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http  # noqa: E402
 from ftctl.manifest import model_digest  # noqa: E402
 from ftctl.remote import connect, parse_host  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftctl.data.examples import Example, write_examples
-from ftctl.demo import DEMO_INTENTS
+from ftctl.demo.run import DEMO_INTENTS
 
 # The 20 intents of the demo domain (shared/INTENTS.md), in catalog order.
 INTENTS = DEMO_INTENTS

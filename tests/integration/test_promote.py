@@ -14,11 +14,10 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import EvalConfig
-from ftctl.demo import LocalServer
+from ftctl.demo.localserver import LocalServer, http_json, wait_http
 from ftctl.deploy import deploy
 from ftctl.deploy.promote import Env, promote
 from ftctl.errors import ExitCode, GateFailed, PromoteRefused
-from ftctl.localserver import http_json, wait_http
 from ftctl.manifest import model_digest, write_manifest
 from ftctl.remote import connect, parse_host
 

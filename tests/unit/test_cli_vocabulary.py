@@ -25,7 +25,7 @@ from ftctl.config import (
     TrainConfig,
     load_config,
 )
-from ftctl.demo import WORKDIR_MARK, DemoConfig, prepare_workdir
+from ftctl.demo.run import WORKDIR_MARK, DemoConfig, prepare_workdir
 from ftctl.errors import ConfigError, ExitCode
 from ftctl.train.base import BaseConfig
 

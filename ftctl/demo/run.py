@@ -12,16 +12,15 @@ under ``workdir`` (default models/demo/), which the demo owns.
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftctl.config import DeployConfig, EvalConfig, TrainConfig
+from ftctl.config import EvalConfig, TrainConfig
+from ftctl.demo.localserver import LocalServer, http_json
 from ftctl.errors import ConfigError, Problem
 from ftctl.eval.gate import check_gate
-from ftctl.localserver import http_json
 from ftctl.pipeline import StageResult, Stages
 from ftctl.progress import NULL, Reporter
 
@@ -288,88 +287,6 @@ def _train(
     if tc.replay_ratio > 0.5:
         reporter.info(REPLAY_WHY.format(ratio=tc.replay_ratio))
     return train(tc, reporter=reporter).final_dir
-
-
-class LocalServer:
-    """A demo server: a real sshd, supervisor and ``ftctl serve``, on loopback.
-
-    Laid out like the users' server before ftctl: ``remote_dir/final`` is a real directory
-    holding the live (base) model, served by the ``python-services`` program. A go-live
-    reloads the service (SIGHUP: ``ftctl serve`` swaps models without failing a request).
-    """
-
-    def __init__(self, root: Path, live_model: Path, *, ssh: bool) -> None:
-        from ftctl.localserver import LocalSSHD, Supervisor, free_port
-
-        self.root = root
-        self.remote_dir = root / "www" / "python-services" / "models" / "classifier"
-        self.remote_dir.mkdir(parents=True)
-        shutil.copytree(live_model, self.remote_dir / "final")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        ftctl_cmd = [sys.executable, "-m", "ftctl", "serve"]
-        self.supervisor = Supervisor(
-            root / "supervisor",
-            [*ftctl_cmd, "--model-path", str(self.remote_dir / "final"), "--port", str(self.port)],
-            env={"OMP_NUM_THREADS": "1"},  # several services share this machine's cores
-        )
-        self.sshd = LocalSSHD(root / "ssh") if ssh else None
-
-    def launch(self) -> LocalServer:
-        """Start sshd and the service; :meth:`wait` for it (several start side by side)."""
-        if self.sshd is not None:
-            self.sshd.start()
-        self.supervisor.start()
-        return self
-
-    def wait(self) -> LocalServer:
-        from ftctl.errors import EnvironmentProblem
-        from ftctl.localserver import wait_http
-
-        if not wait_http(f"{self.url}/health", 90):
-            raise EnvironmentProblem(
-                f"the local inference service did not come up on {self.url}",
-                hint=f"see {self.supervisor.workdir}/python-services.log",
-            )
-        return self
-
-    def start(self) -> LocalServer:
-        return self.launch().wait()
-
-    def deploy_config(self, smoke: Sequence[tuple[str, str]]) -> DeployConfig:
-        sshd = self.sshd
-        return DeployConfig(
-            hosts=(sshd.host if sshd else "local",),
-            identity=sshd.client_key if sshd else None,
-            known_hosts=sshd.known_hosts if sshd else None,
-            remote_dir=str(self.remote_dir),
-            restart_cmd=self.supervisor.restart_cmd,
-            reload_cmd=self.supervisor.reload_cmd,
-            health_url=f"{self.url}/health",
-            health_timeout=90.0,
-            smoke=tuple(smoke),
-            keep_releases=5,
-        )
-
-    def target(self, smoke: Sequence[tuple[str, str]] = ()):
-        """(DeployConfig, hosts, connect) for the deploy code: over SSH, or local."""
-        from ftctl.remote import connect, parse_host
-
-        cfg = self.deploy_config(smoke)
-        if self.sshd is None:
-            from ftctl.localserver import local_connection
-
-            return cfg, ["local"], lambda spec: local_connection()
-        return (
-            cfg,
-            [parse_host(h, cfg.user, cfg.port) for h in cfg.hosts],
-            (lambda spec: connect(spec, cfg)),
-        )
-
-    def close(self) -> None:
-        self.supervisor.close()
-        if self.sshd is not None:
-            self.sshd.close()
 
 
 def _deploy(model: Path, server: LocalServer, smoke, reporter: Reporter) -> dict[str, Any]:
