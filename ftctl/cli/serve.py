@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ftctl.cli import common
+from ftctl.clock import utc_iso
 from ftctl.config import ServeConfig, check, override
 from ftctl.errors import ConfigError
 
 
 def _log_line(event: dict) -> None:
     """One JSON object per line on stderr (journald, supervisor and `jq` read it as is)."""
-    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | event
+    line = {"time": utc_iso()} | event
     sys.stderr.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
     sys.stderr.flush()
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ftctl.clock import utc_iso
 from ftctl.config import EvalConfig
 from ftctl.eval.cases import Case, check_label_spaces, check_pairs, draw_cases, load_test_cases
 from ftctl.eval.gate import compare, gate, pair_verdicts
@@ -153,7 +153,7 @@ def run_eval(
     return {
         "schema_version": SCHEMA_VERSION,
         "ftctl_version": __version__,
-        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": utc_iso(),
         "settings": {
             "samples": settings.samples,
             "seed": settings.seed,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftctl.clock import utc_iso
 from ftctl.manifest import model_digest
 from ftctl.model.files import check_supported, read_labels
 from ftctl.model.inference import batch_probabilities
@@ -100,10 +101,6 @@ def load_predictor(
     return p
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 class ModelHolder:
     """The live predictor. ``reload()`` swaps in a new one only once it has loaded;
     ``request_reload()`` (what SIGHUP calls) runs it in a background thread, and a request
@@ -124,7 +121,7 @@ class ModelHolder:
         self.log = log
         self.current = load_predictor(model_dir, **self._load_args)
         self.batch_lock = threading.Lock()  # held by the batcher for a batch; the swap takes it
-        self.started = _now()
+        self.started = utc_iso()
         self.reload_attempts = 0  # reloads started
         self.reloads = 0  # reloads that swapped a new model in
         self.reload_failures = 0
@@ -151,7 +148,7 @@ class ModelHolder:
         with self._reload_lock:
             self.reload_attempts += 1
             target = os.path.realpath(self.model_dir)
-            attempt = {"state": "loading", "model_dir": target, "started": _now()}
+            attempt = {"state": "loading", "model_dir": target, "started": utc_iso()}
             self.last_reload = attempt
             t0 = time.monotonic()
             try:

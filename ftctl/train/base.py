@@ -12,9 +12,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
+from ftctl.clock import utc_iso
 from ftctl.config import TrainConfig
 from ftctl.data.examples import load_examples
 from ftctl.errors import ConfigError, Problem
@@ -188,7 +188,7 @@ def build_base(
     model.to("cpu").eval()
     payload = {
         "kind": "base",
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": utc_iso(),
         "base_model": None,
         "data": {"train": {"path": str(cfg.data), "sha256": sha256_file(cfg.data)}},
         "hyperparameters": {

@@ -8,10 +8,10 @@ import dataclasses
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ftctl.clock import utc_iso
 from ftctl.config import TrainConfig
 from ftctl.fsutil import atomic_dir, sha256_file
 from ftctl.manifest import git_commit, package_versions, write_manifest
@@ -126,7 +126,7 @@ def manifest_payload(
     model = built.model
     return {
         "kind": "incremental",
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": utc_iso(),
         "base_model": {"path": str(inputs.model_path), "sha256": digests["base_model_sha256"]},
         "data": {
             **{
