@@ -148,41 +148,6 @@ def generate_cmd(
 # --------------------------------------------------------------------------- validate
 
 
-def read_label_list(path: Path | None, label_map: Path | None = None) -> list[str] | None:
-    """--labels: a model directory (config.json id2label; generic LABEL_i names need
-    --label-map, as for train) or a text file, one label per line; --label-map alone: its
-    names. None when neither is given."""
-    from ftctl.model.labels import read_label_map, resolve_labels
-
-    if path is None:
-        return read_label_map(label_map) if label_map is not None else None
-    if path.is_dir():
-        return resolve_labels(path, label_map)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise DataError(
-            f"--labels {path}: not found",
-            hint="pass a model directory or a text file with one label per line",
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"--labels {path}: cannot read: {exc}") from None
-    labels = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not labels:
-        raise DataError(f"--labels {path}: no labels in the file", hint="one label per line")
-    return labels
-
-
-def model_tokenizer(path: Path | None):
-    """The tokenizer of a --labels model directory (then "the same text" is the same token
-    ids), else None."""
-    if path is None or not path.is_dir():
-        return None
-    from ftctl.model.files import load_tokenizer
-
-    return load_tokenizer(path)
-
-
 def _validate_file(path: Path, max_chars: int, labels: list[str] | None, tokenizer=None) -> dict:
     """Summary of one file; whole-file failures become one error problem."""
     rows = []
@@ -260,8 +225,8 @@ def validate_cmd(
     """
     cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
     cfgmod.check(cfg)
-    allowed = read_label_list(labels, label_map)
-    tokenizer = model_tokenizer(labels)
+    allowed = common.read_label_list(labels, label_map)
+    tokenizer = common.model_tokenizer(labels)
     reports = [_validate_file(f, cfg.max_chars, allowed, tokenizer) for f in files]
     across = _add_cross_file(reports, tokenizer)
     n_err = sum(1 for r in reports for p in r["problems"] if p.severity == "error")
@@ -370,10 +335,3 @@ def convert_cmd(
     common.out.print(
         Text.assemble("wrote ", (str(dst), "bold"), f": {len(result.examples)} examples from {src}")
     )
-
-
-# --------------------------------------------------------------------------- import-review
-# (the command lives beside `ftctl harvest`, which writes the file it reads)
-from ftctl.cli.harvest import import_review_cmd  # noqa: E402
-
-app.command("import-review")(import_review_cmd)

@@ -219,7 +219,6 @@ def import_review_cmd(
 
     Example: `ftctl data import-review data/review-20261130-081500.csv --labels models/live/final`
     """
-    from ftctl.cli.data import model_tokenizer, read_label_list
     from ftctl.data.review import import_review
 
     conf = common.config(ctx)
@@ -228,10 +227,10 @@ def import_review_cmd(
     target = to or dcfg.reviewed
     if against is None:
         against = [conf.train.old_data] if conf.train.old_data else []
-    allowed = read_label_list(labels) if labels is not None else None
+    allowed = common.read_label_list(labels) if labels is not None else None
     res = import_review(
         review, target, labels=allowed, against=against, label_files=_training_data(conf),
-        max_chars=dcfg.max_chars, tokenizer=model_tokenizer(labels),
+        max_chars=dcfg.max_chars, tokenizer=common.model_tokenizer(labels),
     )  # fmt: skip
     if json_out:
         common.emit_json(ctx, res.to_dict())

@@ -28,12 +28,9 @@ DEFAULT_REPORT_DIR = Path("reports")  # when neither --report-dir nor [eval] rep
 def _subcommand_ctx(ctx: typer.Context, names: list[str], args: list[str]):
     """A click context for ``ftctl <names> <args>``, child of this invocation's root."""
     import click
-    import typer.main
-
-    from ftctl.cli.main import app
 
     parent = ctx.find_root()
-    cmd = typer.main.get_command(app)
+    cmd = parent.command  # the root group (the app this invocation runs)
     for name in names[:-1]:
         cmd = cmd.get_command(parent, name)
         parent = click.Context(cmd, info_name=name, parent=parent)
