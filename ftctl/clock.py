@@ -16,6 +16,11 @@ def utc_iso(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def utc_file_stamp(t: float | None = None) -> str:
+    """``t`` (default: now) for a file name: ``20261201-080000``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(t))
+
+
 def utc_iso_ms(t: float) -> str:
     """``t`` to the millisecond: ``2026-12-01T08:00:00.123Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"

@@ -13,6 +13,14 @@ from typing import Any
 from ftctl.errors import EnvironmentProblem
 
 
+def no_cuda_gpu() -> EnvironmentProblem:
+    """The error for ``--device cuda`` on a machine where torch sees no GPU."""
+    return EnvironmentProblem(
+        "--device cuda, but torch sees no CUDA GPU",
+        hint="use --device cpu (or auto), or run inside the training image with --gpus",
+    )
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> cuda if torch sees a GPU, else cpu; ``cuda`` without a GPU is an error."""
     import torch
@@ -20,10 +28,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise EnvironmentProblem(
-            "--device cuda, but torch sees no CUDA GPU",
-            hint="use --device cpu (or auto), or run inside the training image with --gpus",
-        )
+        raise no_cuda_gpu()
     return device
 
 
