@@ -440,11 +440,3 @@ def evaluate_sums(top, staged: Staged, autocast=contextlib.nullcontext):
             correct += (logits.argmax(-1) == target).sum()
     top.train(was_training)
     return loss_sum, correct, len(staged.feats)
-
-
-def evaluate(model, feats: Features, n_frozen: int, device) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` on ``feats`` (prefix cached when ``n_frozen``)."""
-    if not len(feats):
-        return float("nan"), float("nan")
-    loss_sum, correct, n = evaluate_sums(trainable_top(model, n_frozen), Staged(feats, device))
-    return float(loss_sum) / n, int(correct) / n

@@ -73,13 +73,6 @@ def freeze(model, n_layers: int) -> list[str]:
     return frozen_param_names(model, n_layers)
 
 
-def set_train_mode(model, n_frozen: int) -> None:
-    """model.train() but keep the frozen prefix in eval mode (dropout off there)."""
-    model.train()
-    for module in frozen_modules(model, n_frozen):
-        module.eval()
-
-
 def grow_head(model, labels: Sequence[str]) -> list[str]:
     """Append ``labels`` the classifier lacks as new output rows; old rows are kept exactly.
 

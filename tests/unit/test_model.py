@@ -28,10 +28,10 @@ def test_layer_count_and_frozen_names(loaded):
 
 def test_freeze_sets_requires_grad_and_eval_mode(loaded):
     model, _ = loaded
+    model.train()
     frozen = set(M.freeze(model, 8))
     for name, p in model.named_parameters():
         assert p.requires_grad == (name not in frozen)
-    M.set_train_mode(model, 8)
     base = M.base_module(model)
     assert not base.embeddings.training and not base.encoder.layer[7].training
     assert base.encoder.layer[8].training and model.classifier.training

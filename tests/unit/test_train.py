@@ -309,7 +309,7 @@ def test_the_plan_says_when_patience_cannot_fire(work, tiny_model_dir, tmp_path)
 def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
     from ftctl.data.examples import load_examples
     from ftctl.model.files import load_classifier
-    from ftctl.train.features import encode, evaluate
+    from ftctl.train.features import Staged, encode, evaluate_sums, trainable_top
 
     out = work / "best"
     c = cfg(work, tiny_model_dir, out, epochs=4, lr=0.05)
@@ -327,7 +327,8 @@ def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
     )
     model, tok = load_classifier(out / "final")
     feats = encode(tok, mix.val, model.config.label2id, 64)
-    loss, acc = evaluate(model, feats, 0, "cpu")
+    loss_sum, correct, n = evaluate_sums(trainable_top(model, 0), Staged(feats, "cpu"))
+    loss, acc = float(loss_sum) / n, int(correct) / n
     assert acc == best["val_accuracy"]
     assert loss == pytest.approx(best["val_loss"], rel=1e-4)
 
