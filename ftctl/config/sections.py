@@ -252,7 +252,7 @@ class DeployConfig:
     command_timeout: float = 600.0  # one remote command, seconds
     min_free_factor: float = 2.0  # preflight: free space >= factor x the bytes to send
     # auto: safetensors files as a tensor delta where one applies, the rest by rsync where both
-    # ends have it, else SFTP | tensor-delta (the same, whatever the link) | rsync | sftp
+    # ends have it, else SFTP | rsync | sftp (never a tensor delta)
     transfer: str = "auto"
     bwlimit_kbps: int = 0  # cap the upload rate (rsync, tensor delta) in KiB/s (0: no cap)
     link_timeout: float = 20.0  # seconds without an answer after which the SSH link is dead
@@ -279,10 +279,8 @@ class DeployConfig:
                 out.append(Problem("must be > 0 (seconds)", field=f"{where}.{name}"))
         if self.min_free_factor < 0:
             out.append(Problem("must be >= 0", field=f"{where}.min_free_factor"))
-        if self.transfer not in ("auto", "tensor-delta", "rsync", "sftp"):
-            out.append(
-                Problem("must be auto, tensor-delta, rsync or sftp", field=f"{where}.transfer")
-            )
+        if self.transfer not in ("auto", "rsync", "sftp"):
+            out.append(Problem("must be auto, rsync or sftp", field=f"{where}.transfer"))
         if self.on_failure not in ("revert", "stop"):
             out.append(Problem("must be revert or stop", field=f"{where}.on_failure"))
         if self.health_settle < 0:

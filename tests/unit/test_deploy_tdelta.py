@@ -85,9 +85,11 @@ def test_rsync_or_sftp_named_sends_no_tensor_delta(models, transfer):
     assert any(f"no tensor delta (transfer = {transfer})" in x for x in lines)
 
 
-def test_transfer_tensor_delta_is_a_valid_setting_and_others_are_not():
-    check(DeployConfig(transfer="tensor-delta"))
-    with pytest.raises(ConfigError, match="auto, tensor-delta, rsync or sftp"):
+def test_transfer_auto_is_a_valid_setting_and_others_are_not():
+    check(DeployConfig(transfer="auto"))
+    with pytest.raises(ConfigError, match="auto, rsync or sftp"):
+        check(DeployConfig(transfer="tensor-delta"))
+    with pytest.raises(ConfigError, match="auto, rsync or sftp"):
         check(DeployConfig(transfer="xor"))
 
 
