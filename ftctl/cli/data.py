@@ -26,64 +26,73 @@ app = typer.Typer(
 # --------------------------------------------------------------------------- generate
 
 
+# `ftctl data generate`'s options, declared once (the command's signature names them)
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--templates",
+        help="Templates YAML file (phrasings per intent).",
+        show_default=common.default_text(DataConfig, "templates"),
+    ),
+]
+OldSamplesOpt = Annotated[
+    Path | None,
+    typer.Option("--samples", hidden=True, help="Old name of --templates."),
+]
+OutDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out-dir",
+        help="Output directory.",
+        show_default=common.default_text(DataConfig, "out_dir"),
+    ),
+]
+PerIntentOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--per-intent",
+        help="Examples per intent (balanced).",
+        show_default=common.default_text(DataConfig, "per_intent"),
+    ),
+]
+FmtOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="jsonl | csv | both.",
+        show_default=common.default_text(DataConfig, "format"),
+    ),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--name",
+        help="Output file stem (STEM.jsonl / STEM.csv).",
+        show_default=common.default_text(DataConfig, "name"),
+    ),
+]
+IdsOpt = Annotated[bool, typer.Option("--ids", help='Write an "id" field (for test pools).')]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace an output file even if it holds rows generate did not write.",
+    ),
+]
+
+
 @app.command("generate")
 def generate_cmd(
     ctx: typer.Context,
-    templates: Annotated[
-        Path | None,
-        typer.Option(
-            "--templates",
-            help="Templates YAML file (phrasings per intent).",
-            show_default=common.default_text(DataConfig, "templates"),
-        ),
-    ] = None,
-    old_samples: Annotated[
-        Path | None,
-        typer.Option("--samples", hidden=True, help="Old name of --templates."),
-    ] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--out-dir",
-            help="Output directory.",
-            show_default=common.default_text(DataConfig, "out_dir"),
-        ),
-    ] = None,
-    per_intent: Annotated[
-        int | None,
-        typer.Option(
-            "--per-intent",
-            help="Examples per intent (balanced).",
-            show_default=common.default_text(DataConfig, "per_intent"),
-        ),
-    ] = None,
+    templates: TemplatesOpt = None,
+    old_samples: OldSamplesOpt = None,
+    out_dir: OutDirOpt = None,
+    per_intent: PerIntentOpt = None,
     seed: common.SeedOpt = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            help="jsonl | csv | both.",
-            show_default=common.default_text(DataConfig, "format"),
-        ),
-    ] = None,
-    name: Annotated[
-        str | None,
-        typer.Option(
-            "--name",
-            help="Output file stem (STEM.jsonl / STEM.csv).",
-            show_default=common.default_text(DataConfig, "name"),
-        ),
-    ] = None,
-    ids: Annotated[
-        bool, typer.Option("--ids", help='Write an "id" field (for test pools).')
-    ] = False,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Replace an output file even if it holds rows generate did not write.",
-        ),
-    ] = False,
+    fmt: FmtOpt = None,
+    name: NameOpt = None,
+    ids: IdsOpt = False,
+    force: ForceOpt = False,
     json_: common.JsonOpt = False,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,

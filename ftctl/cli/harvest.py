@@ -60,6 +60,61 @@ def _summary(res, out: Path) -> None:
     )
 
 
+# `ftctl harvest`'s options, declared once (the command's signature names them)
+LogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log",
+        help="The JSONL log: a path on the server, or a local file when neither --host "
+        "nor --profile is given.",
+        show_default="<remote_dir>/logs/predictions.jsonl",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="The review file (CSV).", show_default="data/review-<time>.csv"
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--limit",
+        help="Rows in the review file.",
+        show_default=common.default_text(HarvestConfig, "limit"),
+    ),
+]
+MaxScoreOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-score",
+        help="Doubtful below this score.",
+        show_default=common.default_text(HarvestConfig, "max_score"),
+    ),
+]
+MinMarginOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-margin",
+        help="Doubtful this close to the runner-up.",
+        show_default=common.default_text(HarvestConfig, "min_margin"),
+    ),
+]
+SinceOpt = Annotated[
+    str | None,
+    typer.Option("--since", help="Only answers after this: 7d, 12h, 30m or a UTC date."),
+]
+ExcludeOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--exclude",
+        help="Leave out texts already in this data file; repeatable.",
+        show_default="the generated and the reviewed data, and the test pool",
+    ),
+]
+
+
 def harvest_cmd(
     ctx: typer.Context,
     profile: ssh.ProfileOpt = None,
@@ -69,58 +124,14 @@ def harvest_cmd(
     remote_dir: ssh.RemoteDirOpt = None,
     accept_host_key: ssh.AcceptKeyOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
-    log: Annotated[
-        str | None,
-        typer.Option(
-            "--log",
-            help="The JSONL log: a path on the server, or a local file when neither --host "
-            "nor --profile is given.",
-            show_default="<remote_dir>/logs/predictions.jsonl",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", "-o", help="The review file (CSV).", show_default="data/review-<time>.csv"
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
-    limit: Annotated[
-        int | None,
-        typer.Option(
-            "--limit",
-            help="Rows in the review file.",
-            show_default=common.default_text(HarvestConfig, "limit"),
-        ),
-    ] = None,
-    max_score: Annotated[
-        float | None,
-        typer.Option(
-            "--max-score",
-            help="Doubtful below this score.",
-            show_default=common.default_text(HarvestConfig, "max_score"),
-        ),
-    ] = None,
-    min_margin: Annotated[
-        float | None,
-        typer.Option(
-            "--min-margin",
-            help="Doubtful this close to the runner-up.",
-            show_default=common.default_text(HarvestConfig, "min_margin"),
-        ),
-    ] = None,
-    since: Annotated[
-        str | None,
-        typer.Option("--since", help="Only answers after this: 7d, 12h, 30m or a UTC date."),
-    ] = None,
-    exclude: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--exclude",
-            help="Leave out texts already in this data file; repeatable.",
-            show_default="the generated and the reviewed data, and the test pool",
-        ),
-    ] = None,
+    log: LogOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    limit: LimitOpt = None,
+    max_score: MaxScoreOpt = None,
+    min_margin: MinMarginOpt = None,
+    since: SinceOpt = None,
+    exclude: ExcludeOpt = None,
     json_out: common.JsonOpt = False,
 ) -> None:
     """Pick the live service's doubtful answers for a human to label.
