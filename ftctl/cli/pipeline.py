@@ -201,56 +201,63 @@ class _Pipeline:
         }
 
 
+# `ftctl pipeline`'s options, declared once (the command's signature names them)
+ModelPathOpt = Annotated[
+    Path | None,
+    typer.Option("--model-path", help="The live (base) model: fine-tuned, and the baseline."),
+]
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--templates",
+        help="Templates YAML.",
+        show_default=common.default_text(DataConfig, "templates"),
+    ),
+]
+OldDataOpt = Annotated[Path | None, typer.Option("--old-data", help="Original data to replay.")]
+OutputPathOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output-path",
+        help="Train output (OUTPUT/final/).",
+        show_default=common.default_text(TrainConfig, "output_path"),
+    ),
+]
+TestDataOpt = Annotated[Path | None, typer.Option("--test-data", help="Test pool.")]
+ReportDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report-dir",
+        help="Eval report directory ([eval] report_dir, else reports/).",
+        show_default=str(DEFAULT_REPORT_DIR),
+    ),
+]
+SkipDeployOpt = Annotated[bool, typer.Option("--skip-deploy", help="Stop after the gate.")]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Check the inputs and print every stage's plan; write nothing, train nothing, "
+        "connect to nothing.",
+    ),
+]
+
+
 def pipeline_cmd(
     ctx: typer.Context,
-    model_path: Annotated[
-        Path | None,
-        typer.Option("--model-path", help="The live (base) model: fine-tuned, and the baseline."),
-    ] = None,
-    templates: Annotated[
-        Path | None,
-        typer.Option(
-            "--templates",
-            help="Templates YAML.",
-            show_default=common.default_text(DataConfig, "templates"),
-        ),
-    ] = None,
-    old_data: Annotated[
-        Path | None, typer.Option("--old-data", help="Original data to replay.")
-    ] = None,
-    output_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--output-path",
-            help="Train output (OUTPUT/final/).",
-            show_default=common.default_text(TrainConfig, "output_path"),
-        ),
-    ] = None,
-    test_data: Annotated[Path | None, typer.Option("--test-data", help="Test pool.")] = None,
-    report_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--report-dir",
-            help="Eval report directory ([eval] report_dir, else reports/).",
-            show_default=str(DEFAULT_REPORT_DIR),
-        ),
-    ] = None,
+    model_path: ModelPathOpt = None,
+    templates: TemplatesOpt = None,
+    old_data: OldDataOpt = None,
+    output_path: OutputPathOpt = None,
+    test_data: TestDataOpt = None,
+    report_dir: ReportDirOpt = None,
     profile: ssh.ProfileOpt = None,
     host: ssh.HostOpt = None,
     identity: ssh.IdentityOpt = None,
     known_hosts: ssh.KnownHostsOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
-    skip_deploy: Annotated[
-        bool, typer.Option("--skip-deploy", help="Stop after the gate.")
-    ] = False,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run",
-            help="Check the inputs and print every stage's plan; write nothing, train nothing, "
-            "connect to nothing.",
-        ),
-    ] = False,
+    skip_deploy: SkipDeployOpt = False,
+    dry_run: DryRunOpt = False,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,
     image: common.ImageOpt = None,
