@@ -54,8 +54,8 @@ from deploykit import (
 )
 
 from ftctl.config import DeployConfig
+from ftctl.demo.localserver import LocalSSHD, Supervisor
 from ftctl.deploy import deploy
-from ftctl.localserver import LocalSSHD, Supervisor
 from ftctl.manifest import model_digest
 from ftctl.progress import NullReporter
 from ftctl.remote import connect, parse_host

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(hidden: int, layers: int, labels: list[str]):
-    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab
+    from ftctl.train.base import build_char_tokenizer, build_classifier, cjk_vocab
 
     vocab = cjk_vocab()
     tok = build_char_tokenizer(vocab)
@@ -65,8 +65,9 @@ def main() -> int:
     import torch
     from transformers import pipeline
 
-    from ftctl.data import load_examples
-    from ftctl.evaluate import draw_cases, predict
+    from ftctl.data.examples import load_examples
+    from ftctl.eval.cases import draw_cases
+    from ftctl.model.inference import predict
 
     examples = load_examples(args.test_data, what="test")
     cases = draw_cases(examples, args.samples, args.seed).cases

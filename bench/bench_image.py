@@ -50,7 +50,7 @@ def context(dst: Path, peer: bool) -> Path:
 
 
 def timed_build(client, ctx: Path, base: str, tag: str, no_cache: bool = False) -> float:
-    from ftctl.image import build_image
+    from ftctl.image.build import build_image
 
     started = time.monotonic()
     build_image(ctx, base_image=base, tags=[tag], no_cache=no_cache, client=client)

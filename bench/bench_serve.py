@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.deploykit import build_base_size_model  # noqa: E402
-from ftctl.localserver import free_port, wait_http  # noqa: E402
+from ftctl.demo.localserver import free_port, wait_http  # noqa: E402
 from ftctl.quiet import silence_libraries  # noqa: E402
 
 silence_libraries()
@@ -134,7 +134,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
-    from ftctl.data import load_examples
+    from ftctl.data.examples import load_examples
 
     texts = [ex.text for ex in load_examples(args.test_data, what="test")]
     t = time.monotonic()

@@ -51,10 +51,10 @@ from deploykit import (
     lo_bytes,
 )
 
+from ftctl.demo.localserver import LocalSSHD
 from ftctl.deploy import tensordelta as td
 from ftctl.deploy.server import tensordelta as wire
 from ftctl.fsutil import sha256_file
-from ftctl.localserver import LocalSSHD
 from tests.helpers import CHILD_RUSAGE as RUSAGE
 from tests.helpers import child_rusage
 

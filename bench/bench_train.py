@@ -5,11 +5,11 @@ Each side is timed from process start to exit: imports, loading the model, the d
 evaluation, checkpoints and saving the result. ftctl runs as a user runs it (`python -m ftctl
 train ... --json`, default checkpointing: OUTPUT/checkpoints/last.pt after every epoch); the
 Trainer side is the script a user would write (`--hf-side`, below: the same split from
-ftctl.train.mix_data, the same hyperparameters, the same frozen parameters, dynamic padding,
-a checkpoint after every epoch, `save_model` at the end). The sides alternate (HF first in the
-first round), ``--repeat`` rounds (3); the median wall time of each side is the figure, with
-every pair's ratio beside it, the peak RSS of each process and the validation accuracy of both
-on the same validation rows, side by side.
+ftctl.train.mix.mix_data, the same hyperparameters, the same frozen parameters, dynamic
+padding, a checkpoint after every epoch, `save_model` at the end). The sides alternate (HF
+first in the first round), ``--repeat`` rounds (3); the median wall time of each side is the
+figure, with every pair's ratio beside it, the peak RSS of each process and the validation
+accuracy of both on the same validation rows, side by side.
 
     .venv/bin/python bench/bench_train.py --real-shape --new-rows 200    # 768x12, 400 rows, CPU
     .venv/bin/python bench/bench_train.py --model-path models/demo/base/final
@@ -119,9 +119,10 @@ def hf_side(args) -> None:
     import numpy as np
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from ftctl import model as M
-    from ftctl.data import load_examples
-    from ftctl.train import mix_data
+    from ftctl.data.examples import load_examples
+    from ftctl.model.files import load_classifier
+    from ftctl.train.layers import freeze
+    from ftctl.train.mix import mix_data
 
     mix = mix_data(
         load_examples(args.new_data),
@@ -130,8 +131,8 @@ def hf_side(args) -> None:
         val_ratio=0.1,
         seed=args.seed,
     )  # the same split ftctl makes
-    model, tok = M.load_classifier(args.model_path, device="cpu")
-    M.freeze(model, args.freeze_layers)  # requires_grad off; Trainer puts it back in train mode
+    model, tok = load_classifier(args.model_path, device="cpu")
+    freeze(model, args.freeze_layers)  # requires_grad off; Trainer puts it back in train mode
     label2id = {lab: int(i) for i, lab in model.config.id2label.items()}
 
     def encode(examples):
@@ -190,12 +191,12 @@ def hf_side(args) -> None:
 
 def sync_check(args, model_path: Path, new: Path, old: Path | None, out: Path) -> dict:
     """One ftctl epoch in this process with torch.cuda.set_sync_debug_mode("warn"): every
-    host sync raises a warning, counted inside the step (ftctl.fit._step) and in all."""
+    host sync raises a warning, counted inside the step (ftctl.train.fit._step) and in all."""
     import torch
 
-    from ftctl import fit as fit_mod
     from ftctl.config import TrainConfig
-    from ftctl.train import train
+    from ftctl.train import fit as fit_mod
+    from ftctl.train.finetune import train
 
     cuda = args.device.startswith("cuda")
     counts = {"steps": 0, "in_step": 0, "all": 0}
@@ -258,8 +259,9 @@ def real_shape_model() -> Path:
 
 def random_model(args) -> Path:
     """A random-weight 12-layer char BERT of hidden ``args.random_hidden`` (cached)."""
-    from ftctl.data import load_examples
-    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
+    from ftctl.data.examples import load_examples
+    from ftctl.model.files import save_classifier
+    from ftctl.train.base import build_char_tokenizer, build_classifier, cjk_vocab
 
     h = args.random_hidden
     out = CACHE / f"random-h{h}-seed{args.seed}" / "final"
@@ -280,8 +282,8 @@ def random_model(args) -> Path:
 
 def subset(path: Path, n: int, seed: int, out: Path) -> Path:
     """``n`` rows of ``path``, stratified by intent (the same file for both sides)."""
-    from ftctl.data import load_examples, write_examples
-    from ftctl.train import stratified_sample
+    from ftctl.data.examples import load_examples, write_examples
+    from ftctl.train.mix import stratified_sample
 
     return write_examples(out, stratified_sample(load_examples(path), n, seed))
 
@@ -352,7 +354,7 @@ def main() -> None:
         elif args.random_hidden:
             model_path = random_model(args)
         elif model_path is None:
-            from ftctl.base import BaseConfig, build_base
+            from ftctl.train.base import BaseConfig, build_base
 
             model_path = build_base(
                 BaseConfig(data=args.old_data, output_path=work / "base", device=args.device)

@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ftctl.config import DeployConfig  # noqa: E402
-from ftctl.demo import DEMO_INTENTS as INTENTS  # noqa: E402
+from ftctl.demo.localserver import LocalSSHD, Supervisor, free_port, wait_http  # noqa: E402
+from ftctl.demo.run import DEMO_INTENTS as INTENTS  # noqa: E402
 from ftctl.deploy import deploy  # noqa: E402
-from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http  # noqa: E402
 from ftctl.manifest import model_digest  # noqa: E402
 from ftctl.remote import connect, parse_host  # noqa: E402
 
@@ -47,7 +47,8 @@ def build_base_size_model(out: Path, seed: int) -> Path:
             write_manifest(out, {"kind": "bench", "seed": seed})
         return out
     from ftctl.manifest import write_manifest
-    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
+    from ftctl.model.files import save_classifier
+    from ftctl.train.base import build_char_tokenizer, build_classifier, cjk_vocab
 
     vocab = cjk_vocab()[:21128]
     model = build_classifier(
@@ -76,8 +77,8 @@ def build_train8_finetune(base: Path, cache: Path) -> Path:
     out = cache / "base-old-train8"
     if (out / "final" / "manifest.json").is_file():
         return out / "final"
-    from ftctl.data import load_examples, write_examples
-    from ftctl.train import stratified_sample
+    from ftctl.data.examples import load_examples, write_examples
+    from ftctl.train.mix import stratified_sample
 
     data = {}
     for name, src, n in (("new200", "incremental_training_data", 200),

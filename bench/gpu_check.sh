@@ -87,8 +87,8 @@ GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 "$PY" - "$WORK" "$NEW_ROWS" "$RESUME_ROWS" <<'EOF'
 import sys
 from pathlib import Path
-from ftctl.data import load_examples, write_examples
-from ftctl.train import stratified_sample
+from ftctl.data.examples import load_examples, write_examples
+from ftctl.train.mix import stratified_sample
 work, n_bench, n_resume = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 new = load_examples("data/incremental_training_data.jsonl")
 write_examples(work / "bench_new.jsonl", stratified_sample(new, n_bench, 42) if n_bench else new)

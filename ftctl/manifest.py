@@ -19,6 +19,9 @@ from ftctl.hostpaths import record_host_paths
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
+# the gate's verdict beside the model: written by `ftctl eval --baseline`, shipped by deploy,
+# read by `ftctl promote`
+EVAL_REPORT = "eval_report.json"
 
 
 def write_manifest(model_dir: str | Path, payload: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftctl.config import DEFAULT_KNOWN_HOSTS
 from ftctl.errors import ConfigError, EnvironmentProblem, HostKeyError
 from ftctl.fsutil import atomic_write_text
 
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
 
     from ftctl.config import DeployConfig
 
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"  # OpenSSH's; [deploy] known_hosts unset
 _HOST_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d+))?$")
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftctl.data import Example, write_examples
-from ftctl.demo import DEMO_INTENTS
+from ftctl.data.examples import Example, write_examples
+from ftctl.demo.run import DEMO_INTENTS
 
 # The 20 intents of the demo domain (shared/INTENTS.md), in catalog order.
 INTENTS = DEMO_INTENTS
@@ -20,7 +20,8 @@ def make_tiny_model(
     out_dir: Path, labels=INTENTS, *, hidden: int = 32, layers: int = 12, seed: int = 0
 ) -> Path:
     """A tiny random-weight char-level BertForSequenceClassification saved as a HF directory."""
-    from ftctl.model import build_char_tokenizer, build_classifier, cjk_vocab, save_classifier
+    from ftctl.model.files import save_classifier
+    from ftctl.train.base import build_char_tokenizer, build_classifier, cjk_vocab
 
     vocab = cjk_vocab()
     tok = build_char_tokenizer(vocab)

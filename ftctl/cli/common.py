@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -27,7 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from ftctl.config import Config, DataConfig, TrainConfig
-from ftctl.errors import FtctlError
+from ftctl.errors import DataError, FtctlError
 
 out = Console(highlight=False, soft_wrap=True)  # results (stdout)
 err = Console(stderr=True, highlight=False)  # progress, warnings, errors (stderr)
@@ -285,3 +286,41 @@ def silence_libraries(debug: bool = False) -> None:
     if not debug:
         logging.getLogger("paramiko").addHandler(logging.NullHandler())
     quiet.silence_libraries()
+
+
+# --------------------------------------------------------------------------- --labels
+
+
+def read_label_list(path: Path | None, label_map: Path | None = None) -> list[str] | None:
+    """--labels: a model directory (config.json id2label; generic LABEL_i names need
+    --label-map, as for train) or a text file, one label per line; --label-map alone: its
+    names. None when neither is given."""
+    from ftctl.model.labels import read_label_map, resolve_labels
+
+    if path is None:
+        return read_label_map(label_map) if label_map is not None else None
+    if path.is_dir():
+        return resolve_labels(path, label_map)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise DataError(
+            f"--labels {path}: not found",
+            hint="pass a model directory or a text file with one label per line",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--labels {path}: cannot read: {exc}") from None
+    labels = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not labels:
+        raise DataError(f"--labels {path}: no labels in the file", hint="one label per line")
+    return labels
+
+
+def model_tokenizer(path: Path | None):
+    """The tokenizer of a --labels model directory (then "the same text" is the same token
+    ids), else None."""
+    if path is None or not path.is_dir():
+        return None
+    from ftctl.model.files import load_tokenizer
+
+    return load_tokenizer(path)

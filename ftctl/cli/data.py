@@ -12,9 +12,10 @@ from rich.text import Text
 from ftctl import config as cfgmod
 from ftctl.cli import common
 from ftctl.config import DataConfig
-from ftctl.data import cross_file_problems, file_format, read_examples, write_examples
+from ftctl.data.examples import file_format, read_examples, write_examples
+from ftctl.data.generate import counts, write_generated
+from ftctl.data.reconcile import cross_file_problems
 from ftctl.errors import DataError, ExitCode, FtctlError, Problem
-from ftctl.generate import counts, write_generated
 
 app = typer.Typer(
     help="Generate, validate and convert training/test data (JSONL and CSV).",
@@ -25,64 +26,73 @@ app = typer.Typer(
 # --------------------------------------------------------------------------- generate
 
 
+# `ftctl data generate`'s options, declared once (the command's signature names them)
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--templates",
+        help="Templates YAML file (phrasings per intent).",
+        show_default=common.default_text(DataConfig, "templates"),
+    ),
+]
+OldSamplesOpt = Annotated[
+    Path | None,
+    typer.Option("--samples", hidden=True, help="Old name of --templates."),
+]
+OutDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out-dir",
+        help="Output directory.",
+        show_default=common.default_text(DataConfig, "out_dir"),
+    ),
+]
+PerIntentOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--per-intent",
+        help="Examples per intent (balanced).",
+        show_default=common.default_text(DataConfig, "per_intent"),
+    ),
+]
+FmtOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="jsonl | csv | both.",
+        show_default=common.default_text(DataConfig, "format"),
+    ),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--name",
+        help="Output file stem (STEM.jsonl / STEM.csv).",
+        show_default=common.default_text(DataConfig, "name"),
+    ),
+]
+IdsOpt = Annotated[bool, typer.Option("--ids", help='Write an "id" field (for test pools).')]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace an output file even if it holds rows generate did not write.",
+    ),
+]
+
+
 @app.command("generate")
 def generate_cmd(
     ctx: typer.Context,
-    templates: Annotated[
-        Path | None,
-        typer.Option(
-            "--templates",
-            help="Templates YAML file (phrasings per intent).",
-            show_default=common.default_text(DataConfig, "templates"),
-        ),
-    ] = None,
-    old_samples: Annotated[
-        Path | None,
-        typer.Option("--samples", hidden=True, help="Old name of --templates."),
-    ] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--out-dir",
-            help="Output directory.",
-            show_default=common.default_text(DataConfig, "out_dir"),
-        ),
-    ] = None,
-    per_intent: Annotated[
-        int | None,
-        typer.Option(
-            "--per-intent",
-            help="Examples per intent (balanced).",
-            show_default=common.default_text(DataConfig, "per_intent"),
-        ),
-    ] = None,
+    templates: TemplatesOpt = None,
+    old_samples: OldSamplesOpt = None,
+    out_dir: OutDirOpt = None,
+    per_intent: PerIntentOpt = None,
     seed: common.SeedOpt = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            help="jsonl | csv | both.",
-            show_default=common.default_text(DataConfig, "format"),
-        ),
-    ] = None,
-    name: Annotated[
-        str | None,
-        typer.Option(
-            "--name",
-            help="Output file stem (STEM.jsonl / STEM.csv).",
-            show_default=common.default_text(DataConfig, "name"),
-        ),
-    ] = None,
-    ids: Annotated[
-        bool, typer.Option("--ids", help='Write an "id" field (for test pools).')
-    ] = False,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Replace an output file even if it holds rows generate did not write.",
-        ),
-    ] = False,
+    fmt: FmtOpt = None,
+    name: NameOpt = None,
+    ids: IdsOpt = False,
+    force: ForceOpt = False,
     json_: common.JsonOpt = False,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,
@@ -145,41 +155,6 @@ def generate_cmd(
 
 
 # --------------------------------------------------------------------------- validate
-
-
-def read_label_list(path: Path | None, label_map: Path | None = None) -> list[str] | None:
-    """--labels: a model directory (config.json id2label; generic LABEL_i names need
-    --label-map, as for train) or a text file, one label per line; --label-map alone: its
-    names. None when neither is given."""
-    from ftctl.model import read_label_map, resolve_labels
-
-    if path is None:
-        return read_label_map(label_map) if label_map is not None else None
-    if path.is_dir():
-        return resolve_labels(path, label_map)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise DataError(
-            f"--labels {path}: not found",
-            hint="pass a model directory or a text file with one label per line",
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"--labels {path}: cannot read: {exc}") from None
-    labels = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not labels:
-        raise DataError(f"--labels {path}: no labels in the file", hint="one label per line")
-    return labels
-
-
-def model_tokenizer(path: Path | None):
-    """The tokenizer of a --labels model directory (then "the same text" is the same token
-    ids), else None."""
-    if path is None or not path.is_dir():
-        return None
-    from ftctl.model import load_tokenizer
-
-    return load_tokenizer(path)
 
 
 def _validate_file(path: Path, max_chars: int, labels: list[str] | None, tokenizer=None) -> dict:
@@ -259,8 +234,8 @@ def validate_cmd(
     """
     cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
     cfgmod.check(cfg)
-    allowed = read_label_list(labels, label_map)
-    tokenizer = model_tokenizer(labels)
+    allowed = common.read_label_list(labels, label_map)
+    tokenizer = common.model_tokenizer(labels)
     reports = [_validate_file(f, cfg.max_chars, allowed, tokenizer) for f in files]
     across = _add_cross_file(reports, tokenizer)
     n_err = sum(1 for r in reports for p in r["problems"] if p.severity == "error")
@@ -369,10 +344,3 @@ def convert_cmd(
     common.out.print(
         Text.assemble("wrote ", (str(dst), "bold"), f": {len(result.examples)} examples from {src}")
     )
-
-
-# --------------------------------------------------------------------------- import-review
-# (the command lives beside `ftctl harvest`, which writes the file it reads)
-from ftctl.cli.harvest import import_review_cmd  # noqa: E402
-
-app.command("import-review")(import_review_cmd)

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ftctl.cli import common
 from ftctl.config import check, override
-from ftctl.demo import DemoConfig
+from ftctl.demo.run import DemoConfig
 from ftctl.terms import seed_term
 
 # --------------------------------------------------------------------------- demo
@@ -22,7 +22,7 @@ def _pct(x: float | None) -> str:
 
 
 def _before_after_table(res) -> Table:
-    from ftctl.demo import intent_recall
+    from ftctl.demo.run import intent_recall
 
     base, cand = res.gate_report["baseline"], res.gate_report["candidate"]
     table = Table(
@@ -55,7 +55,7 @@ def _before_after_table(res) -> Table:
 
 
 def _pairs_table(res) -> Table:
-    from ftctl.demo import pair_table
+    from ftctl.demo.run import pair_table
 
     table = Table(
         title=f"{seed_term('confused pairs')}, * above: cross errors on the same cases",
@@ -69,7 +69,7 @@ def _pairs_table(res) -> Table:
 
 
 def _live_table(res) -> Table:
-    from ftctl.demo import showcase_table
+    from ftctl.demo.run import showcase_table
 
     table = Table(
         title="the live services' answers: staging (deploy) and production (promote), before "
@@ -180,7 +180,7 @@ def demo_cmd(
 
     Example: `ftctl demo` (or `ftctl demo --json > demo.json`)
     """
-    from ftctl.demo import run_demo
+    from ftctl.demo.run import run_demo
 
     cfg = override(
         DemoConfig(workdir=workdir, data_dir=data_dir, ssh=ssh, keep_serving=keep_serving),

@@ -47,7 +47,7 @@ TransferOpt = Annotated[
     typer.Option(
         "--transfer",
         help="auto (safetensors files as a tensor delta where one applies, the rest by rsync "
-        "over OpenSSH where both ends have it, else SFTP) | tensor-delta | rsync | sftp.",
+        "over OpenSSH where both ends have it, else SFTP) | rsync | sftp.",
         show_default=common.default_text(DeployConfig, "transfer"),
     ),
 ]

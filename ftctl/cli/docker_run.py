@@ -7,7 +7,7 @@ A command's ``if docker:`` branch calls::
 
 The command line is rebuilt from the click context (subcommand names + the parameters the user
 gave, minus --docker/--gpus/--image), host paths are rewritten to container paths, and
-:func:`ftctl.container.run_in_image` runs it. Mounts:
+:func:`ftctl.image.container.run_in_image` runs it. Mounts:
 
 * ``<project>/data`` -> ``/workspace/data`` and ``<project>/models`` -> ``/workspace/models``
   (read-write; the project is the current directory);
@@ -48,10 +48,10 @@ from click.core import ParameterSource
 
 from ftctl.cli import common
 from ftctl.config import ImageConfig, check, override
-from ftctl.container import WORKDIR, Mount, Terminated, gpu_plan, run_in_image
 from ftctl.errors import ConfigError, Stopped
 from ftctl.hostpaths import ENV_VAR, HostPathJsonWriter, HostPathWriter, PathTable
-from ftctl.image import engine
+from ftctl.image.build import engine
+from ftctl.image.container import WORKDIR, Mount, Terminated, gpu_plan, run_in_image
 
 DOCKER_PARAMS = frozenset({"docker", "gpus", "image", "shm_size", "ipc"})  # never passed in
 PROJECT_DIRS = ("data", "models")  # mounted at /workspace/<name>

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ftctl.cli import common
 from ftctl.config import EvalConfig, check, override
-from ftctl.evaluate import check_gate
+from ftctl.eval.gate import check_gate
 
 
 def _summary(report: dict[str, Any]) -> None:
@@ -50,79 +50,92 @@ def _summary(report: dict[str, Any]) -> None:
         out.print(f"  [dim]- not significant: {escape(note)}[/]")
 
 
+# `ftctl eval`'s options, declared once (the command's signature names them)
+ModelOpt = Annotated[
+    Path,
+    typer.Option("--model-path", "--model", help="The candidate model directory (HF format)."),
+]
+BaselineOpt = Annotated[
+    Path | None,
+    typer.Option("--baseline", help="The live model to compare against; enables the gate."),
+]
+TestDataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--test-data",
+        help="Held-out test pool (JSONL/CSV).",
+        show_default=common.default_text(EvalConfig, "test_data"),
+    ),
+]
+SamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--samples",
+        "-n",
+        help="Cases to draw, stratified.",
+        show_default=common.default_text(EvalConfig, "samples"),
+    ),
+]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seed", help="Seed of the draw.", show_default=common.default_text(EvalConfig, "seed")
+    ),
+]
+ReportDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report-dir",
+        help="Write report.json, report.md and two PNG plots here.",
+    ),
+]
+MaxDropOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-drop",
+        help="Accuracy points a check may lose before it can fail.",
+        show_default=common.default_text(EvalConfig, "max_drop"),
+    ),
+]
+AlphaOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--alpha",
+        help="Significance level of the McNemar test.",
+        show_default=common.default_text(EvalConfig, "alpha"),
+    ),
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Inference batch.",
+        show_default=common.default_text(EvalConfig, "batch_size"),
+    ),
+]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Test cases found in the candidate's training data (its manifest's data "
+        "files) are an error (exit 3), not a warning.",
+    ),
+]
+
+
 def eval_cmd(
     ctx: typer.Context,
-    model: Annotated[
-        Path,
-        typer.Option("--model-path", "--model", help="The candidate model directory (HF format)."),
-    ],
-    baseline: Annotated[
-        Path | None,
-        typer.Option("--baseline", help="The live model to compare against; enables the gate."),
-    ] = None,
-    test_data: Annotated[
-        Path | None,
-        typer.Option(
-            "--test-data",
-            help="Held-out test pool (JSONL/CSV).",
-            show_default=common.default_text(EvalConfig, "test_data"),
-        ),
-    ] = None,
-    samples: Annotated[
-        int | None,
-        typer.Option(
-            "--samples",
-            "-n",
-            help="Cases to draw, stratified.",
-            show_default=common.default_text(EvalConfig, "samples"),
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            "--seed", help="Seed of the draw.", show_default=common.default_text(EvalConfig, "seed")
-        ),
-    ] = None,
-    report_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--report-dir",
-            help="Write report.json, report.md and two PNG plots here.",
-        ),
-    ] = None,
-    max_drop: Annotated[
-        float | None,
-        typer.Option(
-            "--max-drop",
-            help="Accuracy points a check may lose before it can fail.",
-            show_default=common.default_text(EvalConfig, "max_drop"),
-        ),
-    ] = None,
-    alpha: Annotated[
-        float | None,
-        typer.Option(
-            "--alpha",
-            help="Significance level of the McNemar test.",
-            show_default=common.default_text(EvalConfig, "alpha"),
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="Inference batch.",
-            show_default=common.default_text(EvalConfig, "batch_size"),
-        ),
-    ] = None,
+    model: ModelOpt,
+    baseline: BaselineOpt = None,
+    test_data: TestDataOpt = None,
+    samples: SamplesOpt = None,
+    seed: SeedOpt = None,
+    report_dir: ReportDirOpt = None,
+    max_drop: MaxDropOpt = None,
+    alpha: AlphaOpt = None,
+    batch_size: BatchSizeOpt = None,
     device: common.DeviceOpt = None,
-    strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict",
-            help="Test cases found in the candidate's training data (its manifest's data "
-            "files) are an error (exit 3), not a warning.",
-        ),
-    ] = False,
+    strict: StrictOpt = False,
     json_out: common.JsonOpt = False,
 ) -> None:
     """Test a model on a seeded, stratified draw of test cases; with --baseline, gate it.
@@ -138,8 +151,8 @@ def eval_cmd(
 
         ftctl eval --model-path models/incremental/final --baseline live/final --report-dir rep
     """
-    from ftctl.evaluate import run_eval
-    from ftctl.report import write_report, write_verdict
+    from ftctl.eval.evaluate import run_eval
+    from ftctl.eval.report import write_report, write_verdict
 
     settings = override(
         common.config(ctx).eval,

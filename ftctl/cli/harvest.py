@@ -22,7 +22,8 @@ def _training_data(conf: Config) -> list[Path]:
 
 
 def _known_texts(paths: list[Path]):
-    from ftctl.data import read_examples, text_keys
+    from ftctl.data.examples import read_examples
+    from ftctl.data.textkey import text_keys
 
     texts = [
         ex.text for p in paths if p.is_file() for ex in read_examples(p, max_chars=10**6).examples
@@ -59,6 +60,61 @@ def _summary(res, out: Path) -> None:
     )
 
 
+# `ftctl harvest`'s options, declared once (the command's signature names them)
+LogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log",
+        help="The JSONL log: a path on the server, or a local file when neither --host "
+        "nor --profile is given.",
+        show_default="<remote_dir>/logs/predictions.jsonl",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="The review file (CSV).", show_default="data/review-<time>.csv"
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--limit",
+        help="Rows in the review file.",
+        show_default=common.default_text(HarvestConfig, "limit"),
+    ),
+]
+MaxScoreOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-score",
+        help="Doubtful below this score.",
+        show_default=common.default_text(HarvestConfig, "max_score"),
+    ),
+]
+MinMarginOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-margin",
+        help="Doubtful this close to the runner-up.",
+        show_default=common.default_text(HarvestConfig, "min_margin"),
+    ),
+]
+SinceOpt = Annotated[
+    str | None,
+    typer.Option("--since", help="Only answers after this: 7d, 12h, 30m or a UTC date."),
+]
+ExcludeOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--exclude",
+        help="Leave out texts already in this data file; repeatable.",
+        show_default="the generated and the reviewed data, and the test pool",
+    ),
+]
+
+
 def harvest_cmd(
     ctx: typer.Context,
     profile: ssh.ProfileOpt = None,
@@ -68,58 +124,14 @@ def harvest_cmd(
     remote_dir: ssh.RemoteDirOpt = None,
     accept_host_key: ssh.AcceptKeyOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
-    log: Annotated[
-        str | None,
-        typer.Option(
-            "--log",
-            help="The JSONL log: a path on the server, or a local file when neither --host "
-            "nor --profile is given.",
-            show_default="<remote_dir>/logs/predictions.jsonl",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", "-o", help="The review file (CSV).", show_default="data/review-<time>.csv"
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
-    limit: Annotated[
-        int | None,
-        typer.Option(
-            "--limit",
-            help="Rows in the review file.",
-            show_default=common.default_text(HarvestConfig, "limit"),
-        ),
-    ] = None,
-    max_score: Annotated[
-        float | None,
-        typer.Option(
-            "--max-score",
-            help="Doubtful below this score.",
-            show_default=common.default_text(HarvestConfig, "max_score"),
-        ),
-    ] = None,
-    min_margin: Annotated[
-        float | None,
-        typer.Option(
-            "--min-margin",
-            help="Doubtful this close to the runner-up.",
-            show_default=common.default_text(HarvestConfig, "min_margin"),
-        ),
-    ] = None,
-    since: Annotated[
-        str | None,
-        typer.Option("--since", help="Only answers after this: 7d, 12h, 30m or a UTC date."),
-    ] = None,
-    exclude: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--exclude",
-            help="Leave out texts already in this data file; repeatable.",
-            show_default="the generated and the reviewed data, and the test pool",
-        ),
-    ] = None,
+    log: LogOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    limit: LimitOpt = None,
+    max_score: MaxScoreOpt = None,
+    min_margin: MinMarginOpt = None,
+    since: SinceOpt = None,
+    exclude: ExcludeOpt = None,
     json_out: common.JsonOpt = False,
 ) -> None:
     """Pick the live service's doubtful answers for a human to label.
@@ -131,7 +143,7 @@ def harvest_cmd(
 
     Example: `ftctl harvest --profile prod --since 7d --out data/review.csv`
     """
-    from ftctl import harvest as core
+    from ftctl.data import harvest as core
 
     conf = common.config(ctx)
     hcfg = override(conf.harvest, limit=limit, max_score=max_score, min_margin=min_margin)
@@ -218,8 +230,7 @@ def import_review_cmd(
 
     Example: `ftctl data import-review data/review-20261130-081500.csv --labels models/live/final`
     """
-    from ftctl.cli.data import model_tokenizer, read_label_list
-    from ftctl.review import import_review
+    from ftctl.data.review import import_review
 
     conf = common.config(ctx)
     dcfg = override(conf.data, max_chars=max_chars)
@@ -227,10 +238,10 @@ def import_review_cmd(
     target = to or dcfg.reviewed
     if against is None:
         against = [conf.train.old_data] if conf.train.old_data else []
-    allowed = read_label_list(labels) if labels is not None else None
+    allowed = common.read_label_list(labels) if labels is not None else None
     res = import_review(
         review, target, labels=allowed, against=against, label_files=_training_data(conf),
-        max_chars=dcfg.max_chars, tokenizer=model_tokenizer(labels),
+        max_chars=dcfg.max_chars, tokenizer=common.model_tokenizer(labels),
     )  # fmt: skip
     if json_out:
         common.emit_json(ctx, res.to_dict())

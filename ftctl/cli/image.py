@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ftctl import config as cfgmod
 from ftctl.cli import common
-from ftctl.image import build_image, default_tags, list_images
+from ftctl.image.build import build_image, default_tags, list_images
 
 app = typer.Typer(
     help="Build and list the training image (CUDA PyTorch base + pinned dependencies + ftctl).",

@@ -141,7 +141,9 @@ def _register() -> None:
     eval.register(app)  # eval
     deploy.register(app)  # deploy, rollback, releases
     serve.register(app)  # serve
-    harvest.register(app)  # harvest (import-review is under `data`)
+    harvest.register(app)  # harvest
+    # import-review is under `data`; its code lives beside `ftctl harvest`, which writes the file
+    data.app.command("import-review")(harvest.import_review_cmd)
     demo.register(app)  # demo
     pipeline.register(app)  # pipeline
     promote.register(app)  # promote

@@ -18,7 +18,7 @@ from ftctl.config import (
     check,
     override,
 )
-from ftctl.data import with_reviewed
+from ftctl.data.reconcile import with_reviewed
 from ftctl.errors import StageFailed
 from ftctl.pipeline import PipelineResult, Stage, run_stages
 
@@ -28,12 +28,9 @@ DEFAULT_REPORT_DIR = Path("reports")  # when neither --report-dir nor [eval] rep
 def _subcommand_ctx(ctx: typer.Context, names: list[str], args: list[str]):
     """A click context for ``ftctl <names> <args>``, child of this invocation's root."""
     import click
-    import typer.main
-
-    from ftctl.cli.main import app
 
     parent = ctx.find_root()
-    cmd = typer.main.get_command(app)
+    cmd = parent.command  # the root group (the app this invocation runs)
     for name in names[:-1]:
         cmd = cmd.get_command(parent, name)
         parent = click.Context(cmd, info_name=name, parent=parent)
@@ -83,13 +80,13 @@ class _Pipeline:
         if self.docker:
             args = ["--templates", str(self.data.templates), "--out-dir", str(self.data.out_dir)]
             return _in_image(self.ctx, ["data", "generate"], args, self.gpus, self.image)
-        from ftctl.generate import write_generated
+        from ftctl.data.generate import write_generated
 
         made = write_generated(self.data, reporter=self.rep)
         return {"examples": len(made.examples), "paths": [str(p) for p in made.paths]}
 
     def plan_generate(self) -> dict[str, Any]:
-        from ftctl.generate import load_templates
+        from ftctl.data.generate import load_templates
 
         templates = load_templates(self.data.templates)  # read and checked, nothing written
         stem = Path(self.data.out_dir) / self.data.name
@@ -117,20 +114,20 @@ class _Pipeline:
             if cfg.old_data:
                 args += ["--old-data", str(cfg.old_data)]
             return _in_image(self.ctx, ["train"], args, self.gpus, self.image)
-        from ftctl.train import train as run_train
+        from ftctl.train.finetune import train as run_train
 
         return run_train(cfg, reporter=self.rep).summary()
 
     def plan_train(self) -> dict[str, Any]:
-        from ftctl import model as M
         from ftctl.errors import ConfigError
+        from ftctl.model.files import check_supported
 
         cfg = self.train_cfg
         if cfg.model_path is None:
             raise ConfigError(
                 "--model-path is required", hint="pass the live model's directory (.../final)"
             )
-        M.check_supported(cfg.model_path)  # config.json, model type, tokenizer: read only
+        check_supported(cfg.model_path)  # config.json, model type, tokenizer: read only
         return {
             "model_path": str(cfg.model_path),
             "new_data": [str(f) for f in cfg.new_data],
@@ -146,8 +143,9 @@ class _Pipeline:
 
     # ------------------------------------------------------------------ gate
     def gate(self) -> dict[str, Any]:
-        from ftctl.evaluate import check_gate, run_eval
-        from ftctl.report import write_report, write_verdict
+        from ftctl.eval.evaluate import run_eval
+        from ftctl.eval.gate import check_gate
+        from ftctl.eval.report import write_report, write_verdict
 
         report = run_eval(
             self.candidate, self.eval, baseline_dir=self.train_cfg.model_path, reporter=self.rep
@@ -203,56 +201,63 @@ class _Pipeline:
         }
 
 
+# `ftctl pipeline`'s options, declared once (the command's signature names them)
+ModelPathOpt = Annotated[
+    Path | None,
+    typer.Option("--model-path", help="The live (base) model: fine-tuned, and the baseline."),
+]
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--templates",
+        help="Templates YAML.",
+        show_default=common.default_text(DataConfig, "templates"),
+    ),
+]
+OldDataOpt = Annotated[Path | None, typer.Option("--old-data", help="Original data to replay.")]
+OutputPathOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output-path",
+        help="Train output (OUTPUT/final/).",
+        show_default=common.default_text(TrainConfig, "output_path"),
+    ),
+]
+TestDataOpt = Annotated[Path | None, typer.Option("--test-data", help="Test pool.")]
+ReportDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report-dir",
+        help="Eval report directory ([eval] report_dir, else reports/).",
+        show_default=str(DEFAULT_REPORT_DIR),
+    ),
+]
+SkipDeployOpt = Annotated[bool, typer.Option("--skip-deploy", help="Stop after the gate.")]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Check the inputs and print every stage's plan; write nothing, train nothing, "
+        "connect to nothing.",
+    ),
+]
+
+
 def pipeline_cmd(
     ctx: typer.Context,
-    model_path: Annotated[
-        Path | None,
-        typer.Option("--model-path", help="The live (base) model: fine-tuned, and the baseline."),
-    ] = None,
-    templates: Annotated[
-        Path | None,
-        typer.Option(
-            "--templates",
-            help="Templates YAML.",
-            show_default=common.default_text(DataConfig, "templates"),
-        ),
-    ] = None,
-    old_data: Annotated[
-        Path | None, typer.Option("--old-data", help="Original data to replay.")
-    ] = None,
-    output_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--output-path",
-            help="Train output (OUTPUT/final/).",
-            show_default=common.default_text(TrainConfig, "output_path"),
-        ),
-    ] = None,
-    test_data: Annotated[Path | None, typer.Option("--test-data", help="Test pool.")] = None,
-    report_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--report-dir",
-            help="Eval report directory ([eval] report_dir, else reports/).",
-            show_default=str(DEFAULT_REPORT_DIR),
-        ),
-    ] = None,
+    model_path: ModelPathOpt = None,
+    templates: TemplatesOpt = None,
+    old_data: OldDataOpt = None,
+    output_path: OutputPathOpt = None,
+    test_data: TestDataOpt = None,
+    report_dir: ReportDirOpt = None,
     profile: ssh.ProfileOpt = None,
     host: ssh.HostOpt = None,
     identity: ssh.IdentityOpt = None,
     known_hosts: ssh.KnownHostsOpt = None,
     accept_new_host_key: ssh.AcceptNewOpt = False,
-    skip_deploy: Annotated[
-        bool, typer.Option("--skip-deploy", help="Stop after the gate.")
-    ] = False,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run",
-            help="Check the inputs and print every stage's plan; write nothing, train nothing, "
-            "connect to nothing.",
-        ),
-    ] = False,
+    skip_deploy: SkipDeployOpt = False,
+    dry_run: DryRunOpt = False,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,
     image: common.ImageOpt = None,

@@ -4,115 +4,128 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ftctl.cli import common
+from ftctl.clock import utc_iso
 from ftctl.config import ServeConfig, check, override
 from ftctl.errors import ConfigError
 
 
 def _log_line(event: dict) -> None:
     """One JSON object per line on stderr (journald, supervisor and `jq` read it as is)."""
-    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | event
+    line = {"time": utc_iso()} | event
     sys.stderr.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
     sys.stderr.flush()
 
 
+# `ftctl serve`'s options, declared once (the command's signature names them)
+ModelPathOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model-path",
+        "--model-dir",
+        help="Model directory or the deploy link (e.g. .../final).",
+    ),
+]
+HostOpt = Annotated[str | None, typer.Option("--host", help="Address to listen on.")]
+PortOpt = Annotated[
+    int | None,
+    typer.Option("--port", help="TCP port.", show_default=common.default_text(ServeConfig, "port")),
+]
+MaxLengthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length",
+        help="Tokens per text.",
+        show_default=common.default_text(ServeConfig, "max_length"),
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="torch CPU threads (0: one per core).",
+        show_default=common.default_text(ServeConfig, "threads"),
+    ),
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Most texts in one forward pass.",
+        show_default=common.default_text(ServeConfig, "batch_size"),
+    ),
+]
+BatchWaitMsOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--batch-wait-ms",
+        help="Longest wait of an idle model for the requests it expects (never for one "
+        "client alone).",
+        show_default=common.default_text(ServeConfig, "batch_wait_ms"),
+    ),
+]
+MaxPendingOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pending",
+        help="Texts waiting for the model before 503.",
+        show_default=common.default_text(ServeConfig, "max_pending"),
+    ),
+]
+PredictionLogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prediction-log",
+        help="JSONL log of every answer, or 'off'.",
+        show_default="<dir of --model-path>/logs/predictions.jsonl",
+    ),
+]
+LogTextsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--log-texts/--no-log-texts",
+        help="Write the texts into the prediction log (no: only their lengths).",
+        show_default="--log-texts",
+    ),
+]
+GracefulTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--graceful-timeout",
+        help="On SIGTERM, the longest wait for requests in flight (s).",
+        show_default=common.default_text(ServeConfig, "graceful_timeout"),
+    ),
+]
+AccessLogOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--access-log/--no-access-log",
+        help="One JSON line per request (stderr).",
+        show_default="--no-access-log",
+    ),
+]
+
+
 def serve_cmd(
     ctx: typer.Context,
-    model_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--model-path",
-            "--model-dir",
-            help="Model directory or the deploy link (e.g. .../final).",
-        ),
-    ] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
-    port: Annotated[
-        int | None,
-        typer.Option(
-            "--port", help="TCP port.", show_default=common.default_text(ServeConfig, "port")
-        ),
-    ] = None,
-    max_length: Annotated[
-        int | None,
-        typer.Option(
-            "--max-length",
-            help="Tokens per text.",
-            show_default=common.default_text(ServeConfig, "max_length"),
-        ),
-    ] = None,
+    model_path: ModelPathOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    max_length: MaxLengthOpt = None,
     device: common.DeviceOpt = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            help="torch CPU threads (0: one per core).",
-            show_default=common.default_text(ServeConfig, "threads"),
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="Most texts in one forward pass.",
-            show_default=common.default_text(ServeConfig, "batch_size"),
-        ),
-    ] = None,
-    batch_wait_ms: Annotated[
-        float | None,
-        typer.Option(
-            "--batch-wait-ms",
-            help="Longest wait of an idle model for the requests it expects (never for one "
-            "client alone).",
-            show_default=common.default_text(ServeConfig, "batch_wait_ms"),
-        ),
-    ] = None,
-    max_pending: Annotated[
-        int | None,
-        typer.Option(
-            "--max-pending",
-            help="Texts waiting for the model before 503.",
-            show_default=common.default_text(ServeConfig, "max_pending"),
-        ),
-    ] = None,
-    prediction_log: Annotated[
-        str | None,
-        typer.Option(
-            "--prediction-log",
-            help="JSONL log of every answer, or 'off'.",
-            show_default="<dir of --model-path>/logs/predictions.jsonl",
-        ),
-    ] = None,
-    log_texts: Annotated[
-        bool | None,
-        typer.Option(
-            "--log-texts/--no-log-texts",
-            help="Write the texts into the prediction log (no: only their lengths).",
-            show_default="--log-texts",
-        ),
-    ] = None,
-    graceful_timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--graceful-timeout",
-            help="On SIGTERM, the longest wait for requests in flight (s).",
-            show_default=common.default_text(ServeConfig, "graceful_timeout"),
-        ),
-    ] = None,
-    access_log: Annotated[
-        bool | None,
-        typer.Option(
-            "--access-log/--no-access-log",
-            help="One JSON line per request (stderr).",
-            show_default="--no-access-log",
-        ),
-    ] = None,
+    threads: ThreadsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    batch_wait_ms: BatchWaitMsOpt = None,
+    max_pending: MaxPendingOpt = None,
+    prediction_log: PredictionLogOpt = None,
+    log_texts: LogTextsOpt = None,
+    graceful_timeout: GracefulTimeoutOpt = None,
+    access_log: AccessLogOpt = None,
 ) -> None:
     """Serve a model: POST /predict {"text": ...} or {"texts": [...]}; GET /health.
 

@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 
 from ftctl.cli import common
-from ftctl.config import DEFAULT_KNOWN_HOSTS, DeployConfig, check, override
+from ftctl.config import DeployConfig, check, override
 from ftctl.errors import ConfigError
+from ftctl.remote import DEFAULT_KNOWN_HOSTS
 
 ProfileOpt = Annotated[
     str | None, typer.Option("--profile", "-p", help="The [deploy.PROFILE] table of ftctl.toml.")

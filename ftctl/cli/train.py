@@ -1,4 +1,4 @@
-"""ftctl train / ftctl base: the thin CLI over ftctl.train and ftctl.base."""
+"""ftctl train / ftctl base: the thin CLI over ftctl.train.finetune and ftctl.train.base."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import typer
 from rich.table import Table
 
 from ftctl import config as cfgmod
-from ftctl.base import BaseConfig
 from ftctl.cli import common
 from ftctl.config import TrainConfig
-from ftctl.data import with_reviewed
+from ftctl.data.reconcile import with_reviewed
 from ftctl.errors import OutOfMemory
 from ftctl.terms import seed_term
+from ftctl.train.base import BaseConfig
 
 PathOpt = Annotated[Path | None, typer.Option()]
 
@@ -87,7 +87,7 @@ class StopOnSignal:
 
 def _interrupted(exc, output_path: Path) -> None:
     """Rank 0 says what was kept; every process then leaves with 130 (interrupted)."""
-    from ftctl import distributed
+    from ftctl.train import distributed
 
     if distributed.env_world()[0] != 0:
         raise typer.Exit(130)
@@ -141,8 +141,8 @@ def _out_of_memory(ctx: typer.Context, exc: OutOfMemory) -> OutOfMemory:
 def _launch(ctx: typer.Context, cfg) -> None:
     """--nproc/--nnodes: check the inputs once here, then run this same command in every
     process through torchrun; leave with the processes' exit code."""
-    from ftctl import distributed
-    from ftctl.train import prepare_inputs
+    from ftctl.train import distributed
+    from ftctl.train.inputs import prepare_inputs
 
     distributed.check_launch(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, cfg.device)
     prepare_inputs(cfg, lambda _message: None)  # an input error is reported once, here
@@ -158,196 +158,234 @@ def _launch(ctx: typer.Context, cfg) -> None:
     )
 
 
+def _config(ctx: typer.Context, *, reviewed: bool, new_data, **flags) -> TrainConfig:
+    """[train] of ftctl.toml with the flags given on top, [data] reviewed added to the new data
+    (unless --no-reviewed), checked: what the training runs with."""
+    conf = common.config(ctx)
+    cfg = cfgmod.override(conf.train, new_data=tuple(new_data) if new_data else None, **flags)
+    if reviewed:
+        cfg = cfgmod.override(cfg, new_data=with_reviewed(cfg.new_data, conf.data.reviewed))
+    cfgmod.check(cfg)
+    return cfg
+
+
+# `ftctl train`'s options, declared once (the command's signature names them)
+NewDataOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--new-data",
+        help="Incremental data (.jsonl or .csv); repeatable: on the same text a later "
+        "file's label wins.",
+    ),
+]
+ReviewedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--reviewed/--no-reviewed",
+        help="Also train on the reviewed data ([data] reviewed) when it exists, as the last "
+        "--new-data file (a reviewed label wins).",
+    ),
+]
+OldDataOpt = Annotated[
+    Path | None,
+    typer.Option("--old-data", help="Original training data to replay (anti-forgetting)."),
+]
+ModelPathOpt = Annotated[
+    Path | None, typer.Option("--model-path", help="Base classifier directory (HF format).")
+]
+OutputPathOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output-path",
+        help="Writes OUTPUT/final/.",
+        show_default=common.default_text(TrainConfig, "output_path"),
+    ),
+]
+EpochsOpt = Annotated[
+    int | None,
+    typer.Option(help="Epochs.", show_default=common.default_text(TrainConfig, "epochs")),
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Batch size.",
+        show_default=common.default_text(TrainConfig, "batch_size"),
+    ),
+]
+LrOpt = Annotated[
+    float | None,
+    typer.Option(help="Learning rate.", show_default=common.default_text(TrainConfig, "lr")),
+]
+ReplayRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--replay-ratio",
+        help="Share of old data in the mix.",
+        show_default=common.default_text(TrainConfig, "replay_ratio"),
+    ),
+]
+FreezeLayersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--freeze-layers",
+        help="Freeze embeddings + the first N encoder layers (0: none).",
+        show_default=common.default_text(TrainConfig, "freeze_layers"),
+    ),
+]
+PatienceOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Early stop after N epochs without improvement (0: never).", show_default="1"
+    ),
+]
+ValRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--val-ratio",
+        help="Stratified validation share.",
+        show_default=common.default_text(TrainConfig, "val_ratio"),
+    ),
+]
+MaxLengthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length",
+        help="Tokens per text.",
+        show_default=common.default_text(TrainConfig, "max_length"),
+    ),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/.")]
+AddLabelsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--add-labels/--no-add-labels",
+        help="Grow the classifier head for labels the base model lacks.",
+        show_default=common.default_text(TrainConfig, "add_labels"),
+    ),
+]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 autocast on a CUDA GPU that has it, else fp32) | fp32 | bf16.",
+        show_default=common.default_text(TrainConfig, "precision"),
+    ),
+]
+CheckpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint",
+        help="epoch: keep OUTPUT/checkpoints/ for --resume | none.",
+        show_default=common.default_text(TrainConfig, "checkpoint"),
+    ),
+]
+RequireImprovementOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--require-improvement/--no-require-improvement",
+        help="Fail when no epoch beats the base model on the validation split.",
+        show_default=common.default_text(TrainConfig, "require_improvement"),
+    ),
+]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="Processes on this machine (torchrun; one GPU each on CUDA).",
+        show_default=common.default_text(TrainConfig, "nproc"),
+    ),
+]
+NnodesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nnodes",
+        help="Machines, each running this command.",
+        show_default=common.default_text(TrainConfig, "nnodes"),
+    ),
+]
+RdzvEndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rdzv-endpoint", help="With --nnodes: HOST:PORT of the rendezvous (one machine)."
+    ),
+]
+LabelMapOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--label-map",
+        help="Intent names for a model whose labels are LABEL_0, LABEL_1...: JSON "
+        '{"0": "CLOCK_IN", ...} or CSV id,intent.',
+    ),
+]
+SaveFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--save-format",
+        help="Weights to write: auto (model.safetensors, plus pytorch_model.bin when the "
+        "input had one), safetensors, bin or both.",
+        show_default=common.default_text(TrainConfig, "save_format"),
+    ),
+]
+SaveDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--save-dtype",
+        help="dtype of the saved weights: auto (the input's), float32, float16 or bfloat16. "
+        "Training itself always runs in float32.",
+        show_default=common.default_text(TrainConfig, "save_dtype"),
+    ),
+]
+GradAccumOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--grad-accum",
+        help="Batches whose gradients add up to one optimizer step: --batch-size 4 "
+        "--grad-accum 2 trains as --batch-size 8 on half the GPU memory.",
+        show_default=common.default_text(TrainConfig, "grad_accum"),
+    ),
+]
+CacheBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-budget",
+        help="GPU memory the frozen-prefix cache may take: auto (half the free memory) or "
+        'a size such as "8g"; a larger cache goes to pinned CPU memory ("0": always).',
+        show_default=common.default_text(TrainConfig, "cache_budget"),
+    ),
+]
+
+
 def train(
     ctx: typer.Context,
-    new_data: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--new-data",
-            help="Incremental data (.jsonl or .csv); repeatable: on the same text a later "
-            "file's label wins.",
-        ),
-    ] = None,
-    reviewed: Annotated[
-        bool,
-        typer.Option(
-            "--reviewed/--no-reviewed",
-            help="Also train on the reviewed data ([data] reviewed) when it exists, as the last "
-            "--new-data file (a reviewed label wins).",
-        ),
-    ] = True,
-    old_data: Annotated[
-        Path | None,
-        typer.Option("--old-data", help="Original training data to replay (anti-forgetting)."),
-    ] = None,
-    model_path: Annotated[
-        Path | None, typer.Option("--model-path", help="Base classifier directory (HF format).")
-    ] = None,
-    output_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--output-path",
-            help="Writes OUTPUT/final/.",
-            show_default=common.default_text(TrainConfig, "output_path"),
-        ),
-    ] = None,
-    epochs: Annotated[
-        int | None,
-        typer.Option(help="Epochs.", show_default=common.default_text(TrainConfig, "epochs")),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="Batch size.",
-            show_default=common.default_text(TrainConfig, "batch_size"),
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Learning rate.", show_default=common.default_text(TrainConfig, "lr")),
-    ] = None,
-    replay_ratio: Annotated[
-        float | None,
-        typer.Option(
-            "--replay-ratio",
-            help="Share of old data in the mix.",
-            show_default=common.default_text(TrainConfig, "replay_ratio"),
-        ),
-    ] = None,
-    freeze_layers: Annotated[
-        int | None,
-        typer.Option(
-            "--freeze-layers",
-            help="Freeze embeddings + the first N encoder layers (0: none).",
-            show_default=common.default_text(TrainConfig, "freeze_layers"),
-        ),
-    ] = None,
+    new_data: NewDataOpt = None,
+    reviewed: ReviewedOpt = True,
+    old_data: OldDataOpt = None,
+    model_path: ModelPathOpt = None,
+    output_path: OutputPathOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    replay_ratio: ReplayRatioOpt = None,
+    freeze_layers: FreezeLayersOpt = None,
     seed: common.SeedOpt = None,
-    patience: Annotated[
-        int | None,
-        typer.Option(
-            help="Early stop after N epochs without improvement (0: never).", show_default="1"
-        ),
-    ] = None,
-    val_ratio: Annotated[
-        float | None,
-        typer.Option(
-            "--val-ratio",
-            help="Stratified validation share.",
-            show_default=common.default_text(TrainConfig, "val_ratio"),
-        ),
-    ] = None,
-    max_length: Annotated[
-        int | None,
-        typer.Option(
-            "--max-length",
-            help="Tokens per text.",
-            show_default=common.default_text(TrainConfig, "max_length"),
-        ),
-    ] = None,
+    patience: PatienceOpt = None,
+    val_ratio: ValRatioOpt = None,
+    max_length: MaxLengthOpt = None,
     device: common.DeviceOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/.")
-    ] = False,
-    add_labels: Annotated[
-        bool | None,
-        typer.Option(
-            "--add-labels/--no-add-labels",
-            help="Grow the classifier head for labels the base model lacks.",
-            show_default=common.default_text(TrainConfig, "add_labels"),
-        ),
-    ] = None,
-    precision: Annotated[
-        str | None,
-        typer.Option(
-            "--precision",
-            help="auto (bf16 autocast on a CUDA GPU that has it, else fp32) | fp32 | bf16.",
-            show_default=common.default_text(TrainConfig, "precision"),
-        ),
-    ] = None,
-    checkpoint: Annotated[
-        str | None,
-        typer.Option(
-            "--checkpoint",
-            help="epoch: keep OUTPUT/checkpoints/ for --resume | none.",
-            show_default=common.default_text(TrainConfig, "checkpoint"),
-        ),
-    ] = None,
-    require_improvement: Annotated[
-        bool | None,
-        typer.Option(
-            "--require-improvement/--no-require-improvement",
-            help="Fail when no epoch beats the base model on the validation split.",
-            show_default=common.default_text(TrainConfig, "require_improvement"),
-        ),
-    ] = None,
-    nproc: Annotated[
-        int | None,
-        typer.Option(
-            "--nproc",
-            help="Processes on this machine (torchrun; one GPU each on CUDA).",
-            show_default=common.default_text(TrainConfig, "nproc"),
-        ),
-    ] = None,
-    nnodes: Annotated[
-        int | None,
-        typer.Option(
-            "--nnodes",
-            help="Machines, each running this command.",
-            show_default=common.default_text(TrainConfig, "nnodes"),
-        ),
-    ] = None,
-    rdzv_endpoint: Annotated[
-        str | None,
-        typer.Option(
-            "--rdzv-endpoint", help="With --nnodes: HOST:PORT of the rendezvous (one machine)."
-        ),
-    ] = None,
-    label_map: Annotated[
-        Path | None,
-        typer.Option(
-            "--label-map",
-            help="Intent names for a model whose labels are LABEL_0, LABEL_1...: JSON "
-            '{"0": "CLOCK_IN", ...} or CSV id,intent.',
-        ),
-    ] = None,
-    save_format: Annotated[
-        str | None,
-        typer.Option(
-            "--save-format",
-            help="Weights to write: auto (model.safetensors, plus pytorch_model.bin when the "
-            "input had one), safetensors, bin or both.",
-            show_default=common.default_text(TrainConfig, "save_format"),
-        ),
-    ] = None,
-    save_dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--save-dtype",
-            help="dtype of the saved weights: auto (the input's), float32, float16 or bfloat16. "
-            "Training itself always runs in float32.",
-            show_default=common.default_text(TrainConfig, "save_dtype"),
-        ),
-    ] = None,
-    grad_accum: Annotated[
-        int | None,
-        typer.Option(
-            "--grad-accum",
-            help="Batches whose gradients add up to one optimizer step: --batch-size 4 "
-            "--grad-accum 2 trains as --batch-size 8 on half the GPU memory.",
-            show_default=common.default_text(TrainConfig, "grad_accum"),
-        ),
-    ] = None,
-    cache_budget: Annotated[
-        str | None,
-        typer.Option(
-            "--cache-budget",
-            help="GPU memory the frozen-prefix cache may take: auto (half the free memory) or "
-            'a size such as "8g"; a larger cache goes to pinned CPU memory ("0": always).',
-            show_default=common.default_text(TrainConfig, "cache_budget"),
-        ),
-    ] = None,
+    resume: ResumeOpt = False,
+    add_labels: AddLabelsOpt = None,
+    precision: PrecisionOpt = None,
+    checkpoint: CheckpointOpt = None,
+    require_improvement: RequireImprovementOpt = None,
+    nproc: NprocOpt = None,
+    nnodes: NnodesOpt = None,
+    rdzv_endpoint: RdzvEndpointOpt = None,
+    label_map: LabelMapOpt = None,
+    save_format: SaveFormatOpt = None,
+    save_dtype: SaveDtypeOpt = None,
+    grad_accum: GradAccumOpt = None,
+    cache_budget: CacheBudgetOpt = None,
     docker: common.DockerOpt = False,
     gpus: common.GpusOpt = None,
     image: common.ImageOpt = None,
@@ -377,10 +415,10 @@ def train(
         raise typer.Exit(
             rerun_in_docker(ctx, gpus=gpus, image=image, gpus_used=used, shm_size=shm_size, ipc=ipc)
         )
-    conf = common.config(ctx)
-    cfg = cfgmod.override(
-        conf.train,
-        new_data=tuple(new_data) if new_data else None,
+    cfg = _config(
+        ctx,
+        reviewed=reviewed,
+        new_data=new_data,
         old_data=old_data,
         model_path=model_path,
         output_path=output_path,
@@ -407,14 +445,11 @@ def train(
         grad_accum=grad_accum,
         cache_budget=cache_budget,
     )
-    if reviewed:
-        cfg = cfgmod.override(cfg, new_data=with_reviewed(cfg.new_data, conf.data.reviewed))
-    cfgmod.check(cfg)
-    from ftctl import distributed
+    from ftctl.train import distributed
 
     if (cfg.nproc > 1 or cfg.nnodes > 1) and not distributed.in_worker():
         _launch(ctx, cfg)
-    from ftctl.train import train as run_train
+    from ftctl.train.finetune import train as run_train
 
     stop = StopOnSignal()
     try:
@@ -483,7 +518,7 @@ def base(
             hint="e.g. ftctl base --data data/original_training_data.jsonl "
             "--output-path models/chinese-roberta-wwm-ext-classifier",
         )
-    from ftctl.base import BaseConfig, build_base
+    from ftctl.train.base import BaseConfig, build_base
 
     bcfg = cfgmod.override(
         BaseConfig(data=data, output_path=output_path),

@@ -7,11 +7,10 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from ftctl.deploy.local import EVAL_REPORT
 from ftctl.deploy.plan import RemoteState, probe_request
 from ftctl.deploy.server.shared import release_key, release_tag
 from ftctl.deploy.session import Session, q
-from ftctl.manifest import MANIFEST
+from ftctl.manifest import EVAL_REPORT, MANIFEST
 
 _MARK = "=====ftctl-release"
 

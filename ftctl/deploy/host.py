@@ -21,7 +21,7 @@ from ftctl.deploy.history import probe, retention
 from ftctl.deploy.local import LocalModel
 from ftctl.deploy.plan import Plan, RemoteState, make_plan, plan_lines, prehash, python_text
 from ftctl.deploy.results import HostResult
-from ftctl.deploy.server.shared import FINAL_STATES, utc_stamp
+from ftctl.deploy.server.shared import FINAL_STATES, now_iso, utc_stamp
 from ftctl.deploy.session import LinkDead, Lock, Session, lock_info, lock_owner, q
 from ftctl.deploy.transfer import Hooks, Master, Sent, send, verify
 from ftctl.errors import DeployError, FtctlError, RollbackFailed
@@ -522,10 +522,8 @@ def log_failure(
 ) -> None:
     """A line in deploys.log for a deploy that failed or stopped before going live (the go-live
     writes its own); ``error`` (default: the host's error) says why."""
-    from datetime import UTC, datetime
-
     entry = {
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "time": now_iso(),
         "id": deploy_id,
         "action": hr.action,
         "ok": False,

@@ -8,10 +8,8 @@ from pathlib import Path, PurePosixPath
 
 from ftctl.errors import ModelError
 from ftctl.fsutil import sha256_file, sha256_tree
-from ftctl.manifest import MANIFEST, manifest_files, tree_digest
+from ftctl.manifest import EVAL_REPORT, MANIFEST, manifest_files, tree_digest
 from ftctl.progress import NULL, Reporter
-
-EVAL_REPORT = "eval_report.json"
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,6 @@ def local_samples(model: LocalModel, rel: str) -> list[str]:
 
 
 TENSOR_DELTA = td.TENSOR_DELTA
-TRANSFERS = ("auto", TENSOR_DELTA, "rsync", "sftp")  # DeployConfig.transfer
 
 
 @dataclass
@@ -224,7 +223,7 @@ def make_plan(
             if step.similar >= MIN_SIMILAR:
                 step.action, step.source = "delta", f"{basis_dir}/{rel}"
                 step.expect = math.ceil((1 - step.similar) * size)
-        if cfg.transfer in ("auto", TENSOR_DELTA) and rel.endswith(".safetensors"):
+        if cfg.transfer == "auto" and rel.endswith(".safetensors"):
             _tensor_delta(step, model, bases, count, digests or td.Digests())
         plan.steps.append(step)
     return plan
@@ -235,7 +234,7 @@ def prehash(cfg: DeployConfig, model: LocalModel) -> td.Digests:
     weights of the base model the manifest names), while the deploy connects and probes."""
     digests = td.Digests()
     base = td.base_weights(model.path)
-    if cfg.transfer in ("auto", TENSOR_DELTA) and base is not None and base.is_file():
+    if cfg.transfer == "auto" and base is not None and base.is_file():
         digests.start(base)
     return digests
 
@@ -274,7 +273,7 @@ def _mb(n: int) -> str:
 
 
 def _tensor_delta_rule(cfg: DeployConfig) -> str:
-    if cfg.transfer in ("auto", TENSOR_DELTA):
+    if cfg.transfer == "auto":
         return "; safetensors files as a tensor delta where one applies"
     return f"; no tensor delta (transfer = {cfg.transfer})"
 

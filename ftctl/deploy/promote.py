@@ -32,12 +32,12 @@ from typing import Any
 from ftctl.deploy.fleet import deploy, per_host
 from ftctl.deploy.history import probe
 from ftctl.deploy.host import health_now
-from ftctl.deploy.local import EVAL_REPORT, check_relpath, load_local_model
+from ftctl.deploy.local import check_relpath, load_local_model
 from ftctl.deploy.results import DeployResult
 from ftctl.deploy.session import Session, describe_lock, q
 from ftctl.errors import DeployError, FtctlError, GateFailed, PromoteRefused
 from ftctl.fsutil import sha256_file
-from ftctl.manifest import MANIFEST, tree_digest
+from ftctl.manifest import EVAL_REPORT, MANIFEST, tree_digest
 from ftctl.progress import NULL, Reporter
 
 _MARK = "=====ftctl-promote"

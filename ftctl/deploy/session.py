@@ -27,7 +27,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ftctl.deploy.program import program
-from ftctl.deploy.server.shared import EXIT_BAD_PROGRAM, EXIT_TOO_OLD, Frames, decode, frame
+from ftctl.deploy.server.shared import (
+    EXIT_BAD_PROGRAM,
+    EXIT_TOO_OLD,
+    Frames,
+    decode,
+    frame,
+    now_iso,
+)
 from ftctl.errors import DeployError, EnvironmentProblem, FtctlError, LockHeld
 from ftctl.progress import NULL, Reporter
 
@@ -504,12 +511,10 @@ def lock_owner() -> str:
 
 
 def lock_info(action: str, deploy_id: str) -> dict:
-    from datetime import UTC, datetime
-
     return {
         "owner": lock_owner(),
         "client_pid": os.getpid(),
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "time": now_iso(),
         "action": action,
         "id": deploy_id,
     }

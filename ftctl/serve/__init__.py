@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ftctl.clock import utc_iso
 from ftctl.errors import FtctlError
 from ftctl.serve.app import Limits, ServeApp
 from ftctl.serve.batching import Answer, Batcher, Overloaded
@@ -65,10 +66,6 @@ def limits(cfg: ServeConfig) -> Limits:
     )
 
 
-def _utc(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 class EventLog:
     """The service's ``log`` made safe to call from any thread: it never raises. A write
     that fails (stderr on a full disk, a pipe nobody reads any more) is remembered, and
@@ -93,7 +90,7 @@ class EventLog:
 
     def status(self) -> str:
         since = self.failing_since
-        return "ok" if since is None else f"failing since {_utc(since)}: {self.last_error}"
+        return "ok" if since is None else f"failing since {utc_iso(since)}: {self.last_error}"
 
 
 def build(cfg: ServeConfig, log: Callable[[dict], None]) -> tuple[ServeApp, PredictionLog | None]:

@@ -20,8 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftctl.clock import utc_iso
 from ftctl.manifest import model_digest
-from ftctl.model import check_supported, read_labels
+from ftctl.model.files import check_supported, read_labels
+from ftctl.model.inference import batch_probabilities
 
 WARMUP_TEXT = "预热"
 
@@ -55,32 +57,24 @@ class Predictor:
         ``batch_size`` texts under ``torch.inference_mode()`` (little padding per pass).
 
         Not thread-safe (a fast tokenizer is not): the service calls it from one thread."""
-        import torch
-
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[Prediction | None] = [None] * len(texts)
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
+
+        def top_two(idx: list[int], probs) -> None:
+            top = probs.topk(min(2, probs.shape[-1]), dim=-1)
+            best = zip(idx, top.values.tolist(), top.indices.tolist(), strict=True)
+            for i, vals, ids in best:
+                second = len(ids) > 1
+                out[i] = Prediction(
+                    self.labels[ids[0]],
+                    vals[0],
+                    self.labels[ids[1]] if second else None,
+                    vals[1] if second else None,
                 )
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                probs = self.model(**enc).logits.float().softmax(-1)
-                top = probs.topk(min(2, probs.shape[-1]), dim=-1)
-                best = zip(idx, top.values.tolist(), top.indices.tolist(), strict=True)
-                for i, vals, ids in best:
-                    second = len(ids) > 1
-                    out[i] = Prediction(
-                        self.labels[ids[0]],
-                        vals[0],
-                        self.labels[ids[1]] if second else None,
-                        vals[1] if second else None,
-                    )
+
+        batch_probabilities(
+            self.model, self.tokenizer, texts, batch_size=self.batch_size,
+            max_length=self.max_length, device=self.device, each=top_two,
+        )  # fmt: skip
         return out  # type: ignore[return-value]
 
 
@@ -90,7 +84,8 @@ def load_predictor(
     """Resolve the link now and load what it points at (cheap checks first, then the weights),
     then run warm-up passes so that the first request does not pay for lazy set-up (the
     second one is timed: ``warm_seconds``)."""
-    from ftctl.model import load_classifier, resolve_device
+    from ftctl.model.files import load_classifier
+    from ftctl.model.inference import resolve_device
 
     real = os.path.realpath(model_dir)
     check_supported(real)
@@ -104,10 +99,6 @@ def load_predictor(
     p.predict([WARMUP_TEXT])  # timed warm: a first guess at the service rate
     p.warm_seconds = time.perf_counter() - t0
     return p
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class ModelHolder:
@@ -130,7 +121,7 @@ class ModelHolder:
         self.log = log
         self.current = load_predictor(model_dir, **self._load_args)
         self.batch_lock = threading.Lock()  # held by the batcher for a batch; the swap takes it
-        self.started = _now()
+        self.started = utc_iso()
         self.reload_attempts = 0  # reloads started
         self.reloads = 0  # reloads that swapped a new model in
         self.reload_failures = 0
@@ -157,7 +148,7 @@ class ModelHolder:
         with self._reload_lock:
             self.reload_attempts += 1
             target = os.path.realpath(self.model_dir)
-            attempt = {"state": "loading", "model_dir": target, "started": _now()}
+            attempt = {"state": "loading", "model_dir": target, "started": utc_iso()}
             self.last_reload = attempt
             t0 = time.monotonic()
             try:

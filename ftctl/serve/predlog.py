@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ftctl.clock import utc_iso, utc_iso_ms
 from ftctl.serve.model import Prediction
 
 DEFAULT_NAME = "predictions.jsonl"
@@ -44,14 +45,6 @@ def default_path(model_dir: str | Path) -> Path:
     return Path(os.path.abspath(model_dir)).parent / "logs" / DEFAULT_NAME
 
 
-def _utc_ms(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
-
-
-def _utc(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 def records(
     texts: Sequence[str],
     predictions: Sequence[Prediction],
@@ -60,7 +53,7 @@ def records(
     log_texts: bool,
     now: float | None = None,
 ) -> list[dict]:
-    stamp = _utc_ms(time.time() if now is None else now)
+    stamp = utc_iso_ms(time.time() if now is None else now)
     out = []
     for text, p in zip(texts, predictions, strict=True):
         rec: dict = {"time": stamp}
@@ -141,7 +134,7 @@ class PredictionLog:
         since = self.failing_since
         if since is None:
             return "ok"
-        return f"failing since {_utc(since)}: {self.last_error}"
+        return f"failing since {utc_iso(since)}: {self.last_error}"
 
     def failure(self) -> str | None:
         """Why the writer thread is gone, else None."""
@@ -304,7 +297,7 @@ class PredictionLog:
         if self.failing_since is None:
             return
         since, self.failing_since, self.last_error = self.failing_since, None, None
-        self._report("prediction_log_ok", failing_since=_utc(since), dropped=self.dropped)
+        self._report("prediction_log_ok", failing_since=utc_iso(since), dropped=self.dropped)
 
 
 class _ShortWrite(OSError):

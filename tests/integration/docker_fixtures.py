@@ -249,7 +249,7 @@ def test_base_image(docker_engine, root_base_image) -> str:
 @pytest.fixture(scope="session")
 def ftctl_image(docker_engine, test_base_image) -> str:
     """The project's Dockerfile built on the torch 2.13 base (once per session; cached)."""
-    from ftctl.image import build_image
+    from ftctl.image.build import build_image
 
     result = build_image(REPO, base_image=test_base_image, tags=[TEST_IMAGE_TAG])
     return result.image_id
@@ -260,7 +260,7 @@ def ftctl_image(docker_engine, test_base_image) -> str:
 
 def build_291_image(client, cancelled: threading.Event | None = None) -> tuple[str, float]:
     """(image id, seconds): root -> torch 2.9.1 base -> the project image on it."""
-    from ftctl.image import build_image
+    from ftctl.image.build import build_image
 
     def go_on() -> None:
         if cancelled is not None and cancelled.is_set():

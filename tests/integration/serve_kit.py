@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import ClassVar
 
-from ftctl.localserver import free_port
+from ftctl.demo.localserver import free_port
 from ftctl.quiet import QUIET_ENV
 
 FTCTL = str(Path(sys.executable).parent / "ftctl")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ftctl.config import DeployConfig
-from ftctl.localserver import LocalSSHD, Supervisor, free_port, http_json, wait_http
+from ftctl.demo.localserver import LocalSSHD, Supervisor, free_port, http_json, wait_http
 from ftctl.manifest import model_digest
 from ftctl.remote import connect, parse_host
 from tests.helpers import make_tiny_model

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import read_examples
+from ftctl.data.examples import read_examples
 from ftctl.manifest import model_digest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,7 +56,7 @@ def test_base_model_shows_the_seed_confusions_and_the_candidate_fixes_them(demo)
 
 
 def test_harvest_of_production_then_the_reviewers_answers_become_reviewed_data(demo, repo_root):
-    from ftctl.demo import DemoConfig, users_questions
+    from ftctl.demo.run import DemoConfig, users_questions
 
     doc = json.loads(demo[0].stdout)
     h, review = doc["harvest"], doc["review"]

@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import DeployConfig
+from ftctl.demo.localserver import LocalSSHD, Supervisor, free_port, wait_http
 from ftctl.deploy import deploy
 from ftctl.errors import ExitCode
-from ftctl.localserver import LocalSSHD, Supervisor, free_port, wait_http
 from ftctl.manifest import model_digest
 from ftctl.progress import NullReporter
 from ftctl.remote import connect, parse_host

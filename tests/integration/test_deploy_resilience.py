@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from ftctl.demo.localserver import LocalSSHD
 from ftctl.deploy import Session, deploy
 from ftctl.deploy.session import LinkDead, Lock, lock_info
 from ftctl.errors import LockHeld
 from ftctl.fsutil import atomic_write_text
-from ftctl.localserver import LocalSSHD
 from ftctl.manifest import model_digest, write_manifest
 from tests.integration.ssh_fixtures import lock_free, wait_until
 

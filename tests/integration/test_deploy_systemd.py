@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import docker
 from ftctl.cli.main import app
 from ftctl.config import SEED_REMOTE_DIR
-from ftctl.localserver import free_port, wait_port
+from ftctl.demo.localserver import free_port, wait_port
 from tests.integration.docker_fixtures import ensure_root_base
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]

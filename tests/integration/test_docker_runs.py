@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ftctl import container as container_mod
 from ftctl.cli.main import app
-from ftctl.container import Mount, RunSpec, create_container, gpu_plan, run_in_image
 from ftctl.errors import ContainerKilled, ExitCode
+from ftctl.image import container as container_mod
+from ftctl.image.container import Mount, RunSpec, create_container, gpu_plan, run_in_image
 from tests.integration.docker_fixtures import REPO, UID, chown_tree, readable_copy, small_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]

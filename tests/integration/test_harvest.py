@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import read_examples
+from ftctl.data.examples import read_examples
 from ftctl.errors import ExitCode
 from tests.helpers import INTENTS, write_jsonl
 from tests.integration.serve_kit import ServeProcess, copy_model, http
@@ -97,7 +97,8 @@ def test_the_demos_harvest_stage_reads_its_own_live_service_over_ssh(tmp_path, t
                                                                       repo_root):  # fmt: skip
     """The demo's last stage on the demo's own server (sshd + supervisor + ftctl serve), without
     the hour of training before it (tests/integration/test_demo.py runs the whole demo)."""
-    from ftctl.demo import DemoConfig, LocalServer, _harvest, _traffic, users_questions
+    from ftctl.demo.localserver import LocalServer
+    from ftctl.demo.run import DemoConfig, _harvest, _traffic, users_questions
 
     server = LocalServer(tmp_path / "server", tiny_model_dir, ssh=True).start()
     try:

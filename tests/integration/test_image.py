@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from ftctl import __version__
 from ftctl.cli.main import app
-from ftctl.container import Mount, run_in_image
 from ftctl.errors import ExitCode, ImageError
-from ftctl.image import build_image
+from ftctl.image.build import build_image
+from ftctl.image.container import Mount, run_in_image
 from tests.integration.docker_fixtures import UID, chown_tree, small_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -169,7 +169,7 @@ def test_cli_build_writes_the_configured_tag_and_docker_runs_it(
 ):
     """`image build` tags <repo>:<version>-<sha> and [image] tag; --docker runs [image] tag.
     The tests' own repository name, so the user's ftctl:* tags are never touched."""
-    monkeypatch.setattr("ftctl.image.REPOSITORY", "ftctl-docker-test")
+    monkeypatch.setattr("ftctl.image.build.REPOSITORY", "ftctl-docker-test")
     tag = "ftctl-docker-test:cli"
     (project / "ftctl.toml").write_text(f'[image]\ntag = "{tag}"\n')
     res = runner.invoke(

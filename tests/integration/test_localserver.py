@@ -1,4 +1,4 @@
-"""ftctl.localserver: the real sshd and supervisor behind the demo, the benchmarks and tests."""
+"""ftctl.demo.localserver: the real sshd and supervisor behind the demo, benchmarks and tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ftctl.localserver import LocalSSHD, Supervisor, free_port, http_json, wait_http
+from ftctl.demo.localserver import LocalSSHD, Supervisor, free_port, http_json, wait_http
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,10 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import EvalConfig
-from ftctl.demo import LocalServer
+from ftctl.demo.localserver import LocalServer, http_json, wait_http
 from ftctl.deploy import deploy
 from ftctl.deploy.promote import Env, promote
 from ftctl.errors import ExitCode, GateFailed, PromoteRefused
-from ftctl.localserver import http_json, wait_http
 from ftctl.manifest import model_digest, write_manifest
 from ftctl.remote import connect, parse_host
 
@@ -29,8 +28,8 @@ runner = CliRunner()
 def gated(src: Path, dest: Path, repo: Path, *, verdict: str = "PASS") -> Path:
     """A copy of ``src`` with the gate's record in it, from a real eval (against itself: an
     identical model passes); ``verdict="FAIL"`` records a failed gate instead."""
-    from ftctl.evaluate import run_eval
-    from ftctl.report import write_report, write_verdict
+    from ftctl.eval.evaluate import run_eval
+    from ftctl.eval.report import write_report, write_verdict
 
     shutil.copytree(src, dest)
     write_manifest(dest, {"kind": "test"})  # what ftctl train writes beside the weights

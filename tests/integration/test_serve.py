@@ -370,7 +370,7 @@ class SocketActivated:
     `ftctl serve` gets the socket as fd 3 with LISTEN_FDS=1 and LISTEN_PID = its own pid."""
 
     def __init__(self, workdir: Path, model_dir: Path) -> None:
-        from ftctl.localserver import free_port
+        from ftctl.demo.localserver import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -75,7 +75,8 @@ def train_tiny(
     baseline. Reuses the tokenizer saved in ``tokenizer_dir`` (building one is slow)."""
     import torch
 
-    from ftctl.model import build_classifier, load_tokenizer, save_classifier
+    from ftctl.model.files import load_tokenizer, save_classifier
+    from ftctl.train.base import build_classifier
 
     tok = load_tokenizer(tokenizer_dir)
     model = build_classifier(
@@ -102,7 +103,7 @@ def train_tiny(
 def edit_head(src: Path, dst: Path, *, forget: str, into: str | None = None) -> Path:
     """Copy a model dir and make it forget intent ``forget`` (its bias -> -1e4); with ``into``,
     its cases go to ``into`` instead (``into`` takes over ``forget``'s head row)."""
-    from ftctl.model import load_classifier, save_classifier
+    from ftctl.model.files import load_classifier, save_classifier
 
     shutil.copytree(src, dst)
     model, tok = load_classifier(dst)

@@ -66,7 +66,7 @@ def rows(n_per: int, seed: int, labels=INTENTS) -> list[tuple[str, str]]:
 
 def vocab() -> list[str]:
     """A small char vocab (fast to load) covering every text these tests use."""
-    from ftctl.model import SPECIAL_TOKENS
+    from ftctl.train.base import SPECIAL_TOKENS
 
     chars = set(FILL + "".join(KEYWORDS) + "".join(SHAPES) + "补卡漏打上班今天帮我") - {"{", "}"}
     ascii_ = [chr(c) for c in range(0x21, 0x7F)]
@@ -87,7 +87,7 @@ def make_legacy_model(
     """Write ``out_dir`` the old way; ``model`` (a trained one) or a random BERT classifier."""
     import torch
 
-    from ftctl.model import build_classifier
+    from ftctl.train.base import build_classifier
 
     out_dir.mkdir(parents=True)
     words = vocab()

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ftctl.base import BaseConfig, build_base
 from ftctl.cli.main import app
 from ftctl.errors import ExitCode
 from ftctl.manifest import read_manifest, verify_manifest
-from ftctl.model import load_classifier
+from ftctl.model.files import load_classifier
+from ftctl.train.base import BaseConfig, build_base
 from tests.helpers import INTENTS, write_jsonl
 from tests.unit.test_train import synth
 

@@ -14,7 +14,6 @@ import typer.main
 import yaml
 from typer.testing import CliRunner
 
-from ftctl.base import BaseConfig
 from ftctl.cli.common import default_text
 from ftctl.cli.main import app
 from ftctl.config import (
@@ -26,8 +25,9 @@ from ftctl.config import (
     TrainConfig,
     load_config,
 )
-from ftctl.demo import WORKDIR_MARK, DemoConfig, prepare_workdir
+from ftctl.demo.run import WORKDIR_MARK, DemoConfig, prepare_workdir
 from ftctl.errors import ConfigError, ExitCode
+from ftctl.train.base import BaseConfig
 
 runner = CliRunner()
 TEMPLATES = {"intents": {"CLOCK_IN": ["帮我打卡", "我要签到", "上班打卡"]}}

@@ -1,4 +1,4 @@
-"""ftctl.data readers/writers and the `ftctl data validate` / `ftctl data convert` commands."""
+"""ftctl.data.examples (readers, writers) and the `ftctl data validate` / `convert` commands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import Example, load_examples, read_examples, write_examples
+from ftctl.data.examples import Example, load_examples, read_examples, write_examples
 from ftctl.errors import DataError, ExitCode
 from tests.helpers import INTENTS
 
@@ -320,7 +320,7 @@ def test_validate_names_a_missing_file_once(tmp_path):
 
 
 def test_full_width_and_spacing_variants_are_the_same_text(tmp_path):
-    from ftctl.data import text_key
+    from ftctl.data.textkey import text_key
 
     assert text_key(" 帮我  打卡？ ") == text_key("帮我 打卡?")
     assert text_key("ＡＢＣ１２３") == text_key("abc123") == "abc123"
@@ -341,7 +341,7 @@ def test_full_width_and_spacing_variants_are_the_same_text(tmp_path):
 
 
 def test_reconcile_new_label_wins_and_repeats_keep_one_copy():
-    from ftctl.data import reconcile
+    from ftctl.data.reconcile import reconcile
 
     new = [Example("补卡", "ATTENDANCE_TODAY", file="new.jsonl", line=1),
            Example("查库存", "INVENTORY_QUERY", file="new.jsonl", line=2)]  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ftctl.config import ConfigError, DeployConfig, check
+from ftctl.config import DeployConfig, check
 from ftctl.deploy import load_local_model, tdsend
 from ftctl.deploy import tensordelta as td
 from ftctl.deploy.plan import RemoteState, make_plan, plan_lines
@@ -21,6 +21,7 @@ from ftctl.deploy.program import program
 from ftctl.deploy.server import channel, holder, upload
 from ftctl.deploy.server.shared import Frames, decode, frame
 from ftctl.deploy.transfer import Sent
+from ftctl.errors import ConfigError
 from ftctl.fsutil import sha256_file
 from ftctl.manifest import write_manifest
 from tests.helpers import fine_tune_of, make_tiny_model
@@ -84,9 +85,11 @@ def test_rsync_or_sftp_named_sends_no_tensor_delta(models, transfer):
     assert any(f"no tensor delta (transfer = {transfer})" in x for x in lines)
 
 
-def test_transfer_tensor_delta_is_a_valid_setting_and_others_are_not():
-    check(DeployConfig(transfer="tensor-delta"))
-    with pytest.raises(ConfigError, match="auto, tensor-delta, rsync or sftp"):
+def test_transfer_auto_is_a_valid_setting_and_others_are_not():
+    check(DeployConfig(transfer="auto"))
+    with pytest.raises(ConfigError, match="auto, rsync or sftp"):
+        check(DeployConfig(transfer="tensor-delta"))
+    with pytest.raises(ConfigError, match="auto, rsync or sftp"):
         check(DeployConfig(transfer="xor"))
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from ftctl.cli import common, docker_run
 from ftctl.cli.main import FtctlGroup
 from ftctl.cli.main import app as ftctl_app
-from ftctl.container import Mount
+from ftctl.image.container import Mount
 
 runner = CliRunner()
 
@@ -223,12 +223,12 @@ def test_a_config_outside_the_project_is_mounted_apart(project, tmp_path_factory
     assert mapper.config(project / "ftctl.toml") == "/workspace/ftctl.toml"
 
 
-# --------------------------------------------------------------------------- ftctl.image helpers
+# --------------------------------------------------------------------- ftctl.image.build helpers
 
 
 def test_gpu_plan_for_each_gpus_value():
-    from ftctl.container import gpu_plan
     from ftctl.errors import ConfigError
+    from ftctl.image.container import gpu_plan
 
     for none in (gpu_plan("none"), gpu_plan("0"), gpu_plan("auto", used=0)):
         assert none.requests == () and none.env == {"NVIDIA_VISIBLE_DEVICES": "void"}
@@ -248,7 +248,7 @@ def test_gpu_plan_for_each_gpus_value():
 
 
 def test_tag_split_keeps_registry_ports():
-    from ftctl.image import _split_tag
+    from ftctl.image.build import _split_tag
 
     assert _split_tag("ftctl:0.1.0-abc") == ("ftctl", "0.1.0-abc")
     assert _split_tag("reg:5000/ftctl") == ("reg:5000/ftctl", "latest")
@@ -256,7 +256,7 @@ def test_tag_split_keeps_registry_ports():
 
 def test_git_sha_outside_git_and_default_tags(tmp_path):
     from ftctl import __version__
-    from ftctl.image import default_tags, git_sha
+    from ftctl.image.build import default_tags, git_sha
 
     assert git_sha(tmp_path) == "nogit"
     assert default_tags(tmp_path) == [f"ftctl:{__version__}-nogit", "ftctl:latest"]
@@ -264,7 +264,7 @@ def test_git_sha_outside_git_and_default_tags(tmp_path):
 
 
 def test_build_failure_on_a_missing_base_hints_at_base_image():
-    from ftctl.image import _build_failed
+    from ftctl.image.build import _build_failed
 
     err = _build_failed("pull access denied for pytorch/pytorch", ["Step 2/10 : FROM x"], "x")
     assert "--base-image" in err.hint and "Step 2/10" in err.message
@@ -273,7 +273,7 @@ def test_build_failure_on_a_missing_base_hints_at_base_image():
 def test_oci_labels_carry_the_git_revision(repo_root):
     import subprocess
 
-    from ftctl.image import oci_labels
+    from ftctl.image.build import oci_labels
 
     head = subprocess.run(
         ["git", "-C", str(repo_root), "rev-parse", "HEAD"], capture_output=True, text=True
@@ -325,7 +325,7 @@ def test_sigterm_raises_terminated_only_while_the_run_lasts():
     import os
     import signal
 
-    from ftctl.container import Terminated
+    from ftctl.image.container import Terminated
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated), docker_run.sigterm_stops_the_run():
@@ -375,7 +375,7 @@ def test_gpus_auto_reads_nproc_from_the_config_and_shm_grows_with_it(project, re
 
 
 def test_shm_plan_gives_several_processes_room_or_the_hosts_ipc():
-    from ftctl.container import shm_plan
+    from ftctl.image.container import shm_plan
 
     assert shm_plan("auto", "private", 1) == (None, None)  # docker's 64m: one process
     assert shm_plan("auto", "private", 2) == ("2g", None)
@@ -419,7 +419,7 @@ def test_torchrun_gives_its_processes_the_containers_grace(monkeypatch):
     from torch.distributed.elastic.multiprocessing import api
     from torch.distributed.run import get_args_parser
 
-    from ftctl import distributed
+    from ftctl.train import distributed
 
     assert distributed.stop_grace({}) == distributed.DEFAULT_GRACE == 60
     assert distributed.stop_grace({"FTCTL_STOP_GRACE": "90"}) == 90

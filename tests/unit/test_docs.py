@@ -66,8 +66,8 @@ Repository paths
     are never checked, nor paths outside ROOTS. So a file the reader is meant to bring or create
     (an example input, an output) is written without a shipped folder in front (``extra.csv``,
     ``/tmp/train.csv``), never as ``data/extra.csv``. The one exception is a file ftctl itself
-    writes by default: a path that is the default of a ``Path`` field of ftctl/config.py (such as
-    ``[eval] test_data``, ``[data] reviewed``) may be named before a run has made it.
+    writes by default: a path that is the default of a ``Path`` field of ftctl/config/sections.py
+    (such as ``[eval] test_data``, ``[data] reviewed``) may be named before a run has made it.
 
 Anchors
     GitHub's rule (github-slugger): the heading's text as rendered (inline code, emphasis and
@@ -559,7 +559,7 @@ def check_python(kind: str, target: str, args: list[str]) -> list[str]:
 @functools.cache
 def written_by_default() -> frozenset[str]:
     """The repository paths ftctl writes by default: every ``Path`` default of a field of a
-    config dataclass in ftctl/config.py (``[eval] test_data``...)."""
+    config dataclass in ftctl/config/sections.py (``[eval] test_data``...)."""
     found = set()
     for obj in vars(ftctl_config).values():
         if isinstance(obj, type) and is_dataclass(obj):

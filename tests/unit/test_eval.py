@@ -10,10 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import Example
+from ftctl.data.examples import Example
 from ftctl.errors import ExitCode
-from ftctl.evaluate import draw_cases, model_metrics, predict
-from ftctl.model import load_classifier
+from ftctl.eval.cases import draw_cases
+from ftctl.eval.metrics import model_metrics
+from ftctl.model.files import load_classifier
+from ftctl.model.inference import predict
 from tests.helpers import INTENTS
 from tests.unit.evalkit import pool_rows, write_pool
 
@@ -167,9 +169,9 @@ def test_report_without_a_cjk_font_warns_and_writes_english_plots(
 ):
     import warnings
 
-    from ftctl import report as report_mod
     from ftctl.config import EvalConfig
-    from ftctl.evaluate import run_eval
+    from ftctl.eval import report as report_mod
+    from ftctl.eval.evaluate import run_eval
     from ftctl.progress import NullReporter
 
     pool = write_pool(tmp_path / "pool.jsonl", pool_rows(1))

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ftctl import fsutil
 from ftctl.cli.main import app
-from ftctl.data import Example, write_examples
+from ftctl.data.examples import Example, write_examples
 from ftctl.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text, sha256_file, sha256_tree
 
 runner = CliRunner()

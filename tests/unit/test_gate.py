@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.errors import ExitCode
-from ftctl.evaluate import gate_check, mcnemar_p
+from ftctl.eval.gate import gate_check, mcnemar_p
 from tests.unit.evalkit import edit_head, pool_rows, train_tiny, write_pool
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -164,7 +164,7 @@ def test_candidate_missing_a_baseline_label_is_an_error(models, tmp_path):
 def test_plots_render_chinese_without_missing_glyphs(models):
     import warnings
 
-    from ftctl.report import before_after_png, confusion_png, find_cjk_font
+    from ftctl.eval.plots import before_after_png, confusion_png, find_cjk_font
 
     font = find_cjk_font()
     assert font is not None, "install fonts-noto-cjk (CI does)"

@@ -1,4 +1,4 @@
-"""The generation engine (ftctl.generate), `ftctl data generate`, and the shipped demo data."""
+"""The generation engine (ftctl.data.generate), `ftctl data generate`, and the shipped demo data."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import yaml
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import read_examples
+from ftctl.data.examples import read_examples
+from ftctl.data.generate import generate, load_templates, parse_templates
 from ftctl.errors import DataError, ExitCode
-from ftctl.generate import generate, load_templates, parse_templates
 from tests.helpers import INTENTS
 
 runner = CliRunner()

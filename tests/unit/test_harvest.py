@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import SEED_PAIRS, HarvestConfig
-from ftctl.errors import DataError, ExitCode
-from ftctl.harvest import (
+from ftctl.data.harvest import (
     REVIEW_COLUMNS,
     LocalFiles,
     ReadStats,
@@ -27,6 +26,7 @@ from ftctl.harvest import (
     review_csv,
     to_cell,
 )
+from ftctl.errors import DataError, ExitCode
 
 runner = CliRunner()
 CFG = HarvestConfig()
@@ -216,7 +216,7 @@ def test_lines_split_on_newline_only_and_a_bad_line_is_counted_not_fatal(tmp_pat
 
 
 def test_a_line_longer_than_the_cap_is_skipped_without_holding_it(tmp_path):
-    from ftctl.harvest import split_lines
+    from ftctl.data.harvest import split_lines
 
     data = b"a\n" + b"x" * 5000 + b"\nb\n" + b"y" * 5000
     assert list(split_lines(io.BytesIO(data), max_line=1000)) == [b"a", None, b"b", None]

@@ -1,18 +1,19 @@
-"""ftctl.model: structure helpers, freezing, head growing, the split (cached-prefix) forward."""
+"""ftctl.train.layers: structure, freezing, head growing, the split (cached-prefix) forward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ftctl import model as M
 from ftctl.errors import ConfigError, ModelError
+from ftctl.model.files import load_classifier, save_classifier
+from ftctl.train import layers as M
 from tests.helpers import INTENTS
 
 
 @pytest.fixture()
 def loaded(tiny_model_dir):
-    return M.load_classifier(tiny_model_dir)
+    return load_classifier(tiny_model_dir)
 
 
 def test_layer_count_and_frozen_names(loaded):
@@ -27,10 +28,10 @@ def test_layer_count_and_frozen_names(loaded):
 
 def test_freeze_sets_requires_grad_and_eval_mode(loaded):
     model, _ = loaded
+    model.train()
     frozen = set(M.freeze(model, 8))
     for name, p in model.named_parameters():
         assert p.requires_grad == (name not in frozen)
-    M.set_train_mode(model, 8)
     base = M.base_module(model)
     assert not base.embeddings.training and not base.encoder.layer[7].training
     assert base.encoder.layer[8].training and model.classifier.training
@@ -76,10 +77,10 @@ def test_grow_head_updates_label_maps(loaded):
 def test_saved_directory_keeps_vocab_txt(loaded, tmp_path):
     model, tok = loaded
     out = tmp_path / "m"
-    saved = M.save_classifier(model, tok, out)
+    saved = save_classifier(model, tok, out)
     assert (out / "vocab.txt").is_file() and (out / "tokenizer.json").is_file()
     assert saved["files"] == ["model.safetensors"] and saved["dtype"] == "float32"
-    again, _ = M.load_classifier(out)
+    again, _ = load_classifier(out)
     assert again.config.id2label[0] == INTENTS[0]
 
 
@@ -134,5 +135,5 @@ def test_damaged_model_directory_errors_carry_a_hint(tiny_model_dir, tmp_path, d
     for name, data in damage.items():
         (model_dir / name).write_bytes(data)
     with pytest.raises(ModelError, match=message) as info:
-        M.load_classifier(model_dir)
+        load_classifier(model_dir)
     assert info.value.hint and "damaged" in info.value.hint

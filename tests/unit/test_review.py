@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import read_examples
+from ftctl.data.examples import read_examples
+from ftctl.data.harvest import REVIEW_COLUMNS
+from ftctl.data.review import import_review
 from ftctl.errors import DataError, ExitCode
-from ftctl.harvest import REVIEW_COLUMNS
-from ftctl.review import import_review
 from tests.helpers import write_jsonl
 
 runner = CliRunner()

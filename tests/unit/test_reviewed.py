@@ -16,10 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from ftctl.cli.main import app
-from ftctl.data import Example, append_examples, read_examples
+from ftctl.data.examples import Example, append_examples, read_examples
+from ftctl.data.harvest import REVIEW_COLUMNS
+from ftctl.data.review import import_review
 from ftctl.errors import ExitCode
-from ftctl.harvest import REVIEW_COLUMNS
-from ftctl.review import import_review
 from tests.helpers import write_jsonl
 
 runner = CliRunner()
@@ -107,7 +107,7 @@ def test_a_jsonl_target_with_ids_gets_ids(tmp_path):
 _IMPORTER = """
 import sys
 from pathlib import Path
-from ftctl.review import import_review
+from ftctl.data.review import import_review
 labels = {"CLOCK_IN", "ATTENDANCE_TODAY"}
 for review in sys.argv[2:]:
     import_review(Path(review), Path(sys.argv[1]), labels=labels)
@@ -219,9 +219,10 @@ def test_generate_runs_after_import_review_and_the_reviewed_label_is_learned(
     generate again (the reviewed rows stay), train (the reviewed data goes last and wins), and
     the model answers the reviewed texts it trained on as reviewed."""
     from ftctl.config import TrainConfig
-    from ftctl.evaluate import predict
-    from ftctl.model import load_classifier
-    from ftctl.train import mix_data, prepare_inputs
+    from ftctl.model.files import load_classifier
+    from ftctl.model.inference import predict
+    from ftctl.train.inputs import prepare_inputs
+    from ftctl.train.mix import mix_data
 
     assert _generate().exit_code == 0
     reviewed_rows = [("出勤人数", "CLOCK_IN"), ("发货汇总", "CLOCK_IN"), ("钉钉签到", "CLOCK_IN")]

@@ -1,4 +1,4 @@
-"""One notion of "the same text" (ftctl.data.text_key): a pair the model's tokenizer cannot
+"""One notion of "the same text" (ftctl.data.textkey.text_key): a pair the model's tokenizer cannot
 tell apart (case and full width: 'WiFi连不上' and 'ｗｉｆｉ连不上') is one text in generate,
 validate, convert, reconcile (train), harvest, import-review and eval's leakage check."""
 
@@ -13,13 +13,15 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import SEED_PAIRS, HarvestConfig
-from ftctl.data import Example, read_examples, reconcile, text_key, text_keys
+from ftctl.data.examples import Example, read_examples
+from ftctl.data.generate import generate, parse_templates
+from ftctl.data.harvest import LocalFiles, harvest
+from ftctl.data.reconcile import reconcile
+from ftctl.data.review import import_review
+from ftctl.data.textkey import text_key, text_keys
 from ftctl.errors import DataError, ExitCode
-from ftctl.generate import generate, parse_templates
-from ftctl.harvest import LocalFiles, harvest
 from ftctl.manifest import write_manifest
-from ftctl.model import load_tokenizer
-from ftctl.review import import_review
+from ftctl.model.files import load_tokenizer
 from tests.helpers import write_jsonl
 from tests.unit.test_reviewed import review_file
 
@@ -106,7 +108,8 @@ def test_import_review_makes_them_one_text(tmp_path, lowercasing_model):
 
 
 def test_the_leakage_check_finds_them_as_one_text(tmp_path, lowercasing_model):
-    from ftctl.evaluate import Case, leakage
+    from ftctl.eval.cases import Case
+    from ftctl.eval.leakage import leakage
 
     model = tmp_path / "final"
     shutil.copytree(lowercasing_model, model)

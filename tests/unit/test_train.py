@@ -15,17 +15,12 @@ from typer.testing import CliRunner
 
 from ftctl.cli.main import app
 from ftctl.config import TrainConfig
-from ftctl.data import Example
+from ftctl.data.examples import Example
 from ftctl.errors import DataError, ExitCode
 from ftctl.manifest import read_manifest, verify_manifest
 from ftctl.progress import NullReporter
-from ftctl.train import (
-    mix_data,
-    replay_count,
-    stratified_sample,
-    stratified_split,
-    train,
-)
+from ftctl.train.finetune import train
+from ftctl.train.mix import mix_data, replay_count, stratified_sample, stratified_split
 from tests.helpers import INTENTS, make_tiny_model, write_jsonl
 
 runner = CliRunner()
@@ -312,9 +307,9 @@ def test_the_plan_says_when_patience_cannot_fire(work, tiny_model_dir, tmp_path)
 
 
 def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
-    from ftctl.data import load_examples
-    from ftctl.features import encode, evaluate
-    from ftctl.model import load_classifier
+    from ftctl.data.examples import load_examples
+    from ftctl.model.files import load_classifier
+    from ftctl.train.features import Staged, encode, evaluate_sums, trainable_top
 
     out = work / "best"
     c = cfg(work, tiny_model_dir, out, epochs=4, lr=0.05)
@@ -332,7 +327,8 @@ def test_the_best_epochs_weights_are_saved(work, tiny_model_dir):
     )
     model, tok = load_classifier(out / "final")
     feats = encode(tok, mix.val, model.config.label2id, 64)
-    loss, acc = evaluate(model, feats, 0, "cpu")
+    loss_sum, correct, n = evaluate_sums(trainable_top(model, 0), Staged(feats, "cpu"))
+    loss, acc = float(loss_sum) / n, int(correct) / n
     assert acc == best["val_accuracy"]
     assert loss == pytest.approx(best["val_loss"], rel=1e-4)
 
@@ -379,7 +375,8 @@ def test_add_labels_grows_head_keeping_old_rows(work, tiny_model_dir, tmp_path):
 
 
 def test_grow_head_keeps_old_rows_exactly(tiny_model_dir):
-    from ftctl.model import grow_head, load_classifier
+    from ftctl.model.files import load_classifier
+    from ftctl.train.layers import grow_head
 
     model, _ = load_classifier(tiny_model_dir)
     w = model.classifier.weight.detach().clone()

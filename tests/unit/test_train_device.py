@@ -16,17 +16,18 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ftctl import features
-from ftctl import fit as fit_mod
-from ftctl import model as M
-from ftctl import train as train_mod
 from ftctl.cli.main import app
 from ftctl.errors import ExitCode, TrainError
-from ftctl.features import CachePlan, place_cache, to_device
-from ftctl.fit import Interrupted, is_cuda_oom
 from ftctl.manifest import read_manifest
 from ftctl.progress import NullReporter
-from ftctl.train import train
+from ftctl.train import features
+from ftctl.train import finetune as train_mod
+from ftctl.train import fit as fit_mod
+from ftctl.train import layers as M
+from ftctl.train.features import CachePlan, place_cache, to_device
+from ftctl.train.finetune import train
+from ftctl.train.fit import Interrupted
+from ftctl.train.numerics import is_cuda_oom
 from tests.unit.test_train import cfg as train_cfg
 from tests.unit.test_train import one_thread, wide_console, write_job  # noqa: F401 (autouse)
 

@@ -20,15 +20,15 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ftctl import checkpoint as ckpt
 from ftctl.cli.common import RichReporter
 from ftctl.cli.main import app
 from ftctl.config import TrainConfig
 from ftctl.errors import ExitCode
-from ftctl.fit import Interrupted
 from ftctl.manifest import read_manifest
-from ftctl.model import load_classifier
-from ftctl.train import train
+from ftctl.model.files import load_classifier
+from ftctl.train import checkpoint as ckpt
+from ftctl.train.finetune import train
+from ftctl.train.fit import Interrupted
 from tests.helpers import INTENTS, write_jsonl
 from tests.unit.test_train import cfg as train_cfg
 from tests.unit.test_train import one_thread, synth, write_job  # noqa: F401 (one_thread: autouse)
@@ -202,7 +202,7 @@ def test_bf16_on_cpu_trains_keeps_fp32_weights_and_is_deterministic(job, tiny_mo
 
 
 def test_precision_auto_is_fp32_on_cpu_and_bad_values_are_refused(job, tiny_model_dir):
-    from ftctl.fit import resolve_precision
+    from ftctl.train.numerics import resolve_precision
 
     assert resolve_precision("auto", "cpu").name == "fp32"
     assert resolve_precision("bf16", "cpu").name == "bf16"
@@ -418,7 +418,7 @@ def test_nproc_2_resumed_mid_epoch_keeps_each_process_loss_sum(trained_base):
 
 
 def test_launcher_command_lines():
-    from ftctl.distributed import torchrun_args
+    from ftctl.train.distributed import torchrun_args
 
     one = torchrun_args(["train", "--nproc", "2"], nproc=2, nnodes=1, rdzv_endpoint=None)
     assert one[:4] == ["--nproc-per-node", "2", "--nnodes", "1"] and "--standalone" in one
@@ -431,7 +431,7 @@ def test_launcher_command_lines():
 
 
 def test_shards_are_fixed_disjoint_and_equally_long():
-    from ftctl.features import shard_rows
+    from ftctl.train.features import shard_rows
 
     lengths = [5, 9, 3, 7, 7, 2, 8]
     a = shard_rows(lengths, 0, 2, pad=True)

@@ -15,14 +15,22 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ftctl import model as M
 from ftctl.cli.main import app
 from ftctl.config import TrainConfig
-from ftctl.data import Example
+from ftctl.data.examples import Example
 from ftctl.errors import DataError, ExitCode, ModelError
-from ftctl.evaluate import predict
 from ftctl.manifest import read_manifest, verify_manifest
-from ftctl.train import mix_data, train
+from ftctl.model.files import (
+    load_classifier,
+    save_classifier,
+    save_formats,
+    stored_dtype,
+    weight_formats,
+)
+from ftctl.model.inference import predict
+from ftctl.model.labels import read_label_map, resolve_labels
+from ftctl.train.finetune import train
+from ftctl.train.mix import mix_data
 from tests.helpers import INTENTS, write_jsonl
 from tests.unit.legacykit import (
     LEGACY_TOKENIZER_FILES,
@@ -134,7 +142,7 @@ def test_an_older_stack_loads_the_bin_as_it_always_did(legacy_run):
     final, _ = legacy_run
     old = BertForSequenceClassification(BertConfig.from_json_file(str(final / "config.json")))
     old.load_state_dict(torch.load(final / "pytorch_model.bin", weights_only=True), strict=True)
-    new, tok = M.load_classifier(final, dtype="float32")
+    new, tok = load_classifier(final, dtype="float32")
     enc = tok(SAMPLES, padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(old.eval()(**enc).logits, new(**enc).logits, atol=1e-5)
@@ -153,7 +161,7 @@ def test_fp16_weights_are_saved_back_in_fp16_and_frozen_ones_bit_for_bit(legacy_
 def test_fp16_weights_are_trained_in_fp32_so_a_tiny_lr_still_moves_them(work, tmp_path):
     """A random model does not beat itself (epoch 0) at lr 5e-6, so final/ keeps the base
     weights; the weights the loop trained are the checkpoint's, taken after epoch 1."""
-    from ftctl.fit import Interrupted
+    from ftctl.train.fit import Interrupted
 
     epochs_done: list[dict] = []
     with pytest.raises(Interrupted):
@@ -206,7 +214,7 @@ def test_bin_only_output_still_loads(work, tmp_path):
     final = train(cfg(work, tmp_path / "o", epochs=1, save_format="bin")).final_dir
     assert {p.name for p in final.glob("*.bin")} == {"pytorch_model.bin"}
     assert not (final / "model.safetensors").exists()
-    model, _ = M.load_classifier(final)
+    model, _ = load_classifier(final)
     assert model.config.id2label[3] == INTENTS[3]
 
 
@@ -229,12 +237,12 @@ def test_eval_compares_the_output_with_the_fp16_live_model(legacy_run, work, tmp
 
 
 def test_stored_dtype_and_formats_are_read_from_the_files(work, tiny_model_dir):
-    assert M.stored_dtype(work / "legacy") == "float16"
-    assert M.weight_formats(work / "legacy") == ["bin"]
-    assert M.stored_dtype(tiny_model_dir) == "float32"
-    assert M.weight_formats(tiny_model_dir) == ["safetensors"]
-    assert M.save_formats("auto", work / "legacy") == ["safetensors", "bin"]
-    assert M.save_formats("auto", tiny_model_dir) == ["safetensors"]
+    assert stored_dtype(work / "legacy") == "float16"
+    assert weight_formats(work / "legacy") == ["bin"]
+    assert stored_dtype(tiny_model_dir) == "float32"
+    assert weight_formats(tiny_model_dir) == ["safetensors"]
+    assert save_formats("auto", work / "legacy") == ["safetensors", "bin"]
+    assert save_formats("auto", tiny_model_dir) == ["safetensors"]
 
 
 # ------------------------------------------------------------------ generic labels
@@ -279,7 +287,7 @@ def test_label_map_problems_are_named_with_their_lines(tmp_path):
     bad = tmp_path / "m.csv"
     bad.write_text("id,intent\n0,A\n0,B\nx,C\n2,A\n")
     with pytest.raises(DataError) as info:
-        M.read_label_map(bad)
+        read_label_map(bad)
     text = str(info.value.message)
     assert "m.csv:3: id 0 named twice" in text
     assert "m.csv:4: id 'x' is not a number" in text
@@ -289,9 +297,9 @@ def test_label_map_problems_are_named_with_their_lines(tmp_path):
     wrong_size.write_text('{"0": "A", "1": "B"}')
     generic = make_legacy_model(tmp_path / "g", generic=True, layers=1)
     with pytest.raises(DataError, match=r"names 2 ids, but .* has 20 outputs"):
-        M.resolve_labels(generic, wrong_size)
+        resolve_labels(generic, wrong_size)
     with pytest.raises(ModelError, match="generic"):
-        M.resolve_labels(generic)
+        resolve_labels(generic)
 
 
 def test_validate_labels_says_the_same(tmp_path, work):
@@ -310,7 +318,7 @@ def test_validate_labels_says_the_same(tmp_path, work):
 
 
 def test_reconciled_data_never_puts_one_text_in_train_and_validation():
-    from ftctl.data import reconcile
+    from ftctl.data.reconcile import reconcile
 
     new = [Example(f"文本{i}", INTENTS[i % 2]) for i in range(20)]
     old = [Example(f"文本{i}", INTENTS[i % 2]) for i in range(10)]  # the same rows again
@@ -345,7 +353,7 @@ def relabel(tmp_path_factory, tiny_model_dir):
 
 def test_a_relabelled_text_takes_the_new_label(relabel):
     root, base, bu = relabel
-    model, tok = M.load_classifier(base)
+    model, tok = load_classifier(base)
     before, _ = predict(model, tok, bu)
     assert before.count("CLOCK_IN") >= 8  # the live model really says CLOCK_IN
     res = runner.invoke(
@@ -365,7 +373,7 @@ def test_a_relabelled_text_takes_the_new_label(relabel):
     assert (overlap["relabelled"], overlap["duplicates"]) == (10, 5)
     assert {r["text"] for r in overlap["relabelled_rows"]} == set(bu)
     assert read_manifest(final)["replay"]["old_available"] == 20 * 8 + 10 - 10 - 5
-    model, tok = M.load_classifier(final)
+    model, tok = load_classifier(final)
     after, _ = predict(model, tok, bu)
     assert "CLOCK_IN" not in after  # the old label is gone for these texts
     assert after.count("ATTENDANCE_TODAY") >= 8
@@ -393,8 +401,8 @@ def test_an_input_without_vocab_txt_gets_one_and_keeps_its_tokenizer_json(tiny_m
     src = tmp_path / "in"
     shutil.copytree(tiny_model_dir, src)
     (src / "vocab.txt").unlink()
-    model, tok = M.load_classifier(src)
-    saved = M.save_classifier(model, tok, tmp_path / "out", like=src)
+    model, tok = load_classifier(src)
+    saved = save_classifier(model, tok, tmp_path / "out", like=src)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
         src / "tokenizer.json"
     ).read_bytes()

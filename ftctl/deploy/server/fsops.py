@@ -8,13 +8,8 @@ import json
 import os
 import stat
 import tempfile
-import time
 
 from .shared import LOG, OUTPUT_MAX, STATE_DIR
-
-
-def now_iso():
-    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
 
 
 def bounded(text, limit=OUTPUT_MAX):

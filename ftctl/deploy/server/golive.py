@@ -22,14 +22,13 @@ from .fsops import (
     append_log,
     bounded,
     fsync_tree,
-    now_iso,
     read_json,
     state_dir,
     write_json,
 )
 from .layout import link_state, prune, swap_link
 from .lock import Lock
-from .shared import HEALTHY, OUTPUT_MAX, SETTLED, STATUS, UNCHECKED, release_tag
+from .shared import HEALTHY, OUTPUT_MAX, SETTLED, STATUS, UNCHECKED, now_iso, release_tag
 
 SYSTEMCTL_RE = re.compile(
     r"^(?P<prefix>(?:sudo\s+(?:-\S+\s+)*)?\S*systemctl\S*(?:\s+-\S+)*)\s+"

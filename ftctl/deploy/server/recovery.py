@@ -12,9 +12,9 @@ any machine. Nobody else can be running (we hold the lock), so the journal's wri
 """
 
 from . import journal
-from .fsops import now_iso
 from .golive import REPAIR_TRIES, Status, activate, finish, why
 from .layout import link_state, swap_link
+from .shared import now_iso
 from .upload import repair_backup
 
 

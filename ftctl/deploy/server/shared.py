@@ -44,6 +44,12 @@ def utc_stamp():
     return time.strftime("%Y%m%d%H%M%S", time.gmtime())
 
 
+def now_iso():
+    """Now, as deploys.log, the status file and the lock owner record it (UTC, to the second):
+    the server program's clock and the client's, for what it writes beside them."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+
 def release_tag(name):
     """The sha8 of a release name; None for a ``*-original`` backup or another name."""
     m = RELEASE_RE.match(name or "")

@@ -10,7 +10,7 @@
 4. the best weights (epoch 0, the base, included) are left loaded.
 
 No host sync per step: labels, lengths and inputs are on the device before the epoch starts
-(:class:`ftctl.features.Staged`), the batch widths are known on the host, and the running loss
+(:class:`ftctl.train.features.Staged`), the batch widths are known on the host, and the running loss
 is summed on the device and read at most once a second (for the progress line) and at the end
 of an epoch. ``--grad-accum N`` sums the gradients of N micro-batches of ``--batch-size`` rows
 per optimizer step: the steps, the schedule and the loss (a mean over the step's rows) are
@@ -24,21 +24,20 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftctl import checkpoint as ckpt
 from ftctl.config import TrainConfig
-from ftctl.distributed import SINGLE, World, wrap_ddp
-from ftctl.errors import EnvironmentProblem, OutOfMemory
-from ftctl.features import Features, Staged, batches, epoch_seed, evaluate_sums, trainable_top
 from ftctl.fsutil import atomic_write_text
 from ftctl.progress import NULL, Reporter
 from ftctl.terms import seed_term
+from ftctl.train import checkpoint as ckpt
+from ftctl.train.distributed import SINGLE, World, wrap_ddp
+from ftctl.train.features import Features, Staged, batches, epoch_seed, evaluate_sums, trainable_top
+from ftctl.train.numerics import FP32, Precision, explain_oom
 
 METRICS = "metrics.jsonl"
 MAX_GRAD_NORM = 1.0  # as the HF Trainer default
@@ -46,84 +45,6 @@ LOSS_EVERY_S = 1.0  # the running loss is read from the device at most this ofte
 STOP_SYNC_EVERY = 8  # steps between the processes' "does any of us have to stop?" exchange
 
 EpochHook = Callable[[dict[str, Any]], None]
-
-
-# ============================================================================ numerics
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the matmuls run: ``fp32``, or ``bf16`` autocast (weights and optimizer stay fp32)."""
-
-    name: str = "fp32"  # fp32 | bf16
-    device_type: str = "cpu"  # cpu | cuda
-    tf32: bool = False  # fp32 matmuls may use TF32 (CUDA, under bf16/auto only)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.name != "bf16":
-            return contextlib.nullcontext()
-        import torch
-
-        return torch.autocast(self.device_type, dtype=torch.bfloat16)
-
-    def record(self, requested: str) -> dict[str, Any]:
-        return {"requested": requested, "used": self.name, "tf32": self.tf32}
-
-
-FP32 = Precision()
-
-
-def resolve_precision(requested: str, device: str) -> Precision:
-    """``auto``: bf16 autocast on a CUDA device that supports it, fp32 elsewhere (bf16 is
-    slow on CPUs without AMX). TF32 matmuls are allowed on CUDA under ``auto`` and ``bf16``;
-    ``fp32`` means IEEE fp32 matmuls everywhere."""
-    import torch
-
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    bf16_ok = kind == "cpu" or torch.cuda.is_bf16_supported()
-    if requested == "bf16" and not bf16_ok:
-        raise EnvironmentProblem(
-            "--precision bf16: this GPU has no bfloat16 support",
-            hint="use --precision fp32 (or auto, which picks fp32 here)",
-        )
-    if requested == "fp32":
-        return Precision("fp32", kind, tf32=False)
-    use_bf16 = requested == "bf16" or (kind == "cuda" and bf16_ok)
-    return Precision("bf16" if use_bf16 else "fp32", kind, tf32=kind == "cuda")
-
-
-@contextlib.contextmanager
-def numerics(device: str, precision: Precision = FP32) -> Iterator[dict[str, Any]]:
-    """Deterministic kernels, and TF32 only where ``precision`` allows it, for the duration
-    (restored after); yields what was set (for the manifest)."""
-    import torch
-
-    cuda = device.startswith("cuda")
-    if cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.benchmark,
-        torch.get_float32_matmul_precision(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    if cuda:
-        torch.set_float32_matmul_precision("high" if precision.tf32 else "highest")
-    try:
-        yield {
-            "torch_deterministic_algorithms": True,
-            "warn_only": True,
-            "cudnn_benchmark": False,
-            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "torch_num_threads": torch.get_num_threads(),
-        }
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.benchmark = before[2]
-        torch.set_float32_matmul_precision(before[3])
 
 
 # ============================================================================ setup + results
@@ -491,39 +412,6 @@ def _step(parts: _Parts, staged: Staged, group, rows, host_rows, span, cfg, setu
     parts.optimizer.step()
     parts.scheduler.step()
     return total
-
-
-def is_cuda_oom(exc: BaseException) -> bool:
-    """A CUDA out-of-memory error (torch's own class, or a RuntimeError with CUDA's text)."""
-    import torch
-
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "CUDA out of memory" in text or "CUDA error: out of memory" in text
-    )
-
-
-@contextlib.contextmanager
-def explain_oom(where: str, position: Callable[[], tuple[int, int]] | None, cfg):
-    """CUDA out-of-memory inside becomes :class:`OutOfMemory`: where it happened (``position``
-    gives (batch of the epoch, optimizer steps so far)), the batch size, and the seed's
-    answer (GPU 内存不足: a smaller --batch-size, more --freeze-layers), with --grad-accum to
-    keep the effective batch."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if not is_cuda_oom(exc):
-            raise
-        if position is None or cfg is None:
-            raise OutOfMemory(f"GPU 内存不足 (CUDA out of memory) while {where}") from exc
-        k, step = position()
-        raise OutOfMemory.at_step(
-            where, batch=k + 1, step=step + 1, batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-        ) from exc  # fmt: skip
 
 
 def _interrupt(parts: _Parts, prog, setup, epoch, k, loss_sum, seen):

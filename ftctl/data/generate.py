@@ -20,7 +20,7 @@ users edit::
 
 A variant is ``filler + prefix + phrasing (slots filled) + suffix + punctuation``. Every
 phrasing is used once plain, then round-robin with random decorations, until each intent has
-``per_intent`` distinct texts (distinct by :func:`ftctl.data.text_key`: ``麻烦了？`` and
+``per_intent`` distinct texts (distinct by :func:`ftctl.data.textkey.text_key`: ``麻烦了？`` and
 ``麻烦了?`` are one text). Output is deterministic for a seed. Pure: no printing, no typer.
 
 Generate writes only files it wrote before: beside its outputs it records what it wrote
@@ -42,17 +42,15 @@ from pathlib import Path
 import yaml
 
 from ftctl.config import DataConfig
-from ftctl.data import (
+from ftctl.data.examples import (
     DEFAULT_MAX_CHARS,
     Example,
-    TextKey,
     file_format,
     read_examples,
-    text_key,
-    text_keys,
     to_csv,
     to_jsonl,
 )
+from ftctl.data.textkey import TextKey, text_key, text_keys
 from ftctl.errors import ConfigError, DataError, FtctlError, Problem
 from ftctl.fsutil import atomic_write_text, sha256_bytes, sha256_file
 from ftctl.progress import NULL, Reporter

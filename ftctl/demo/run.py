@@ -12,16 +12,15 @@ under ``workdir`` (default models/demo/), which the demo owns.
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftctl.config import DeployConfig, EvalConfig, TrainConfig
+from ftctl.config import EvalConfig, TrainConfig
+from ftctl.demo.localserver import LocalServer, http_json
 from ftctl.errors import ConfigError, Problem
-from ftctl.evaluate import check_gate
-from ftctl.localserver import http_json
+from ftctl.eval.gate import check_gate
 from ftctl.pipeline import StageResult, Stages
 from ftctl.progress import NULL, Reporter
 
@@ -169,7 +168,7 @@ def live_predictions(url: str, cases: Sequence[Any]) -> list[dict[str, Any]]:
 
 def showcase_cases(test_data: Path, pairs: Sequence[tuple[str, str]], per_intent: int):
     """The first ``per_intent`` test cases of each intent of the confused pairs (stable)."""
-    from ftctl.data import load_examples
+    from ftctl.data.examples import load_examples
 
     wanted = list(dict.fromkeys(lab for pair in pairs for lab in pair))
     picked: dict[str, list] = {lab: [] for lab in wanted}
@@ -221,7 +220,7 @@ def intent_recall(result: dict[str, Any], label: str) -> float | None:
 
 def _generate(cfg: DemoConfig, out_dir: Path, reporter: Reporter) -> Path:
     from ftctl.config import DataConfig
-    from ftctl.generate import write_generated
+    from ftctl.data.generate import write_generated
 
     templates = cfg.data_dir / DataConfig().templates.name
     dc = DataConfig(
@@ -233,7 +232,7 @@ def _generate(cfg: DemoConfig, out_dir: Path, reporter: Reporter) -> Path:
 
 
 def _base(cfg: DemoConfig, out: Path, reporter: Reporter) -> Path:
-    from ftctl.base import BaseConfig, build_base
+    from ftctl.train.base import BaseConfig, build_base
 
     res = build_base(
         BaseConfig(
@@ -245,8 +244,8 @@ def _base(cfg: DemoConfig, out: Path, reporter: Reporter) -> Path:
 
 
 def _eval(cfg: DemoConfig, model: Path, baseline: Path | None, report_dir: Path, reporter):
-    from ftctl.evaluate import run_eval
-    from ftctl.report import write_report, write_verdict
+    from ftctl.eval.evaluate import run_eval
+    from ftctl.eval.report import write_report, write_verdict
 
     settings = EvalConfig(
         test_data=cfg.data_dir / "test_cases.jsonl",
@@ -264,7 +263,7 @@ def _eval(cfg: DemoConfig, model: Path, baseline: Path | None, report_dir: Path,
 def _train(
     cfg: DemoConfig, new: tuple[Path, ...], base: Path, out: Path, reporter: Reporter
 ) -> Path:
-    from ftctl.train import train
+    from ftctl.train.finetune import train
 
     tc = TrainConfig(
         new_data=new,
@@ -288,88 +287,6 @@ def _train(
     if tc.replay_ratio > 0.5:
         reporter.info(REPLAY_WHY.format(ratio=tc.replay_ratio))
     return train(tc, reporter=reporter).final_dir
-
-
-class LocalServer:
-    """A demo server: a real sshd, supervisor and ``ftctl serve``, on loopback.
-
-    Laid out like the users' server before ftctl: ``remote_dir/final`` is a real directory
-    holding the live (base) model, served by the ``python-services`` program. A go-live
-    reloads the service (SIGHUP: ``ftctl serve`` swaps models without failing a request).
-    """
-
-    def __init__(self, root: Path, live_model: Path, *, ssh: bool) -> None:
-        from ftctl.localserver import LocalSSHD, Supervisor, free_port
-
-        self.root = root
-        self.remote_dir = root / "www" / "python-services" / "models" / "classifier"
-        self.remote_dir.mkdir(parents=True)
-        shutil.copytree(live_model, self.remote_dir / "final")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        ftctl_cmd = [sys.executable, "-m", "ftctl", "serve"]
-        self.supervisor = Supervisor(
-            root / "supervisor",
-            [*ftctl_cmd, "--model-path", str(self.remote_dir / "final"), "--port", str(self.port)],
-            env={"OMP_NUM_THREADS": "1"},  # several services share this machine's cores
-        )
-        self.sshd = LocalSSHD(root / "ssh") if ssh else None
-
-    def launch(self) -> LocalServer:
-        """Start sshd and the service; :meth:`wait` for it (several start side by side)."""
-        if self.sshd is not None:
-            self.sshd.start()
-        self.supervisor.start()
-        return self
-
-    def wait(self) -> LocalServer:
-        from ftctl.errors import EnvironmentProblem
-        from ftctl.localserver import wait_http
-
-        if not wait_http(f"{self.url}/health", 90):
-            raise EnvironmentProblem(
-                f"the local inference service did not come up on {self.url}",
-                hint=f"see {self.supervisor.workdir}/python-services.log",
-            )
-        return self
-
-    def start(self) -> LocalServer:
-        return self.launch().wait()
-
-    def deploy_config(self, smoke: Sequence[tuple[str, str]]) -> DeployConfig:
-        sshd = self.sshd
-        return DeployConfig(
-            hosts=(sshd.host if sshd else "local",),
-            identity=sshd.client_key if sshd else None,
-            known_hosts=sshd.known_hosts if sshd else None,
-            remote_dir=str(self.remote_dir),
-            restart_cmd=self.supervisor.restart_cmd,
-            reload_cmd=self.supervisor.reload_cmd,
-            health_url=f"{self.url}/health",
-            health_timeout=90.0,
-            smoke=tuple(smoke),
-            keep_releases=5,
-        )
-
-    def target(self, smoke: Sequence[tuple[str, str]] = ()):
-        """(DeployConfig, hosts, connect) for the deploy code: over SSH, or local."""
-        from ftctl.remote import connect, parse_host
-
-        cfg = self.deploy_config(smoke)
-        if self.sshd is None:
-            from ftctl.localserver import local_connection
-
-            return cfg, ["local"], lambda spec: local_connection()
-        return (
-            cfg,
-            [parse_host(h, cfg.user, cfg.port) for h in cfg.hosts],
-            (lambda spec: connect(spec, cfg)),
-        )
-
-    def close(self) -> None:
-        self.supervisor.close()
-        if self.sshd is not None:
-            self.sshd.close()
 
 
 def _deploy(model: Path, server: LocalServer, smoke, reporter: Reporter) -> dict[str, Any]:
@@ -404,8 +321,9 @@ def _harvest(cfg: DemoConfig, server: LocalServer, known: Sequence[Path], out: P
     """`ftctl harvest` of the live service's log over the deploy's SSH: the doubtful answers
     not already in ``known`` (the training data, the test pool) -> the review file ``out``."""
     from ftctl.config import HarvestConfig
-    from ftctl.data import read_examples, text_keys
-    from ftctl.harvest import LocalFiles, SFTPFiles, harvest, write_review
+    from ftctl.data.examples import read_examples
+    from ftctl.data.harvest import LocalFiles, SFTPFiles, harvest, write_review
+    from ftctl.data.textkey import text_keys
 
     log = f"{server.remote_dir}/logs/predictions.jsonl"
     texts = [ex.text for p in known if p.is_file() for ex in read_examples(p).examples]
@@ -453,15 +371,15 @@ def reviewer_file(cfg: DemoConfig) -> Path:
 
 def users_questions(cfg: DemoConfig) -> list[str]:
     """What the users asked production (the texts of the reviewer's file)."""
-    from ftctl.review import read_review
+    from ftctl.data.review import read_review
 
     return [r.text for r in read_review(reviewer_file(cfg))[0]]
 
 
 def reviewer_answers(path: Path) -> dict:
     """The reviewer's answers: text key -> label."""
-    from ftctl.data import text_key
-    from ftctl.review import read_review
+    from ftctl.data.review import read_review
+    from ftctl.data.textkey import text_key
 
     rows, _n, _encoding = read_review(path)
     return {text_key(r.text): r.label for r in rows}
@@ -473,9 +391,9 @@ def fill_review(review: Path, answers: dict, out: Path) -> int:
     import csv
     import io
 
-    from ftctl.data import text_key
+    from ftctl.data.harvest import from_cell
+    from ftctl.data.textkey import text_key
     from ftctl.fsutil import atomic_write_bytes
-    from ftctl.harvest import from_cell
 
     rows = list(csv.reader(io.StringIO(review.read_text(encoding="utf-8-sig"), newline="")))
     header, filled = rows[0], 0
@@ -493,8 +411,9 @@ def fill_review(review: Path, answers: dict, out: Path) -> int:
 def _review(cfg: DemoConfig, harvested: Path, filled: Path, reviewed: Path, base: Path):
     """The reviewer fills in the harvest's review file; `ftctl data import-review` brings the
     labelled rows into the reviewed data."""
-    from ftctl.model import load_tokenizer, resolve_labels
-    from ftctl.review import import_review
+    from ftctl.data.review import import_review
+    from ftctl.model.files import load_tokenizer
+    from ftctl.model.labels import resolve_labels
 
     n = fill_review(harvested, reviewer_answers(reviewer_file(cfg)), filled)
     res = import_review(

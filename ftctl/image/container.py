@@ -11,7 +11,7 @@
   sends SIGINT to the container first, so the command inside can save its work (train writes a
   checkpoint); SIGTERM, then SIGKILL, follow only after a grace period or a second interrupt.
   The grace period goes in as ``$FTCTL_STOP_GRACE``: torchrun inside gives its processes the
-  same time (:func:`ftctl.distributed.launch`). The container is removed in every case.
+  same time (:func:`ftctl.train.distributed.launch`). The container is removed in every case.
 * GPUs: ``none`` hides every GPU (``NVIDIA_VISIBLE_DEVICES=void``, which also overrides a
   base image's ``all``), ``N`` asks for N, ``0,2`` for those device ids, ``auto`` for what the
   command uses (and runs on the CPU if the engine has no GPU support). Several processes get
@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from ftctl.config import gpus_problem, size_bytes
-from ftctl.distributed import GRACE_ENV
 from ftctl.errors import ConfigError, ContainerKilled, EnvironmentProblem, ImageError
-from ftctl.image import engine, resolve_image
+from ftctl.image.build import engine, resolve_image
 from ftctl.progress import NULL, Reporter
+from ftctl.train.distributed import GRACE_ENV
 
 WORKDIR = "/workspace"  # the container's working directory (data/ and models/ are below it)
 LOG_MOUNT = "/mnt/ftctl-log"  # where the command inside writes stdout and stderr (files)

@@ -3,7 +3,8 @@
 :class:`LocalSSHD` runs OpenSSH's sshd on a loopback port with throwaway keys;
 :class:`Supervisor` runs supervisord with one program (``python-services``: ``ftctl serve``), so
 the deploy code drives exactly what it drives in production: SSH, a release directory, a
-service manager. Nothing here is a mock; everything is stopped by ``close()`` / ``with``.
+service manager; :class:`LocalServer` is the two together, laid out like the users' server.
+Nothing here is a mock; everything is stopped by ``close()`` / ``with``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ftctl.config import DeployConfig
 from ftctl.errors import EnvironmentProblem
 from ftctl.fsutil import atomic_write_text
 
@@ -321,3 +324,78 @@ def local_connection():
             pass
 
     return LocalConnection()
+
+
+class LocalServer:
+    """A demo server: a real sshd, supervisor and ``ftctl serve``, on loopback.
+
+    Laid out like the users' server before ftctl: ``remote_dir/final`` is a real directory
+    holding the live (base) model, served by the ``python-services`` program. A go-live
+    reloads the service (SIGHUP: ``ftctl serve`` swaps models without failing a request).
+    """
+
+    def __init__(self, root: Path, live_model: Path, *, ssh: bool) -> None:
+        self.root = root
+        self.remote_dir = root / "www" / "python-services" / "models" / "classifier"
+        self.remote_dir.mkdir(parents=True)
+        shutil.copytree(live_model, self.remote_dir / "final")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        ftctl_cmd = [sys.executable, "-m", "ftctl", "serve"]
+        self.supervisor = Supervisor(
+            root / "supervisor",
+            [*ftctl_cmd, "--model-path", str(self.remote_dir / "final"), "--port", str(self.port)],
+            env={"OMP_NUM_THREADS": "1"},  # several services share this machine's cores
+        )
+        self.sshd = LocalSSHD(root / "ssh") if ssh else None
+
+    def launch(self) -> LocalServer:
+        """Start sshd and the service; :meth:`wait` for it (several start side by side)."""
+        if self.sshd is not None:
+            self.sshd.start()
+        self.supervisor.start()
+        return self
+
+    def wait(self) -> LocalServer:
+        if not wait_http(f"{self.url}/health", 90):
+            raise EnvironmentProblem(
+                f"the local inference service did not come up on {self.url}",
+                hint=f"see {self.supervisor.workdir}/python-services.log",
+            )
+        return self
+
+    def start(self) -> LocalServer:
+        return self.launch().wait()
+
+    def deploy_config(self, smoke: Sequence[tuple[str, str]]) -> DeployConfig:
+        sshd = self.sshd
+        return DeployConfig(
+            hosts=(sshd.host if sshd else "local",),
+            identity=sshd.client_key if sshd else None,
+            known_hosts=sshd.known_hosts if sshd else None,
+            remote_dir=str(self.remote_dir),
+            restart_cmd=self.supervisor.restart_cmd,
+            reload_cmd=self.supervisor.reload_cmd,
+            health_url=f"{self.url}/health",
+            health_timeout=90.0,
+            smoke=tuple(smoke),
+            keep_releases=5,
+        )
+
+    def target(self, smoke: Sequence[tuple[str, str]] = ()):
+        """(DeployConfig, hosts, connect) for the deploy code: over SSH, or local."""
+        from ftctl.remote import connect, parse_host
+
+        cfg = self.deploy_config(smoke)
+        if self.sshd is None:
+            return cfg, ["local"], lambda spec: local_connection()
+        return (
+            cfg,
+            [parse_host(h, cfg.user, cfg.port) for h in cfg.hosts],
+            (lambda spec: connect(spec, cfg)),
+        )
+
+    def close(self) -> None:
+        self.supervisor.close()
+        if self.sshd is not None:
+            self.sshd.close()

@@ -9,7 +9,8 @@ shows it: the header is row 1):
 - the text is empty or too long;
 - the label is not a known label (with the closest known one as a hint);
 - the text is already in the reviewed data (or ``--against`` files) with another label, or
-  appears twice in the review with two labels ("the same text": :func:`ftctl.data.text_key`).
+  appears twice in the review with two labels ("the same text":
+  :func:`ftctl.data.textkey.text_key`).
 
 Only when no row has a problem are the reviewed rows appended to the reviewed data (``[data]
 reviewed``, its own file: ``data generate`` never writes it; ``train`` reads it last, so a
@@ -28,11 +29,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftctl.data import Example, TextKey, append_examples, file_format, read_examples, text_keys
+from ftctl.data.examples import Example, append_examples, file_format, read_examples
+from ftctl.data.generate import written_by_generate
+from ftctl.data.harvest import from_cell
+from ftctl.data.textkey import TextKey, text_keys
 from ftctl.errors import ConfigError, DataError, Problem
 from ftctl.fsutil import file_lock
-from ftctl.generate import written_by_generate
-from ftctl.harvest import from_cell
 
 
 @dataclass(frozen=True)

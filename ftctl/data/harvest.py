@@ -9,7 +9,7 @@ names ``[harvest]`` gives). A logged answer is worth a look when
   (``pair_margin``), or
 - the same text got different labels (from two model versions, say).
 
-Candidates are deduplicated by text (:func:`ftctl.data.text_key`; keeping the most doubtful
+Candidates are deduplicated by text (:func:`ftctl.data.textkey.text_key`; keeping the most doubtful
 answer and counting how often it was seen), texts already in the training data are left out,
 and at most ``limit`` are kept, shared out round-robin across the predicted intents so that
 one noisy intent cannot fill the file.
@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from ftctl.data import TextKey, text_key
+from ftctl.clock import utc_file_stamp, utc_iso
+from ftctl.data.textkey import TextKey, text_key
 from ftctl.errors import DataError, EnvironmentProblem
 from ftctl.fsutil import atomic_write_bytes
 
@@ -459,7 +460,7 @@ def write_review(path: Path, rows: Sequence[Candidate], *, force: bool = False) 
 
 
 def default_review_path(out_dir: Path) -> Path:
-    return out_dir / time.strftime("review-%Y%m%d-%H%M%S.csv", time.gmtime())
+    return out_dir / f"review-{utc_file_stamp()}.csv"
 
 
 def parse_since(value: str, now: float | None = None) -> str:
@@ -468,7 +469,7 @@ def parse_since(value: str, now: float | None = None) -> str:
     if m:
         seconds = int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}[m.group(2)]
         t = (time.time() if now is None else now) - seconds
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+        return utc_iso(t).removesuffix("Z")  # as a date given below: without the Z
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2})?)?Z?", value.strip()):
         return value.strip().replace(" ", "T").rstrip("Z")
     raise DataError(

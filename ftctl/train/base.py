@@ -10,23 +10,91 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from ftctl import model as M
+from ftctl.clock import utc_iso
 from ftctl.config import TrainConfig
-from ftctl.data import load_examples
+from ftctl.data.examples import load_examples
 from ftctl.errors import ConfigError, Problem
-from ftctl.features import encode
-from ftctl.fit import Setup, fit, numerics
 from ftctl.fsutil import sha256_file
 from ftctl.manifest import git_commit, package_versions
+from ftctl.model.inference import resolve_device
 from ftctl.progress import NULL, Reporter
-from ftctl.train import TrainResult, hyperparameters, mix_data, write_final
+from ftctl.train.features import encode
+from ftctl.train.fit import Setup, fit
+from ftctl.train.mix import mix_data
+from ftctl.train.numerics import numerics
+from ftctl.train.output import TrainResult, hyperparameters, write_final
 
 LAYERS = 12
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# --------------------------------------------------------------------------- building the model
+
+
+def cjk_vocab(extra_text: Iterable[str] = ()) -> list[str]:
+    """A char-level Chinese vocab: specials, ASCII, CJK punctuation, all CJK unified ideographs
+    (U+4E00..U+9FFF) and any other character in ``extra_text``. Deterministic order."""
+    chars: list[str] = [chr(c) for c in range(0x21, 0x7F)]
+    # WordPiece continuations so ASCII words and numbers ("A12", "2024") are not [UNK]
+    chars += [f"##{chr(c)}" for c in range(0x30, 0x7B) if chr(c).isalnum()]
+    chars += list("，。！？、；：“”‘’（）【】《》…—～·「」『』")
+    chars += [chr(c) for c in range(0x4E00, 0xA000)]
+    known = set(chars)
+    extra = sorted({ch for t in extra_text for ch in t if not ch.isspace() and ch not in known})
+    return [*SPECIAL_TOKENS, *chars, *extra]
+
+
+def build_char_tokenizer(vocab: Sequence[str]):
+    """A fast BERT tokenizer over ``vocab`` (char-level for Chinese; no lower-casing)."""
+    import tempfile
+
+    import transformers
+    from transformers import BertTokenizerFast
+
+    options = {"do_lower_case": False, "tokenize_chinese_chars": True, "strip_accents": False}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5 trap: vocab_file= is silently ignored; pass the dict itself.
+        return BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)}, **options)
+    with tempfile.TemporaryDirectory() as tmp:  # transformers 4 reads a vocab.txt file
+        path = Path(tmp) / "vocab.txt"
+        path.write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+        return BertTokenizerFast(vocab_file=str(path), **options)
+
+
+def build_classifier(
+    labels: Sequence[str],
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 12,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    max_position: int = 128,
+    seed: int = 0,
+):
+    """A randomly initialised BertForSequenceClassification with the given label space."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)},
+    )
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
+
+
+# --------------------------------------------------------------------------- training it
 
 
 @dataclass(frozen=True)
@@ -66,17 +134,17 @@ def build_base(
     cfg: BaseConfig, *, reporter: Reporter = NULL, stop: Callable[[], bool] | None = None
 ) -> TrainResult:
     """Train the stand-in base classifier on ``cfg.data``; write ``cfg.output_path``/final/.
-    ``stop``: as for :func:`ftctl.train.train`."""
+    ``stop``: as for :func:`ftctl.train.finetune.train`."""
     started = time.perf_counter()
     reporter.stage("checking inputs")
     if cfg.data is None or cfg.output_path is None:
         raise ConfigError("--data and --output-path are required")
     examples = load_examples(cfg.data, what="training data")
     labels = sorted({ex.label for ex in examples})  # same ids however the file is ordered
-    device = M.resolve_device(cfg.device)
-    vocab = M.cjk_vocab(ex.text for ex in examples)
-    tokenizer = M.build_char_tokenizer(vocab)
-    model = M.build_classifier(
+    device = resolve_device(cfg.device)
+    vocab = cjk_vocab(ex.text for ex in examples)
+    tokenizer = build_char_tokenizer(vocab)
+    model = build_classifier(
         labels,
         len(vocab),
         hidden_size=cfg.hidden_size,
@@ -120,7 +188,7 @@ def build_base(
     model.to("cpu").eval()
     payload = {
         "kind": "base",
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": utc_iso(),
         "base_model": None,
         "data": {"train": {"path": str(cfg.data), "sha256": sha256_file(cfg.data)}},
         "hyperparameters": {

@@ -1,6 +1,6 @@
 """The training image through the docker SDK: build it, label it, find it.
 
-Running a command inside it is :mod:`ftctl.container`. No typer and no printing here: build
+Running a command inside it is :mod:`ftctl.image.container`. No typer and no printing here: build
 logs go to the reporter.
 """
 

@@ -171,10 +171,9 @@ def check_launch(nproc: int, nnodes: int, rdzv_endpoint: str | None, device: str
                 hint=f"use --nproc {n_gpus} or fewer (or --device cpu)",
             )
         if device == "cuda" and not n_gpus:
-            raise EnvironmentProblem(
-                "--device cuda, but torch sees no CUDA GPU",
-                hint="use --device cpu (or auto), or run inside the training image with --gpus",
-            )
+            from ftctl.model.inference import no_cuda_gpu
+
+            raise no_cuda_gpu()
 
 
 def torchrun_args(

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftctl import model as M
-from ftctl.data import Example
+from ftctl.data.examples import Example
 from ftctl.errors import TrainError
 from ftctl.progress import NULL, Reporter
+from ftctl.train import layers
 
 BUCKET_BATCHES = 16  # length bucketing: sort within windows of this many batches
 PREFIX_BATCH = 64  # texts per forward pass when caching the frozen prefix
@@ -246,7 +246,7 @@ def cache_prefix(
                 chunk = idx[s : s + PREFIX_BATCH]
                 ids = torch.tensor([feats.ids[i] for i in chunk], device=device)
                 with autocast():
-                    out = M.prefix_forward(model, ids, n_frozen)
+                    out = layers.prefix_forward(model, ids, n_frozen)
                 store[at : at + len(chunk) * length].copy_(out.reshape(-1, hidden))
                 for j, i in enumerate(chunk):
                     offsets[i] = at + j * length
@@ -391,8 +391,8 @@ def _top_class():
         def forward(self, inputs, mask):
             net = self.classifier_model
             if self.n_frozen == 0:
-                inputs = M.prefix_forward(net, inputs, 0)
-            return M.head_forward(net, inputs, mask, self.n_frozen, cls_only=True)
+                inputs = layers.prefix_forward(net, inputs, 0)
+            return layers.head_forward(net, inputs, mask, self.n_frozen, cls_only=True)
 
     return TrainableTop
 
@@ -403,7 +403,7 @@ def _trainable_modules(model, n_frozen: int) -> list:
 
     if n_frozen == 0:
         return [model]
-    base = M.base_module(model)
+    base = layers.base_module(model)
     parts = [*base.encoder.layer[n_frozen:], model.classifier]
     if getattr(base, "pooler", None) is not None:
         parts.append(base.pooler)
@@ -440,11 +440,3 @@ def evaluate_sums(top, staged: Staged, autocast=contextlib.nullcontext):
             correct += (logits.argmax(-1) == target).sum()
     top.train(was_training)
     return loss_sum, correct, len(staged.feats)
-
-
-def evaluate(model, feats: Features, n_frozen: int, device) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` on ``feats`` (prefix cached when ``n_frozen``)."""
-    if not len(feats):
-        return float("nan"), float("nan")
-    loss_sum, correct, n = evaluate_sums(trainable_top(model, n_frozen), Staged(feats, device))
-    return float(loss_sum) / n, int(correct) / n
