@@ -196,3 +196,68 @@ def test_the_server_program_imports_nothing_from_the_client():
         if _under(name, SERVER)
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+# What each package may import (docs/architecture.md, "The packages"); "base" is the modules
+# directly in ftctl/ and may import no package (``python -m ftctl`` runs the CLI: ENTRY).
+MAY_IMPORT = {
+    "base": set(),
+    "config": {"base"},
+    "data": {"base", "config"},
+    "model": {"base"},
+    "train": {"base", "config", "data", "model"},
+    "eval": {"base", "config", "data", "model"},
+    "image": {"base", "config", "train"},
+    "deploy": {"base", "config", "deploy.server"},
+    "deploy.server": set(),
+    "serve": {"base", "model"},
+    "demo": {"base", "config", "data", "model", "train", "eval", "deploy", "deploy.server"},
+}
+
+
+def package_of(name: str) -> str:
+    """The package of the architecture map a module belongs to (``base`` for the shared base)."""
+    if _under(name, SERVER):
+        return "deploy.server"
+    parts = name.split(".")
+    if len(parts) > 1 and (PACKAGE / parts[1]).is_dir():
+        return parts[1]
+    return "base"
+
+
+def forbidden(edges: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Per module, the imports of other packages its package may not make."""
+    out = {}
+    for name, deps in edges.items():
+        own = package_of(name)
+        if own not in MAY_IMPORT or name == ENTRY:
+            continue
+        bad = sorted(
+            f"{dep} ({package_of(dep)})"
+            for dep in deps
+            if package_of(dep) != own and package_of(dep) not in MAY_IMPORT[own]
+        )
+        if bad:
+            out[name] = bad
+    return out
+
+
+def test_each_package_imports_only_what_the_architecture_map_allows():
+    assert forbidden(graph()) == {}
+
+
+def test_every_package_is_on_the_architecture_map():
+    packages = {package_of(name) for name in MODULES} - {"cli"}
+    assert packages == set(MAY_IMPORT)
+
+
+def test_the_map_check_finds_a_forbidden_import():
+    edges = {
+        "ftctl.model.files": {"ftctl.deploy.plan", "ftctl.errors"},  # model -> deploy: no
+        "ftctl.deploy.server.golive": {"ftctl.deploy.plan"},  # the server -> the client: no
+        "ftctl.deploy.plan": {"ftctl.deploy.server.shared", "ftctl.config.load"},  # allowed
+    }
+    assert forbidden(edges) == {
+        "ftctl.model.files": ["ftctl.deploy.plan (deploy)"],
+        "ftctl.deploy.server.golive": ["ftctl.deploy.plan (deploy)"],
+    }
