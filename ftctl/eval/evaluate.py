@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftctl import __version__
 from ftctl.clock import utc_iso
 from ftctl.config import EvalConfig
-from ftctl.eval.cases import Case, check_label_spaces, check_pairs, draw_cases, load_test_cases
+from ftctl.eval.cases import (
+    Case,
+    Draw,
+    check_label_spaces,
+    check_pairs,
+    draw_cases,
+    load_test_cases,
+)
 from ftctl.eval.gate import compare, gate, pair_verdicts
 from ftctl.eval.leakage import leakage, report_leakage
 from ftctl.eval.metrics import flips, model_metrics, ratio
@@ -64,6 +73,15 @@ def _run_model(
     return labels, scores, time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """One model's answers on the drawn cases and its part of the report."""
+
+    preds: list[str]
+    scores: list[float]
+    result: dict[str, Any]
+
+
 def run_eval(
     model_dir: str | Path,
     settings: EvalConfig,
@@ -76,19 +94,56 @@ def run_eval(
 
     Test cases found in the candidate's training data (its manifest's data files) are a
     warning, or with ``strict`` a DataError before any model runs."""
-    from ftctl import __version__
-    from ftctl.fsutil import sha256_file
-    from ftctl.model.files import read_labels
-
     model_dir = Path(model_dir)
     base_dir = Path(baseline_dir) if baseline_dir is not None else None
+    labels, pairs = _label_space(model_dir, base_dir, settings)
+    device = resolve_device(settings.device)
+    draw = _draw(settings, labels, model_dir, reporter)
+    leaks = leakage(draw.cases, model_dir)
+    report_leakage(leaks, strict, reporter)
+
+    def score(path: Path, what: str) -> _Scored:
+        return _score(path, what, draw.cases, labels, pairs, settings, device, reporter)
+
+    candidate = score(model_dir, "candidate")
+    baseline = score(base_dir, "baseline") if base_dir is not None else None
+    verdict, comparison = _judge(draw.cases, candidate, baseline, pairs, settings)
+    cases = _case_rows(draw.cases, candidate, baseline)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "ftctl_version": __version__,
+        "created_utc": utc_iso(),
+        "settings": _settings(settings, device, pairs),
+        "test_data": _test_data(settings, draw),
+        "draw": _drawn(draw),
+        "leakage": leaks,
+        "candidate": candidate.result,
+        "baseline": baseline.result if baseline is not None else None,
+        "comparison": comparison,
+        "gate": verdict,
+        "flips": flips(cases) if baseline is not None else None,
+        "cases": cases,
+    }
+
+
+# --------------------------------------------------------------------------- its steps
+
+
+def _label_space(
+    model_dir: Path, base_dir: Path | None, settings: EvalConfig
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The candidate's labels (the baseline's must match) and the confused pairs among them."""
+    from ftctl.model.files import read_labels
+
     labels = read_labels(model_dir)
     base_labels = read_labels(base_dir) if base_dir is not None else None
     if base_dir is not None and base_labels is not None:
         check_label_spaces(labels, base_labels, model_dir, base_dir)
-    pairs = check_pairs(settings.pairs, labels, model_dir)
-    device = resolve_device(settings.device)
+    return labels, check_pairs(settings.pairs, labels, model_dir)
 
+
+def _draw(settings: EvalConfig, labels: list[str], model_dir: Path, reporter: Reporter) -> Draw:
+    """Read the test pool and draw the cases (seeded, stratified); say what was drawn."""
     examples = load_test_cases(Path(settings.test_data), labels, model_dir)
     draw = draw_cases(examples, settings.samples, settings.seed)
     if draw.whole_pool:
@@ -100,88 +155,103 @@ def run_eval(
         f"{len(draw.cases)} cases over {len(draw.per_intent)} intents "
         f"(seed {settings.seed}, pool {draw.pool_size})"
     )
-    leaks = leakage(draw.cases, model_dir)
-    report_leakage(leaks, strict, reporter)
-    truth = [c.label for c in draw.cases]
+    return draw
 
-    def result(path: Path, preds: list[str], secs: float) -> dict[str, Any]:
-        out = {"path": str(path), "weights_sha256": _weights_sha(path)}
-        out["labels"] = read_labels(path)
-        out |= model_metrics(truth, preds, labels, pairs)
-        out["seconds"] = secs
-        out["cases_per_second"] = ratio(len(preds), secs)
-        return out
 
-    cand_pred, cand_score, cand_secs = _run_model(
-        model_dir, draw.cases, settings, device, "candidate", reporter
+def _score(
+    path: Path,
+    what: str,
+    cases: Sequence[Case],
+    labels: list[str],
+    pairs: list[tuple[str, str]],
+    settings: EvalConfig,
+    device: str,
+    reporter: Reporter,
+) -> _Scored:
+    """Run one model on the cases: its answers, metrics against the truth, speed."""
+    from ftctl.model.files import read_labels
+
+    preds, scores, secs = _run_model(path, cases, settings, device, what, reporter)
+    result = {"path": str(path), "weights_sha256": _weights_sha(path)}
+    result["labels"] = read_labels(path)
+    result |= model_metrics([c.label for c in cases], preds, labels, pairs)
+    result["seconds"] = secs
+    result["cases_per_second"] = ratio(len(preds), secs)
+    return _Scored(preds, scores, result)
+
+
+def _judge(
+    cases: Sequence[Case],
+    candidate: _Scored,
+    baseline: _Scored | None,
+    pairs: list[tuple[str, str]],
+    settings: EvalConfig,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The gate's verdict and the side-by-side comparison (SKIPPED, None without a baseline)."""
+    if baseline is None:
+        return {
+            "verdict": "SKIPPED",
+            "reasons": ["no --baseline given: nothing to compare against, no gate"],
+            "not_significant": [],
+            "rule": None,
+            "checks": [],
+        }, None
+    comparison = compare(baseline.result, candidate.result)
+    verdict = gate(
+        cases,
+        baseline.preds,
+        candidate.preds,
+        pairs,
+        max_drop=settings.max_drop,
+        alpha=settings.alpha,
     )
-    candidate = result(model_dir, cand_pred, cand_secs)
-    baseline = comparison = None
-    base_pred: list[str] | None = None
-    base_score: list[float] | None = None
-    verdict: dict[str, Any] = {
-        "verdict": "SKIPPED",
-        "reasons": ["no --baseline given: nothing to compare against, no gate"],
-        "not_significant": [],
-        "rule": None,
-        "checks": [],
-    }
-    if base_dir is not None:
-        base_pred, base_score, base_secs = _run_model(
-            base_dir, draw.cases, settings, device, "baseline", reporter
-        )
-        baseline = result(base_dir, base_pred, base_secs)
-        comparison = compare(baseline, candidate)
-        verdict = gate(
-            draw.cases,
-            base_pred,
-            cand_pred,
-            pairs,
-            max_drop=settings.max_drop,
-            alpha=settings.alpha,
-        )
-        pair_verdicts(comparison, verdict["checks"])
+    pair_verdicts(comparison, verdict["checks"])
+    return verdict, comparison
 
-    cases = []
-    for i, c in enumerate(draw.cases):
+
+def _case_rows(
+    cases: Sequence[Case], candidate: _Scored, baseline: _Scored | None
+) -> list[dict[str, Any]]:
+    """One row per drawn case: its truth and each model's answer and score."""
+    rows = []
+    for i, c in enumerate(cases):
         row: dict[str, Any] = {"id": c.id, "text": c.text, "label": c.label}
-        row |= {"candidate": cand_pred[i], "candidate_score": round(cand_score[i], 4)}
-        if base_pred is not None and base_score is not None:
-            row |= {"baseline": base_pred[i], "baseline_score": round(base_score[i], 4)}
-        cases.append(row)
+        row |= {"candidate": candidate.preds[i], "candidate_score": round(candidate.scores[i], 4)}
+        if baseline is not None:
+            row |= {"baseline": baseline.preds[i], "baseline_score": round(baseline.scores[i], 4)}
+        rows.append(row)
+    return rows
+
+
+def _settings(settings: EvalConfig, device: str, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    return {
+        "samples": settings.samples,
+        "seed": settings.seed,
+        "max_drop": settings.max_drop,
+        "alpha": settings.alpha,
+        "batch_size": settings.batch_size,
+        "max_length": settings.max_length,
+        "device": device,
+        "pairs": [list(p) for p in pairs],
+    }
+
+
+def _test_data(settings: EvalConfig, draw: Draw) -> dict[str, Any]:
+    from ftctl.fsutil import sha256_file
 
     return {
-        "schema_version": SCHEMA_VERSION,
-        "ftctl_version": __version__,
-        "created_utc": utc_iso(),
-        "settings": {
-            "samples": settings.samples,
-            "seed": settings.seed,
-            "max_drop": settings.max_drop,
-            "alpha": settings.alpha,
-            "batch_size": settings.batch_size,
-            "max_length": settings.max_length,
-            "device": device,
-            "pairs": [list(p) for p in pairs],
-        },
-        "test_data": {
-            "path": str(settings.test_data),
-            "sha256": sha256_file(settings.test_data),
-            "pool_size": draw.pool_size,
-            "pool_per_intent": draw.pool_per_intent,
-        },
-        "draw": {
-            "requested": draw.requested,
-            "drawn": len(draw.cases),
-            "whole_pool": draw.whole_pool,
-            "per_intent": draw.per_intent,
-            "case_ids": [c.id for c in draw.cases],
-        },
-        "leakage": leaks,
-        "candidate": candidate,
-        "baseline": baseline,
-        "comparison": comparison,
-        "gate": verdict,
-        "flips": flips(cases) if base_pred is not None else None,
-        "cases": cases,
+        "path": str(settings.test_data),
+        "sha256": sha256_file(settings.test_data),
+        "pool_size": draw.pool_size,
+        "pool_per_intent": draw.pool_per_intent,
+    }
+
+
+def _drawn(draw: Draw) -> dict[str, Any]:
+    return {
+        "requested": draw.requested,
+        "drawn": len(draw.cases),
+        "whole_pool": draw.whole_pool,
+        "per_intent": draw.per_intent,
+        "case_ids": [c.id for c in draw.cases],
     }

@@ -126,13 +126,30 @@ def _leakage_md(leaks: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: the verdict first, then what was compared, then the detail."""
     cand, base, comp, gate = (
         report["candidate"],
         report["baseline"],
         report["comparison"],
         report["gate"],
     )
-    draw, s = report["draw"], report["settings"]
+    out = _verdict_md(gate)
+    if comp:
+        out += _pairs_md(comp)
+    out += _setup_md(report)
+    out += _overall_md(cand, base)
+    out += _per_intent_md(cand, comp)
+    out += _confused_pairs_md(cand, comp)
+    if gate["checks"]:
+        out += _checks_md(gate)
+    if report.get("flips") is not None:
+        out += _flips_md(report["flips"])
+    out += _leakage_md(report["leakage"])
+    out += _confusions_md(cand)
+    return "\n".join(out)
+
+
+def _verdict_md(gate: dict[str, Any]) -> list[str]:
     out = [
         "# ftctl eval report",
         "",
@@ -146,9 +163,13 @@ def markdown(report: dict[str, Any]) -> str:
         out += [f"- {r}" for r in gate["not_significant"]] + [""]
     if gate["rule"]:
         out += [f"Rule: {gate['rule']}.", ""]
-    if comp:
-        out += _pairs_md(comp)
-    out += [
+    return out
+
+
+def _setup_md(report: dict[str, Any]) -> list[str]:
+    cand, base = report["candidate"], report["baseline"]
+    draw, s = report["draw"], report["settings"]
+    return [
         f"- candidate: `{cand['path']}`",
         f"- baseline: `{base['path']}`" if base else "- baseline: none",
         f"- test data: `{report['test_data']['path']}` (pool {report['test_data']['pool_size']}, "
@@ -157,18 +178,22 @@ def markdown(report: dict[str, Any]) -> str:
         f"- device {s['device']}, batch {s['batch_size']}, max_drop {s['max_drop']} points, "
         f"alpha {s['alpha']}",
         "",
-        "## Overall",
-        "",
-        "| | accuracy | macro-F1 | cases/s |",
-        "|---|---|---|---|",
     ]
+
+
+def _overall_md(cand: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
+    out = ["## Overall", "", "| | accuracy | macro-F1 | cases/s |", "|---|---|---|---|"]
     for name, r in (("baseline", base), ("candidate", cand)):
         if r:
             out.append(
                 f"| {name} | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | "
                 f"{r['cases_per_second']:.0f} |"
             )
-    out += ["", "## Per intent", ""]
+    return out
+
+
+def _per_intent_md(cand: dict[str, Any], comp: dict[str, Any] | None) -> list[str]:
+    out = ["", "## Per intent", ""]
     if comp:
         out += [
             "| intent | support | recall before | recall after | Δ points | precision | F1 |",
@@ -181,14 +206,18 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_pct(d['recall_after'])} | {d['delta_points']:+.1f} | "
                 f"{_pct(pi['precision'])} | {_pct(pi['f1'])} |"
             )
-    else:
-        out += ["| intent | support | precision | recall | F1 |", "|---|---|---|---|---|"]
-        for lab, pi in cand["per_intent"].items():
-            out.append(
-                f"| {lab} | {pi['support']} | {_pct(pi['precision'])} | {_pct(pi['recall'])} | "
-                f"{_pct(pi['f1'])} |"
-            )
-    out += ["", f"## {seed_term('confused pairs')}", "", "| pair | A→B | B→A |", "|---|---|---|"]
+        return out
+    out += ["| intent | support | precision | recall | F1 |", "|---|---|---|---|---|"]
+    for lab, pi in cand["per_intent"].items():
+        out.append(
+            f"| {lab} | {pi['support']} | {_pct(pi['precision'])} | {_pct(pi['recall'])} | "
+            f"{_pct(pi['f1'])} |"
+        )
+    return out
+
+
+def _confused_pairs_md(cand: dict[str, Any], comp: dict[str, Any] | None) -> list[str]:
+    out = ["", f"## {seed_term('confused pairs')}", "", "| pair | A→B | B→A |", "|---|---|---|"]
     cpairs = comp["pairs"] if comp else None
     for i, p in enumerate(cand["pairs"]):
         if cpairs:
@@ -197,24 +226,17 @@ def markdown(report: dict[str, Any]) -> str:
         else:
             cells = f"{p['a_as_b']} | {p['b_as_a']}"
         out.append(f"| {p['a']} ↔ {p['b']} | {cells} |")
-    out += [""]
-    if gate["checks"]:
-        out += _checks_md(gate)
-    if report.get("flips") is not None:
-        out += _flips_md(report["flips"])
-    out += _leakage_md(report["leakage"])
-    out += ["## Top confusions (candidate)", ""]
+    return [*out, ""]
+
+
+def _confusions_md(cand: dict[str, Any]) -> list[str]:
+    out = ["## Top confusions (candidate)", ""]
     for lab, tops in cand["top_confusions"].items():
         if tops:
             out.append(f"- {lab}: " + ", ".join(f"{t['predicted']} ×{t['count']}" for t in tops))
-    out += [
-        "",
-        "![confusion matrix](confusion_matrix.png)",
-        "",
-        "![per-intent recall](per_intent_before_after.png)",
-        "",
-    ]
-    return "\n".join(out)
+    out += ["", "![confusion matrix](confusion_matrix.png)", ""]
+    out += ["![per-intent recall](per_intent_before_after.png)", ""]
+    return out
 
 
 # --------------------------------------------------------------------------- writing
