@@ -150,6 +150,26 @@ def _no_improvement(result: FitResult, cfg: TrainConfig, out_dir: Path, warn) ->
     warn(f"{msg}: final/ holds the base model's weights (--require-improvement: an error)")
 
 
+def _digests(cfg: TrainConfig, inputs) -> dict[str, Any]:
+    """The sha256 of what the run starts from: the base model, the new and the old data."""
+    return {
+        "base_model_sha256": model_sha256(inputs.model_path),
+        "new_data_sha256": [sha256_file(p) for p in inputs.new_paths],
+        "old_data_sha256": sha256_file(cfg.old_data) if cfg.old_data else None,
+    }
+
+
+def _data_line(
+    mix: Mix, cfg: TrainConfig, n_layers: int, device, precision: str, procs: int
+) -> str:
+    return (
+        f"data: {mix.n_new} new + {mix.n_replay} replayed of {mix.n_old_available} old -> "
+        f"{len(mix.train)} train / {len(mix.val)} val; {cfg.freeze_layers}/{n_layers} "
+        f"layers frozen; device {device}, {precision}"
+        + (f"; {procs} processes" if procs > 1 else "")
+    )
+
+
 # ============================================================================ the command
 
 
@@ -201,17 +221,8 @@ def train(
             inputs.new, inputs.old, replay_ratio=cfg.replay_ratio, val_ratio=cfg.val_ratio,
             seed=cfg.seed,
         )  # fmt: skip
-        reporter.info(
-            f"data: {mix.n_new} new + {mix.n_replay} replayed of {mix.n_old_available} old -> "
-            f"{len(mix.train)} train / {len(mix.val)} val; {cfg.freeze_layers}/{n_layers} "
-            f"layers frozen; device {device}, {precision.name}"
-            + (f"; {world.size} processes" if world.size > 1 else "")
-        )
-        digests = {
-            "base_model_sha256": model_sha256(inputs.model_path),
-            "new_data_sha256": [sha256_file(p) for p in inputs.new_paths],
-            "old_data_sha256": sha256_file(cfg.old_data) if cfg.old_data else None,
-        }
+        reporter.info(_data_line(mix, cfg, n_layers, device, precision.name, world.size))
+        digests = _digests(cfg, inputs)
         setup = Setup(
             device=device,
             out_dir=inputs.out_dir,
