@@ -113,7 +113,7 @@ def generate_cmd(
         raise typer.Exit(rerun_in_docker(ctx, gpus=gpus, image=image))
     if old_samples is not None:
         common.renamed_flag("data generate --samples", "--templates")
-    cfg = cfgmod.override(
+    cfg = cfgmod.with_flags(
         common.config(ctx).data,
         templates=templates or old_samples,
         out_dir=out_dir,
@@ -122,7 +122,6 @@ def generate_cmd(
         format=fmt,
         name=name,
     )
-    cfgmod.check(cfg)
     made = write_generated(cfg, with_ids=ids, force=force, reporter=common.reporter(ctx))
     templates, examples, paths = made.templates, made.examples, made.paths
     per_label = counts(examples)
@@ -232,8 +231,7 @@ def validate_cmd(
 
     Example: `ftctl data validate data/new.jsonl data/old.jsonl --labels models/base/final`
     """
-    cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
-    cfgmod.check(cfg)
+    cfg = cfgmod.with_flags(common.config(ctx).data, max_chars=max_chars)
     allowed = common.read_label_list(labels, label_map)
     tokenizer = common.model_tokenizer(labels)
     reports = [_validate_file(f, cfg.max_chars, allowed, tokenizer) for f in files]
@@ -310,8 +308,7 @@ def convert_cmd(
 
     Example: `ftctl data convert data/incremental_training_data.jsonl /tmp/train.csv`
     """
-    cfg = cfgmod.override(common.config(ctx).data, max_chars=max_chars)
-    cfgmod.check(cfg)
+    cfg = cfgmod.with_flags(common.config(ctx).data, max_chars=max_chars)
     file_format(dst)  # unknown output extension: fail before reading anything
     result = read_examples(src, max_chars=cfg.max_chars)
     if result.errors:

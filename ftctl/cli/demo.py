@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftctl.cli import common
-from ftctl.config import check, override
+from ftctl.config import with_flags
 from ftctl.demo.run import DemoConfig
 from ftctl.terms import seed_term
 
@@ -182,13 +182,12 @@ def demo_cmd(
     """
     from ftctl.demo.run import run_demo
 
-    cfg = override(
+    cfg = with_flags(
         DemoConfig(workdir=workdir, data_dir=data_dir, ssh=ssh, keep_serving=keep_serving),
         lr=lr,
         epochs=epochs,
         force=force,
     )
-    check(cfg)
     res = run_demo(cfg, reporter=common.reporter(ctx))
     if json_out:
         common.emit_json(ctx, res.to_dict())

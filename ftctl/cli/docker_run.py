@@ -47,7 +47,7 @@ import typer
 from click.core import ParameterSource
 
 from ftctl.cli import common
-from ftctl.config import ImageConfig, check, override
+from ftctl.config import ImageConfig, with_flags
 from ftctl.errors import ConfigError, Stopped
 from ftctl.hostpaths import ENV_VAR, HostPathJsonWriter, HostPathWriter, PathTable
 from ftctl.image.build import engine
@@ -288,8 +288,8 @@ def rerun_in_docker(
     the pipeline sends it to stderr to keep its JSON clean); the paths in its output are
     mapped back to the host.
     """
-    cfg: ImageConfig = override(common.config(ctx).image, gpus=gpus, shm_size=shm_size, ipc=ipc)
-    check(cfg)  # --shm-size / --ipc as ftctl.toml's values are checked
+    # --shm-size / --ipc checked as ftctl.toml's values are
+    cfg: ImageConfig = with_flags(common.config(ctx).image, gpus=gpus, shm_size=shm_size, ipc=ipc)
     gpus = cfg.gpus
     gpu_plan(gpus, gpus_used)  # validates the value before anything is started
     argv, mounts = plan(ctx)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from ftctl.cli import common
-from ftctl.config import EvalConfig, check, override
+from ftctl.config import EvalConfig, with_flags
 from ftctl.eval.gate import check_gate
 
 
@@ -154,7 +154,7 @@ def eval_cmd(
     from ftctl.eval.evaluate import run_eval
     from ftctl.eval.report import write_report, write_verdict
 
-    settings = override(
+    settings = with_flags(
         common.config(ctx).eval,
         test_data=test_data,
         samples=samples,
@@ -165,7 +165,6 @@ def eval_cmd(
         batch_size=batch_size,
         device=device,
     )
-    check(settings)
     rep = common.reporter(ctx)
     report = run_eval(model, settings, baseline_dir=baseline, strict=strict, reporter=rep)
     if settings.report_dir is not None:

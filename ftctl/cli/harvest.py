@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftctl.cli import common, ssh
-from ftctl.config import Config, HarvestConfig, check, override
+from ftctl.config import Config, HarvestConfig, with_flags
 
 
 def _training_data(conf: Config) -> list[Path]:
@@ -146,8 +146,7 @@ def harvest_cmd(
     from ftctl.data import harvest as core
 
     conf = common.config(ctx)
-    hcfg = override(conf.harvest, limit=limit, max_score=max_score, min_margin=min_margin)
-    check(hcfg)
+    hcfg = with_flags(conf.harvest, limit=limit, max_score=max_score, min_margin=min_margin)
     since_iso = core.parse_since(since) if since else None
     known = [*_training_data(conf), conf.eval.test_data]  # a reviewed test case would leak
     excluded = _known_texts(exclude if exclude is not None else known)
@@ -233,8 +232,7 @@ def import_review_cmd(
     from ftctl.data.review import import_review
 
     conf = common.config(ctx)
-    dcfg = override(conf.data, max_chars=max_chars)
-    check(dcfg)
+    dcfg = with_flags(conf.data, max_chars=max_chars)
     target = to or dcfg.reviewed
     if against is None:
         against = [conf.train.old_data] if conf.train.old_data else []

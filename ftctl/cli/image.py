@@ -60,8 +60,7 @@ def build_cmd(
     Example: `ftctl image build` (GPU machine) or
     `ftctl image build --base-image ftctl-docker-test-base:torch2.13.0` (no registry)
     """
-    cfg = cfgmod.override(common.config(ctx).image, base_image=base_image, context=context)
-    cfgmod.check(cfg)
+    cfg = cfgmod.with_flags(common.config(ctx).image, base_image=base_image, context=context)
     result = build_image(
         cfg.context,
         dockerfile=cfg.dockerfile,

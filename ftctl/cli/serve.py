@@ -11,7 +11,7 @@ import typer
 
 from ftctl.cli import common
 from ftctl.clock import utc_iso
-from ftctl.config import ServeConfig, check, override
+from ftctl.config import ServeConfig, with_flags
 from ftctl.errors import ConfigError
 
 
@@ -142,14 +142,13 @@ def serve_cmd(
     """
     from ftctl import serve as core
 
-    cfg = override(
+    cfg = with_flags(
         common.config(ctx).serve,
         model_path=model_path, host=host, port=port, max_length=max_length, device=device,
         threads=threads, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
         max_pending=max_pending, prediction_log=prediction_log, log_texts=log_texts,
         graceful_timeout=graceful_timeout, access_log=access_log,
     )  # fmt: skip
-    check(cfg)
     if cfg.model_path is None:
         raise ConfigError(
             "no model directory", hint="pass --model-path DIR (or [serve] model_path)"

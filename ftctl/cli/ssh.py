@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ftctl.cli import common
-from ftctl.config import DeployConfig, check, override
+from ftctl.config import DeployConfig, with_flags
 from ftctl.errors import ConfigError
 from ftctl.remote import DEFAULT_KNOWN_HOSTS
 
@@ -56,8 +56,7 @@ def target(ctx, profile, hosts, **flags) -> tuple[DeployConfig, list]:
     cfg = common.config(ctx).deploy_profile(profile)
     for h in hosts or ():
         parse_host(h, cfg.user, cfg.port, where="--host")
-    cfg = override(cfg, hosts=tuple(hosts) if hosts else None, **flags)
-    check(cfg)
+    cfg = with_flags(cfg, hosts=tuple(hosts) if hosts else None, **flags)
     if not cfg.hosts:
         raise ConfigError(
             "no host to deploy to",

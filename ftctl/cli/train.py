@@ -520,7 +520,7 @@ def base(
         )
     from ftctl.train.base import BaseConfig, build_base
 
-    bcfg = cfgmod.override(
+    bcfg = cfgmod.with_flags(
         BaseConfig(data=data, output_path=output_path),
         epochs=epochs,
         lr=lr,
@@ -530,7 +530,6 @@ def base(
         device=device,
         max_length=max_length,
     )
-    cfgmod.check(bcfg)
     stop = StopOnSignal()
     try:
         with stop.installed():

@@ -14,7 +14,15 @@ The names below are the package's interface: ``from ftctl.config import TrainCon
 
 from __future__ import annotations
 
-from ftctl.config.load import CONFIG_FILE, Config, check, find_config, load_config, override
+from ftctl.config.load import (
+    CONFIG_FILE,
+    Config,
+    check,
+    find_config,
+    load_config,
+    override,
+    with_flags,
+)
 from ftctl.config.sections import (
     DEFAULT_BASE_IMAGE,
     SEED_PAIRS,
@@ -51,4 +59,5 @@ __all__ = [
     "load_config",
     "override",
     "size_bytes",
+    "with_flags",
 ]

@@ -164,6 +164,14 @@ def override(obj, **flags):
     return dataclasses.replace(obj, **changes) if changes else obj
 
 
+def with_flags(obj, **flags):
+    """``obj`` (a config section) with every flag that is not None applied, checked: what a
+    command runs with, in one step (one ConfigError listing every problem)."""
+    obj = override(obj, **flags)
+    check(obj)
+    return obj
+
+
 def check(*objs) -> None:
     """Raise one ConfigError listing every problem of the given config sections."""
     problems: list[Problem] = []

@@ -89,6 +89,15 @@ def test_override_ignores_none_and_check_collects():
     assert {p.field for p in exc.value.problems} == {"data.per_intent", "data.format"}
 
 
+def test_with_flags_applies_the_given_flags_and_checks_in_one_step():
+    base = DataConfig(per_intent=5)
+    assert cfgmod.with_flags(base, per_intent=None) is base
+    assert cfgmod.with_flags(base, per_intent=9, seed=None).per_intent == 9
+    with pytest.raises(ConfigError) as exc:
+        cfgmod.with_flags(base, per_intent=0, format="xml")
+    assert {p.field for p in exc.value.problems} == {"data.per_intent", "data.format"}
+
+
 SAMPLES = {"intents": {"CLOCK_IN": ["帮我打卡", "我要签到", "上班打卡"]}}
 
 
