@@ -3,6 +3,7 @@ ftctl data import-review (the reviewed file -> training data)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -151,8 +152,7 @@ def harvest_cmd(
     known = [*_training_data(conf), conf.eval.test_data]  # a reviewed test case would leak
     excluded = _known_texts(exclude if exclude is not None else known)
     rep = common.reporter(ctx)
-    conns = []
-    try:
+    with contextlib.ExitStack() as opened:
         if profile is None and not host and log is not None:
             sources = [(core.LocalFiles(), log)]
         else:
@@ -162,14 +162,12 @@ def harvest_cmd(
             )  # fmt: skip
             path = log or hcfg.log or f"{cfg.remote_dir.rstrip('/')}/logs/predictions.jsonl"
             connect = ssh.connector(cfg, accept_host_key, accept_new_host_key)
-            conns = [connect(spec) for spec in hosts]
+            # each connection closes at the end, also when a later host cannot be reached
+            conns = [opened.enter_context(contextlib.closing(connect(spec))) for spec in hosts]
             sources = [(core.SFTPFiles(c), path) for c in conns]
         res = core.harvest(
             sources, hcfg, conf.eval.pairs, exclude=excluded, since=since_iso, progress=rep.info
         )
-    finally:
-        for c in conns:
-            c.close()
     target = out or core.default_review_path(conf.data.out_dir)
     core.write_review(target, res.rows, force=force)
     if json_out:

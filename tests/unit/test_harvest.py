@@ -259,3 +259,31 @@ def test_harvest_of_a_200_mb_log_stays_under_100_mb_rss(tmp_path):
     assert size >= 200 * 2**20 and got["doc"]["answers"] == 10_000 * repeats
     assert got["doc"]["bad_lines"] == 2 * repeats and got["doc"]["distinct"] == 10_000
     assert got["maxrss_kb"] < 100 * 1024, f"peak RSS {got['maxrss_kb'] / 1024:.0f} MB"
+
+
+def test_cli_harvest_closes_the_first_host_when_the_second_cannot_be_reached(tmp_path, monkeypatch):
+    from ftctl.cli import ssh
+    from ftctl.errors import EnvironmentProblem
+
+    monkeypatch.chdir(tmp_path)
+    closed = []
+
+    class Conn:
+        def close(self):
+            closed.append("web1")
+
+    def connector(cfg, accept_host_key, accept_new):
+        def connect(spec):
+            if spec.host == "web2":
+                raise EnvironmentProblem("cannot reach web2", hint="check the network")
+            return Conn()
+
+        return connect
+
+    monkeypatch.setattr(ssh, "connector", connector)
+    hosts = ["--host", "deploy@web1", "--host", "deploy@web2"]
+    result = runner.invoke(app, ["harvest", *hosts, "--out", str(tmp_path / "r.csv")])
+    assert result.exit_code == ExitCode.ENVIRONMENT, result.output
+    assert "cannot reach web2" in result.output
+    assert closed == ["web1"]
+    assert not (tmp_path / "r.csv").exists()
