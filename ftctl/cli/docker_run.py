@@ -288,7 +288,7 @@ def rerun_in_docker(
     the pipeline sends it to stderr to keep its JSON clean); the paths in its output are
     mapped back to the host.
     """
-    # --shm-size / --ipc checked as ftctl.toml's values are
+    # --shm-size / --ipc get the checks ftctl.toml's values get
     cfg: ImageConfig = with_flags(common.config(ctx).image, gpus=gpus, shm_size=shm_size, ipc=ipc)
     gpus = cfg.gpus
     gpu_plan(gpus, gpus_used)  # validates the value before anything is started

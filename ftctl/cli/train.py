@@ -163,10 +163,8 @@ def _config(ctx: typer.Context, *, reviewed: bool, new_data, **flags) -> TrainCo
     (unless --no-reviewed), checked: what the training runs with."""
     conf = common.config(ctx)
     cfg = cfgmod.override(conf.train, new_data=tuple(new_data) if new_data else None, **flags)
-    if reviewed:
-        cfg = cfgmod.override(cfg, new_data=with_reviewed(cfg.new_data, conf.data.reviewed))
-    cfgmod.check(cfg)
-    return cfg
+    extended = with_reviewed(cfg.new_data, conf.data.reviewed) if reviewed else None
+    return cfgmod.with_flags(cfg, new_data=extended)
 
 
 # `ftctl train`'s options, declared once (the command's signature names them)
